@@ -1,0 +1,7 @@
+//! `gigapath demo`.
+#[derive(clap::Args)]
+pub struct DemoArgs {}
+
+pub fn run(_args: DemoArgs) -> anyhow::Result<()> {
+    anyhow::bail!("not implemented yet")
+}

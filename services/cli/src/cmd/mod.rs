@@ -1,0 +1,8 @@
+//! One module per subcommand; each has its clap arguments and a `run` function.
+
+pub mod bench;
+pub mod demo;
+pub mod encode;
+pub mod slide;
+pub mod synth;
+pub mod tile;

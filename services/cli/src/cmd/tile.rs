@@ -1,0 +1,7 @@
+//! `gigapath tile`.
+#[derive(clap::Args)]
+pub struct TileArgs {}
+
+pub fn run(_args: TileArgs) -> anyhow::Result<()> {
+    anyhow::bail!("not implemented yet")
+}

@@ -1,0 +1,89 @@
+//! `gigapath`: the command line that ties the crates together.
+//!
+//! Every subcommand is a thin shell over a library crate (`gigapath-wsi`, `gigapath-models`, ...):
+//! it parses flags, calls the library, and prints. Logs go to stderr through `tracing`; stdout is
+//! kept for machine-readable results (one-line JSON summaries, `--json` output).
+
+mod cmd;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "gigapath",
+    version,
+    about = "Whole-slide pathology with Prov-GigaPath: slides to tiles to embeddings to search",
+    long_about = "Whole-slide pathology with Prov-GigaPath.\n\n\
+        Reads gigapixel slides (SVS, NDPI, MRXS, tiled TIFF) through OpenSlide, cuts the tissue into \
+        256 px tiles at 0.5 um/px, embeds them with the Prov-GigaPath tile and slide encoders, and \
+        aligns slide embeddings with report text.\n\n\
+        Run `gigapath <COMMAND> --help` for the details of each command."
+)]
+struct Cli {
+    /// Log filter for stderr (`error`, `warn`, `info`, `debug`, or a tracing directive such as
+    /// `gigapath_wsi=debug`). RUST_LOG overrides it.
+    #[arg(long, global = true, default_value = "info", env = "GIGAPATH_LOG")]
+    log: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Inspect whole-slide images (vendor, pyramid levels, mpp and how it was found).
+    #[command(subcommand)]
+    Slide(cmd::slide::SlideCommand),
+    /// Segment the tissue of a slide and cut its 256 px tile grid at 0.5 um/px.
+    ///
+    /// Writes `tiles.csv` (one row per kept tile, row-major: y then x), `tiles.safetensors`
+    /// (the same grid as tensors), `mask.png`, `overlay.png`, `thumbnail.png` and `summary.json`
+    /// to the output directory, and prints a one-line JSON summary on stdout.
+    Tile(cmd::tile::TileArgs),
+    /// Run one encoder (tile, slide or text) on tensors from a safetensors or JSON file.
+    #[command(subcommand)]
+    Encode(cmd::encode::EncodeCommand),
+    /// Write synthetic pyramidal TIFF slides with real H&E texture (for tests and demos).
+    Synth(cmd::synth::SynthArgs),
+    /// Benchmarks, run side by side with the Python reference stack where one exists.
+    #[command(subcommand)]
+    Bench(cmd::bench::BenchCommand),
+    /// The main job on the embedded defaults: what the README's first command runs.
+    Demo(cmd::demo::DemoArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log);
+    let result = match cli.command {
+        Command::Slide(c) => cmd::slide::run(c),
+        Command::Tile(a) => cmd::tile::run(a),
+        Command::Encode(c) => cmd::encode::run(c),
+        Command::Synth(a) => cmd::synth::run(a),
+        Command::Bench(c) => cmd::bench::run(c),
+        Command::Demo(a) => cmd::demo::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // One line, the whole cause chain: "reading slide x.svs: not a slide OpenSlide knows".
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(default_filter: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(default_filter))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .compact()
+        .init();
+}
