@@ -1,0 +1,395 @@
+//! The Prov-GigaPath tile encoder: timm `vit_giant_patch14_dinov2` as the model ships it
+//! (224 px, patch 16, one CLS token, no registers, LayerScale, packed SwiGLU MLP, LayerNorm eps
+//! 1e-6). The tile embedding is the CLS token after the final norm.
+//!
+//! Built from a model folder: `config.json` (timm format; the sizes come from `model_args`) and
+//! `pytorch_model.bin` or `model.safetensors` with timm's key names. candle's `dinov2` model does not
+//! fit (it hard-codes 518 px / patch 14, a GELU MLP and another eps).
+
+use std::path::Path;
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::{Linear, VarBuilder};
+use serde::Deserialize;
+
+use crate::device::Precision;
+use crate::nn::{linear, softmax_last_dim, LayerNorm};
+use crate::weights::{find_file, read_json, var_builder};
+
+/// The only architecture this module implements; others have a GELU MLP or register tokens.
+pub const ARCHITECTURE: &str = "vit_giant_patch14_dinov2";
+const LN_EPS: f64 = 1e-6;
+
+/// A timm `config.json` as Hugging Face hub models ship it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Config {
+    /// timm model name; must be [`ARCHITECTURE`].
+    pub architecture: String,
+    /// Output width (equals `model_args.embed_dim`).
+    #[serde(default)]
+    pub num_features: Option<usize>,
+    /// `token` (CLS) is the only pooling the release uses.
+    #[serde(default)]
+    pub global_pool: Option<String>,
+    /// Constructor overrides; these define the network.
+    pub model_args: ModelArgs,
+}
+
+/// timm `model_args`: the overrides applied to the named architecture.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ModelArgs {
+    /// Input side in pixels (224 for Prov-GigaPath).
+    pub img_size: usize,
+    /// Input channels.
+    #[serde(default = "three")]
+    pub in_chans: usize,
+    /// Patch side in pixels.
+    pub patch_size: usize,
+    /// Token width D.
+    pub embed_dim: usize,
+    /// Number of transformer blocks.
+    pub depth: usize,
+    /// Attention heads.
+    pub num_heads: usize,
+    /// LayerScale init; `None` means the blocks have no LayerScale.
+    #[serde(default)]
+    pub init_values: Option<f64>,
+    /// MLP width ratio; the packed SwiGLU hidden size is `int(D * mlp_ratio)`.
+    pub mlp_ratio: f64,
+    /// Classifier outputs; must be 0 (the embedding model has no head).
+    #[serde(default)]
+    pub num_classes: usize,
+    /// Register tokens (not supported: Prov-GigaPath has none).
+    #[serde(default)]
+    pub reg_tokens: usize,
+    /// Whether the position table skips the CLS slot (not supported).
+    #[serde(default)]
+    pub no_embed_class: bool,
+    /// Whether qkv has a bias (timm default true).
+    #[serde(default = "yes")]
+    pub qkv_bias: bool,
+}
+
+fn three() -> usize {
+    3
+}
+fn yes() -> bool {
+    true
+}
+
+impl Config {
+    /// Reads a timm `config.json`.
+    pub fn from_file(path: &Path) -> crate::Result<Self> {
+        let cfg: Self = read_json(path)?;
+        cfg.validate()
+            .map_err(|msg| crate::Error::config(path, msg))?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        let a = &self.model_args;
+        if self.architecture != ARCHITECTURE {
+            return Err(format!(
+                "architecture {:?} is not supported (expected {ARCHITECTURE})",
+                self.architecture
+            ));
+        }
+        if let Some(pool) = self.global_pool.as_deref() {
+            if pool != "token" {
+                return Err(format!("global_pool {pool:?}: only \"token\" is supported"));
+            }
+        }
+        if a.reg_tokens != 0 || a.no_embed_class || !a.qkv_bias || a.num_classes != 0 {
+            return Err(
+                "reg_tokens, no_embed_class, qkv_bias = false and num_classes > 0 are not supported"
+                    .into(),
+            );
+        }
+        if a.patch_size == 0 || a.img_size % a.patch_size != 0 {
+            return Err(format!(
+                "img_size {} is not a multiple of patch_size {}",
+                a.img_size, a.patch_size
+            ));
+        }
+        if a.num_heads == 0 || a.embed_dim % a.num_heads != 0 {
+            return Err(format!(
+                "embed_dim {} is not divisible by num_heads {}",
+                a.embed_dim, a.num_heads
+            ));
+        }
+        if self.mlp_hidden() % 2 != 0 {
+            return Err(format!(
+                "int(embed_dim * mlp_ratio) = {} must be even for the packed SwiGLU",
+                self.mlp_hidden()
+            ));
+        }
+        if let Some(n) = self.num_features {
+            if n != a.embed_dim {
+                return Err(format!(
+                    "num_features {n} differs from embed_dim {}",
+                    a.embed_dim
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `fc1` output width: `int(D * mlp_ratio)`, truncated as Python's `int` does.
+    pub fn mlp_hidden(&self) -> usize {
+        (self.model_args.embed_dim as f64 * self.model_args.mlp_ratio) as usize
+    }
+
+    /// Patches per side.
+    pub fn grid(&self) -> usize {
+        self.model_args.img_size / self.model_args.patch_size
+    }
+}
+
+/// `patch_embed.proj`: a stride-p conv, done as one matmul over flattened patches.
+#[derive(Debug, Clone)]
+struct PatchEmbed {
+    proj: Linear,
+    patch: usize,
+}
+
+impl PatchEmbed {
+    fn new(cfg: &ModelArgs, vb: VarBuilder) -> Result<Self> {
+        let p = cfg.patch_size;
+        let vb = vb.pp("proj");
+        let w = vb.get((cfg.embed_dim, cfg.in_chans, p, p), "weight")?;
+        let b = vb.get(cfg.embed_dim, "bias")?;
+        // Conv weight [D, C, p, p] flattened in the same (c, y, x) order as the patches below.
+        let w = w.reshape((cfg.embed_dim, cfg.in_chans * p * p))?;
+        Ok(Self {
+            proj: Linear::new(w, Some(b)),
+            patch: p,
+        })
+    }
+
+    /// [B, C, H, W] -> [B, (H/p)(W/p), D], patches row-major.
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = xs.dims4()?;
+        let p = self.patch;
+        let (gh, gw) = (h / p, w / p);
+        let patches = xs
+            .reshape((b, c, gh, p, gw, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .contiguous()?
+            .reshape((b, gh * gw, c * p * p))?;
+        self.proj.forward(&patches)
+    }
+}
+
+/// timm `Attention`: fused qkv with bias, heads contiguous, output projection.
+#[derive(Debug, Clone)]
+struct Attention {
+    qkv: Linear,
+    proj: Linear,
+    num_heads: usize,
+    scale: f64,
+}
+
+impl Attention {
+    fn new(cfg: &ModelArgs, vb: VarBuilder) -> Result<Self> {
+        let d = cfg.embed_dim;
+        Ok(Self {
+            qkv: linear(d, 3 * d, vb.pp("qkv"))?,
+            proj: linear(d, d, vb.pp("proj"))?,
+            num_heads: cfg.num_heads,
+            scale: ((d / cfg.num_heads) as f64).powf(-0.5),
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, n, d) = xs.dims3()?;
+        let h = self.num_heads;
+        // [B, N, 3D] -> [3, B, H, N, D/H]
+        let qkv = self
+            .qkv
+            .forward(xs)?
+            .reshape((b, n, 3, h, d / h))?
+            .permute((2, 0, 3, 1, 4))?;
+        let q = (qkv.get(0)?.contiguous()? * self.scale)?;
+        let k = qkv.get(1)?.contiguous()?;
+        let v = qkv.get(2)?.contiguous()?;
+        let attn = softmax_last_dim(&q.matmul(&k.t()?)?)?; // [B, H, N, N]
+        let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
+        self.proj.forward(&out)
+    }
+}
+
+/// timm `GluMlp` as `SwiGLUPacked`: `fc2(silu(x1) * x2)` with `fc1`'s output split gate-first.
+#[derive(Debug, Clone)]
+struct SwiGluPacked {
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl SwiGluPacked {
+    fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let d = cfg.model_args.embed_dim;
+        let hidden = cfg.mlp_hidden();
+        Ok(Self {
+            fc1: linear(d, hidden, vb.pp("fc1"))?,
+            fc2: linear(hidden / 2, d, vb.pp("fc2"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let h = self.fc1.forward(xs)?;
+        let half = h.dim(D::Minus1)? / 2;
+        let gated = (h.narrow(D::Minus1, 0, half)?.silu()? * h.narrow(D::Minus1, half, half)?)?;
+        self.fc2.forward(&gated)
+    }
+}
+
+/// Pre-LN block: `x + ls1 * attn(norm1(x))`, then `x + ls2 * mlp(norm2(x))`.
+#[derive(Debug, Clone)]
+struct Block {
+    norm1: LayerNorm,
+    attn: Attention,
+    ls1: Option<Tensor>,
+    norm2: LayerNorm,
+    mlp: SwiGluPacked,
+    ls2: Option<Tensor>,
+}
+
+impl Block {
+    fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let d = cfg.model_args.embed_dim;
+        let layer_scale = |name: &str| -> Result<Option<Tensor>> {
+            match cfg.model_args.init_values {
+                Some(_) => vb.pp(name).get(d, "gamma").map(Some),
+                None => Ok(None),
+            }
+        };
+        Ok(Self {
+            norm1: LayerNorm::load(d, LN_EPS, vb.pp("norm1"))?,
+            attn: Attention::new(&cfg.model_args, vb.pp("attn"))?,
+            ls1: layer_scale("ls1")?,
+            norm2: LayerNorm::load(d, LN_EPS, vb.pp("norm2"))?,
+            mlp: SwiGluPacked::new(cfg, vb.pp("mlp"))?,
+            ls2: layer_scale("ls2")?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let scaled = |y: Tensor, gamma: &Option<Tensor>| match gamma {
+            Some(g) => y.broadcast_mul(g),
+            None => Ok(y),
+        };
+        let a = scaled(self.attn.forward(&self.norm1.forward(xs)?)?, &self.ls1)?;
+        let xs = (xs + a)?;
+        let m = scaled(self.mlp.forward(&self.norm2.forward(&xs)?)?, &self.ls2)?;
+        xs + m
+    }
+}
+
+/// The tile encoder. `forward` maps `pixel_values` [B, 3, 224, 224] to the CLS embedding [B, D].
+#[derive(Debug, Clone)]
+pub struct TileEncoder {
+    patch_embed: PatchEmbed,
+    cls_token: Tensor,
+    pos_embed: Tensor,
+    blocks: Vec<Block>,
+    norm: LayerNorm,
+    cfg: Config,
+    dtype: DType,
+}
+
+impl TileEncoder {
+    /// Builds the model from a `VarBuilder` holding timm's key names.
+    pub fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+        let a = &cfg.model_args;
+        let d = a.embed_dim;
+        let tokens = 1 + cfg.grid() * cfg.grid();
+        let blocks = (0..a.depth)
+            .map(|i| Block::new(cfg, vb.pp("blocks").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            patch_embed: PatchEmbed::new(a, vb.pp("patch_embed"))?,
+            cls_token: vb.get((1, 1, d), "cls_token")?,
+            pos_embed: vb.get((1, tokens, d), "pos_embed")?,
+            blocks,
+            norm: LayerNorm::load(d, LN_EPS, vb.pp("norm"))?,
+            cfg: cfg.clone(),
+            dtype: vb.dtype(),
+        })
+    }
+
+    /// Loads `config.json` and `model.safetensors` (preferred) or `pytorch_model.bin` from `dir`.
+    pub fn load(dir: &Path, precision: &Precision) -> crate::Result<Self> {
+        let cfg = Config::from_file(&dir.join("config.json"))?;
+        let weights = find_file(dir, &["model.safetensors", "pytorch_model.bin"])?;
+        let vb = var_builder(&weights, None, precision.dtype, &precision.device)?;
+        Self::new(&cfg, vb).map_err(|source| crate::Error::Weights {
+            path: weights,
+            source,
+        })
+    }
+
+    /// The parsed config.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Embedding width D.
+    pub fn embed_dim(&self) -> usize {
+        self.cfg.model_args.embed_dim
+    }
+
+    /// Input side in pixels (224).
+    pub fn img_size(&self) -> usize {
+        self.cfg.model_args.img_size
+    }
+
+    /// Tokens after the last block, before the final norm: [B, 1 + (img/patch)^2, D].
+    fn features(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let xs = self
+            .patch_embed
+            .forward(&pixel_values.to_dtype(self.dtype)?)?;
+        let b = xs.dim(0)?;
+        let cls = self.cls_token.expand((b, 1, self.embed_dim()))?;
+        let mut xs = Tensor::cat(&[&cls, &xs], 1)?.broadcast_add(&self.pos_embed)?;
+        for block in &self.blocks {
+            xs = block.forward(&xs)?;
+        }
+        Ok(xs)
+    }
+
+    /// All tokens after the final norm: [B, 1 + (img/patch)^2, D], CLS first.
+    pub fn forward_tokens(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        self.norm.forward(&self.features(pixel_values)?)
+    }
+
+    /// Checks `pixel_values` (any float dtype, [B, C, img, img]) and returns the f32 CLS
+    /// embeddings [B, D]; errors name the expected shape instead of failing inside a matmul.
+    pub fn embed(&self, pixel_values: &Tensor) -> crate::Result<Tensor> {
+        let a = &self.cfg.model_args;
+        let want = [a.in_chans, a.img_size, a.img_size];
+        let dims = pixel_values.dims();
+        if dims.len() != 4 || dims[1..] != want {
+            return Err(crate::Error::input(format!(
+                "pixel_values has shape {dims:?}, expected [B, {}, {}, {}]",
+                want[0], want[1], want[2]
+            )));
+        }
+        if !pixel_values.dtype().is_float() {
+            return Err(crate::Error::input(format!(
+                "pixel_values has dtype {:?}, expected a float dtype",
+                pixel_values.dtype()
+            )));
+        }
+        let xs = pixel_values.to_device(self.cls_token.device())?;
+        Ok(self.forward(&xs)?.to_dtype(DType::F32)?)
+    }
+}
+
+impl Module for TileEncoder {
+    /// `pixel_values` [B, 3, 224, 224] -> CLS embedding [B, D] (in the model dtype).
+    fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        // The norm is per token, so only the CLS row needs it.
+        let cls = self.features(pixel_values)?.narrow(1, 0, 1)?.squeeze(1)?;
+        self.norm.forward(&cls)
+    }
+}
