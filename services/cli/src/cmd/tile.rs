@@ -1,7 +1,65 @@
-//! `gigapath tile`.
-#[derive(clap::Args)]
-pub struct TileArgs {}
+//! `gigapath tile`: segment a slide's tissue and write its 0.5 um/px tile grid.
 
-pub fn run(_args: TileArgs) -> anyhow::Result<()> {
-    anyhow::bail!("not implemented yet")
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use gigapath_wsi::{
+    grid::DEFAULT_TISSUE_THRESHOLD, outputs, tile_slide, Slide, TilingOptions, TissueMethod,
+};
+
+#[derive(Args)]
+pub struct TileArgs {
+    /// The slide file (SVS, NDPI, MRXS, SCN, tiled TIFF, ...).
+    pub slide: PathBuf,
+    /// Output directory (default: `<slide name>.tiles` in the current directory).
+    #[arg(long, short)]
+    pub output: Option<PathBuf>,
+    /// Level-0 microns per pixel, used only when the slide records none.
+    #[arg(long)]
+    pub mpp: Option<f64>,
+    /// Keep a tile when the tissue covers more than this fraction of it (the reference's 0.1).
+    #[arg(long, default_value_t = DEFAULT_TISSUE_THRESHOLD)]
+    pub tissue_threshold: f64,
+    /// Tissue segmentation: `otsu` (the reference: Otsu on RGB-mean luminance) or `saturation`
+    /// (CLAM-like: HSV saturation, median blur, threshold, close, area filters).
+    #[arg(long, default_value = "otsu", value_parser = parse_method)]
+    pub method: TissueMethod,
+}
+
+fn parse_method(s: &str) -> std::result::Result<TissueMethod, String> {
+    s.parse()
+}
+
+pub fn run(args: TileArgs) -> Result<()> {
+    let output = args
+        .output
+        .clone()
+        .unwrap_or_else(|| default_output(&args.slide));
+    let slide = Slide::open(&args.slide, args.mpp)?;
+    let opts = TilingOptions {
+        method: args.method,
+        tissue_threshold: args.tissue_threshold,
+    };
+    let tiling = tile_slide(&slide, &opts)?;
+    let summary = outputs::write_tiling(&output, &slide, &tiling)
+        .with_context(|| format!("writing the tiling of {}", args.slide.display()))?;
+    tracing::info!(
+        "{}: {} tiles kept of {} x {}; mask and overlay in {}",
+        args.slide.display(),
+        summary.tiles,
+        summary.grid_width,
+        summary.grid_height,
+        output.display()
+    );
+    println!("{}", serde_json::to_string(&summary)?);
+    Ok(())
+}
+
+fn default_output(slide: &std::path::Path) -> PathBuf {
+    let stem = slide
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "slide".into());
+    PathBuf::from(format!("{stem}.tiles"))
 }

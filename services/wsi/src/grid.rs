@@ -1,0 +1,295 @@
+//! The tile grid: which magnification, which pyramid level, which tiles.
+//!
+//! Prov-GigaPath was trained on 256 px tiles at 0.5 um/px (20x). Scanners report mpp near, not
+//! at, the nominal value (0.499, 0.2527), so the level-0 mpp is first snapped to the nearest
+//! nominal magnification (0.5 x 2^k um/px) when it lies within [`SNAP_TOLERANCE`] of it, as
+//! TRIDENT does and as the reference's "|mpp - 0.5| < 0.1" rule does at 20x. Then:
+//!
+//! - level-0 tile side `L = round(256 * 0.5 / nominal_mpp)`: 256 at 20x, 512 at 40x; an
+//!   unsnapped slide (0.32 um/px) gets `256 * 0.5 / 0.32 = 400`;
+//! - tile (gx, gy) covers level-0 pixels [gx L, (gx+1) L) x [gy L, (gy+1) L); only whole tiles;
+//!   **grid index = level-0 origin / L**, the units the slide encoder expects;
+//! - pixels are read from the coarsest level that still has >= 256 px per tile (1% slack for
+//!   OpenSlide's 4.0003-style downsamples) and resampled to 256 px only when that level does not
+//!   hold 256 px per tile already;
+//! - a tile is kept when its tissue fraction is above the threshold (default 0.1, the
+//!   reference's), and kept tiles are ordered row-major: y, then x.
+//!
+//! The true mpp, the nominal one and the rule are recorded in [`TilePlan`], which travels with
+//! every grid file and feature file.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, WsiError};
+use crate::mpp::MppSource;
+use crate::slide::Slide;
+use crate::thumbnail::{self, RgbImage};
+use crate::tissue::{self, SegmentParams, TissueMask, TissueMethod};
+
+/// Tile side seen by the tile encoder, in pixels.
+pub const TILE_PX: u32 = 256;
+/// Resolution the models were trained at, um/px.
+pub const TARGET_MPP: f64 = 0.5;
+/// Largest relative distance from a nominal magnification that still snaps to it.
+pub const SNAP_TOLERANCE: f64 = 0.2;
+/// Reference tissue threshold: keep tiles whose tissue fraction is above it.
+pub const DEFAULT_TISSUE_THRESHOLD: f64 = 0.1;
+/// The segmentation view holds at most this many pixels (about 120 MB of RGB).
+const MAX_MASK_PX: u64 = 40_000_000;
+
+/// How the tile grid of one slide is cut and read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TilePlan {
+    /// Level-0 size in pixels.
+    pub level0_width: u64,
+    pub level0_height: u64,
+    /// True level-0 mpp (mean of x and y) and where it came from.
+    pub mpp: f64,
+    pub mpp_source: MppSource,
+    /// The nominal level-0 mpp the true one was snapped to (equal to `mpp` when unsnapped).
+    pub nominal_mpp: f64,
+    pub snapped: bool,
+    /// Tile side at level 0, in level-0 pixels.
+    pub level0_tile_px: u32,
+    /// True microns per pixel of the 256 px tiles the encoder sees.
+    pub tile_mpp: f64,
+    /// Pyramid level read, its downsample, and the tile side read there.
+    pub read_level: usize,
+    pub read_level_downsample: f64,
+    pub read_px: u32,
+    /// Whether read tiles are resized to 256 px.
+    pub resampled: bool,
+    /// Whole tiles across and down.
+    pub grid_width: u32,
+    pub grid_height: u32,
+}
+
+/// Nominal level-0 mpp for a true one: the nearest 0.5 x 2^k within the tolerance, if any.
+pub fn snap_mpp(mpp: f64) -> Option<f64> {
+    let k = (mpp / TARGET_MPP).log2().round();
+    let nominal = TARGET_MPP * k.exp2();
+    ((mpp - nominal).abs() / nominal < SNAP_TOLERANCE).then_some(nominal)
+}
+
+/// Plans the tile grid of `slide` (needs its mpp).
+pub fn plan(slide: &Slide) -> Result<TilePlan> {
+    let mpp = slide.mpp()?;
+    let true_mpp = mpp.mean();
+    let snapped = snap_mpp(true_mpp);
+    let nominal_mpp = snapped.unwrap_or(true_mpp);
+    let level0_tile_px = (TILE_PX as f64 * TARGET_MPP / nominal_mpp).round().max(1.0) as u32;
+    let (w0, h0) = slide.level0_size();
+    let (grid_width, grid_height) = (w0 / level0_tile_px as u64, h0 / level0_tile_px as u64);
+    if grid_width == 0 || grid_height == 0 {
+        return Err(WsiError::TooSmall {
+            path: slide.path().to_path_buf(),
+            width: w0,
+            height: h0,
+            tile_px: level0_tile_px,
+        });
+    }
+    let per_tile = |d: f64| level0_tile_px as f64 / d;
+    let (read_level, level) = slide
+        .levels()
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| per_tile(l.downsample) >= TILE_PX as f64 * 0.99)
+        .max_by(|a, b| a.1.downsample.total_cmp(&b.1.downsample))
+        .unwrap_or((0, &slide.levels()[0]));
+    let exact = (per_tile(level.downsample) - TILE_PX as f64).abs() < TILE_PX as f64 * 0.01;
+    let read_px = if exact {
+        TILE_PX
+    } else {
+        per_tile(level.downsample).round().max(1.0) as u32
+    };
+    if level0_tile_px < TILE_PX {
+        tracing::warn!(
+            "{}: level 0 is coarser than {TARGET_MPP} um/px ({true_mpp} um/px); tiles are upsampled",
+            slide.path().display()
+        );
+    }
+    Ok(TilePlan {
+        level0_width: w0,
+        level0_height: h0,
+        mpp: true_mpp,
+        mpp_source: mpp.source,
+        nominal_mpp,
+        snapped: snapped.is_some(),
+        level0_tile_px,
+        tile_mpp: level0_tile_px as f64 * true_mpp / TILE_PX as f64,
+        read_level,
+        read_level_downsample: level.downsample,
+        read_px,
+        resampled: !exact,
+        grid_width: u32::try_from(grid_width).unwrap_or(u32::MAX),
+        grid_height: u32::try_from(grid_height).unwrap_or(u32::MAX),
+    })
+}
+
+/// One kept tile.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TileRef {
+    /// Grid index: level-0 origin / level-0 tile side.
+    pub gx: u32,
+    pub gy: u32,
+    /// Level-0 pixel origin (top-left).
+    pub x0: u64,
+    pub y0: u64,
+    /// Fraction of the tile that the mask calls tissue.
+    pub tissue: f32,
+}
+
+/// What to segment with and what to keep.
+#[derive(Debug, Clone)]
+pub struct TilingOptions {
+    pub method: TissueMethod,
+    /// Keep a tile when its tissue fraction is above this, in [0, 1).
+    pub tissue_threshold: f64,
+}
+
+impl Default for TilingOptions {
+    fn default() -> Self {
+        TilingOptions {
+            method: TissueMethod::Otsu,
+            tissue_threshold: DEFAULT_TISSUE_THRESHOLD,
+        }
+    }
+}
+
+/// A segmented and tiled slide.
+pub struct Tiling {
+    pub plan: TilePlan,
+    pub method: TissueMethod,
+    pub tissue_threshold: f64,
+    /// The downsampled view segmentation ran on; `mask_px_per_tile` of its pixels span a tile.
+    pub view: RgbImage,
+    pub mask: TissueMask,
+    pub mask_px_per_tile: u32,
+    /// Level-0 pixels per view pixel.
+    pub view_downsample: f64,
+    /// Kept tiles, row-major (y, then x).
+    pub tiles: Vec<TileRef>,
+}
+
+/// Segments `slide` and keeps the tiles with enough tissue.
+pub fn tile_slide(slide: &Slide, opts: &TilingOptions) -> Result<Tiling> {
+    if !(opts.tissue_threshold.is_finite() && (0.0..1.0).contains(&opts.tissue_threshold)) {
+        return Err(WsiError::InvalidParameter {
+            name: "tissue threshold",
+            value: opts.tissue_threshold.to_string(),
+            why: "must be in [0, 1)",
+        });
+    }
+    let plan = plan(slide)?;
+    // As many view pixels per tile as memory allows, from 32 (4 um at 20x) down to 4.
+    let area = plan.level0_width as f64 * plan.level0_height as f64;
+    let mask_px_per_tile = [32u32, 16, 8, 4]
+        .into_iter()
+        .find(|m| area / (plan.level0_tile_px as f64 / *m as f64).powi(2) <= MAX_MASK_PX as f64)
+        .unwrap_or(4);
+    let view_downsample = plan.level0_tile_px as f64 / mask_px_per_tile as f64;
+    let view = thumbnail::read_downsampled(slide, view_downsample)?;
+    let params = SegmentParams::for_mask_scale(opts.method, mask_px_per_tile);
+    let mask = tissue::segment(&view, &params);
+    let tiles = keep_tiles(&plan, &mask, mask_px_per_tile, opts.tissue_threshold);
+    tracing::debug!(
+        "{}: {} of {} tiles kept",
+        slide.path().display(),
+        tiles.len(),
+        plan.grid_width as u64 * plan.grid_height as u64
+    );
+    Ok(Tiling {
+        plan,
+        method: opts.method,
+        tissue_threshold: opts.tissue_threshold,
+        view,
+        mask,
+        mask_px_per_tile,
+        view_downsample,
+        tiles,
+    })
+}
+
+/// Tiles whose share of tissue mask pixels is above `threshold`, row-major.
+fn keep_tiles(plan: &TilePlan, mask: &TissueMask, m: u32, threshold: f64) -> Vec<TileRef> {
+    let mut tiles = Vec::new();
+    let m2 = (m * m) as f64;
+    for gy in 0..plan.grid_height {
+        for gx in 0..plan.grid_width {
+            let mut n = 0u32;
+            for y in gy * m..((gy + 1) * m).min(mask.height) {
+                let row = &mask.data[y as usize * mask.width as usize..][..mask.width as usize];
+                let (a, b) = ((gx * m) as usize, (((gx + 1) * m).min(mask.width)) as usize);
+                n += row[a..b].iter().map(|&v| v as u32).sum::<u32>();
+            }
+            let tissue = n as f64 / m2;
+            if tissue > threshold {
+                let l = plan.level0_tile_px as u64;
+                tiles.push(TileRef {
+                    gx,
+                    gy,
+                    x0: gx as u64 * l,
+                    y0: gy as u64 * l,
+                    tissue: tissue as f32,
+                });
+            }
+        }
+    }
+    tiles
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scanner_mpps_snap_to_nominal_magnifications() {
+        assert_eq!(snap_mpp(0.499), Some(0.5));
+        assert_eq!(snap_mpp(0.2527), Some(0.25));
+        assert_eq!(snap_mpp(0.23), Some(0.25));
+        assert_eq!(snap_mpp(1.02), Some(1.0));
+        // Either side of the reference's |mpp - 0.5| < 0.1, and slides between magnifications.
+        assert_eq!(snap_mpp(0.41), Some(0.5));
+        assert_eq!(snap_mpp(0.39), None);
+        assert_eq!(snap_mpp(0.32), None);
+        assert_eq!(snap_mpp(0.35), None);
+    }
+
+    #[test]
+    fn kept_tiles_are_row_major_with_grid_from_origin() {
+        let plan = TilePlan {
+            level0_width: 1024,
+            level0_height: 512,
+            mpp: 0.25,
+            mpp_source: MppSource::Openslide,
+            nominal_mpp: 0.25,
+            snapped: true,
+            level0_tile_px: 512,
+            tile_mpp: 0.5,
+            read_level: 0,
+            read_level_downsample: 1.0,
+            read_px: 512,
+            resampled: true,
+            grid_width: 2,
+            grid_height: 1,
+        };
+        // 4 mask px per tile; right tile 2/16 tissue (0.125 > 0.1), left tile 1/16 (dropped).
+        let mut data = vec![0u8; 8 * 4];
+        data[0] = 1;
+        data[4] = 1;
+        data[5] = 1;
+        let mask = TissueMask {
+            width: 8,
+            height: 4,
+            data,
+            otsu_threshold: None,
+        };
+        let tiles = keep_tiles(&plan, &mask, 4, 0.1);
+        assert_eq!(tiles.len(), 1);
+        assert_eq!(
+            (tiles[0].gx, tiles[0].gy, tiles[0].x0, tiles[0].y0),
+            (1, 0, 512, 0)
+        );
+        assert_eq!(tiles[0].tissue, 0.125);
+    }
+}

@@ -1,0 +1,122 @@
+//! Writing a tiling to its output directory, all or nothing.
+//!
+//! Files are first written into a staging folder inside the output directory and renamed into
+//! place only when every one of them is complete; on any failure the staging folder is removed
+//! (and the output directory too, if this call created it and it is still empty).
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::error::{Result, WsiError};
+use crate::grid::Tiling;
+use crate::gridfile::{self, GridFile};
+use crate::mpp::MppSource;
+use crate::render;
+use crate::slide::Slide;
+
+/// The one-line JSON summary `gigapath tile` prints, also saved as `summary.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct TileSummary {
+    pub slide: PathBuf,
+    pub vendor: String,
+    pub tiles: usize,
+    /// True level-0 mpp and where it came from.
+    pub mpp: f64,
+    pub mpp_source: MppSource,
+    pub nominal_mpp: f64,
+    pub level0_tile_px: u32,
+    pub tile_mpp: f64,
+    pub read_level: usize,
+    pub read_px: u32,
+    pub resampled: bool,
+    pub grid_width: u32,
+    pub grid_height: u32,
+    pub tissue_method: String,
+    pub tissue_threshold: f64,
+    /// Share of the slide's area the mask calls tissue.
+    pub tissue_area_fraction: f64,
+    pub output: PathBuf,
+}
+
+/// The grid file contents of a tiling.
+pub fn grid_file(slide: &Slide, tiling: &Tiling) -> GridFile {
+    GridFile {
+        slide: slide.path().display().to_string(),
+        plan: tiling.plan.clone(),
+        tissue_method: tiling.method.to_string(),
+        tissue_threshold: tiling.tissue_threshold,
+        tiles: tiling.tiles.clone(),
+    }
+}
+
+/// Writes `tiles.safetensors`, `tiles.csv`, `mask.png`, `thumbnail.png`, `overlay.png` and
+/// `summary.json` into `dir`.
+pub fn write_tiling(dir: &Path, slide: &Slide, tiling: &Tiling) -> Result<TileSummary> {
+    let p = &tiling.plan;
+    let summary = TileSummary {
+        slide: slide.path().to_path_buf(),
+        vendor: slide.info().vendor.clone(),
+        tiles: tiling.tiles.len(),
+        mpp: p.mpp,
+        mpp_source: p.mpp_source,
+        nominal_mpp: p.nominal_mpp,
+        level0_tile_px: p.level0_tile_px,
+        tile_mpp: p.tile_mpp,
+        read_level: p.read_level,
+        read_px: p.read_px,
+        resampled: p.resampled,
+        grid_width: p.grid_width,
+        grid_height: p.grid_height,
+        tissue_method: tiling.method.to_string(),
+        tissue_threshold: tiling.tissue_threshold,
+        tissue_area_fraction: tiling.mask.tissue_fraction(),
+        output: dir.to_path_buf(),
+    };
+    // Everything is encoded in memory first: nothing touches the disk until it all succeeded.
+    let files: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "tiles.safetensors",
+            gridfile::grid_safetensors(&grid_file(slide, tiling))?,
+        ),
+        ("tiles.csv", gridfile::grid_csv(&tiling.tiles).into_bytes()),
+        ("mask.png", render::mask_png(tiling)?),
+        ("thumbnail.png", render::thumbnail_png(&tiling.view)?),
+        ("overlay.png", render::overlay_png(tiling)?),
+        (
+            "summary.json",
+            serde_json::to_vec_pretty(&summary).expect("summary serialises"),
+        ),
+    ];
+    write_all_or_nothing(dir, &files)?;
+    Ok(summary)
+}
+
+/// Writes `files` into `dir` so that either all appear or none does.
+pub fn write_all_or_nothing(dir: &Path, files: &[(&str, Vec<u8>)]) -> Result<()> {
+    let created = !dir.exists();
+    if dir.exists() && !dir.is_dir() {
+        return Err(WsiError::io(dir, "exists and is not a directory"));
+    }
+    std::fs::create_dir_all(dir)
+        .map_err(|e| WsiError::io(dir, format!("cannot create output directory: {e}")))?;
+    let staging = dir.join(format!(".staging-{}", std::process::id()));
+    let result = (|| {
+        std::fs::create_dir_all(&staging)
+            .map_err(|e| WsiError::io(dir, format!("cannot write to output directory: {e}")))?;
+        for (name, bytes) in files {
+            let path = staging.join(name);
+            std::fs::write(&path, bytes).map_err(|e| WsiError::io(dir.join(name), e))?;
+        }
+        for (name, _) in files {
+            std::fs::rename(staging.join(name), dir.join(name))
+                .map_err(|e| WsiError::io(dir.join(name), e))?;
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&staging);
+    if result.is_err() && created {
+        let _ = std::fs::remove_dir(dir);
+    }
+    result
+}
