@@ -12,7 +12,7 @@ pub enum WsiError {
     IsDirectory(PathBuf),
     #[error("{}: empty file (0 bytes), not a slide", .0.display())]
     EmptyFile(PathBuf),
-    #[error("{}: not a slide format OpenSlide can read (SVS, NDPI, MRXS, SCN, tiled TIFF, ...)", .0.display())]
+    #[error("{}: not a slide format OpenSlide can read (SVS, NDPI, MRXS, SCN, tiled TIFF, ...), or a truncated one", .0.display())]
     Unsupported(PathBuf),
     #[error("{}: OpenSlide cannot read this slide: {msg}", path.display())]
     Unreadable { path: PathBuf, msg: String },

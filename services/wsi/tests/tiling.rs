@@ -323,3 +323,43 @@ fn glass_only_slide_keeps_no_tiles() {
         assert_eq!(tiling.tiles.len(), 0, "{method} found tissue on glass");
     }
 }
+
+#[test]
+fn corrupt_tile_data_is_an_error_naming_the_slide_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        "c.svs",
+        0.5,
+        vec![1, 4],
+        Metadata::Aperio { app_mag: 20 },
+    );
+    let slide = Slide::open(&path, None).unwrap();
+    let tiling = tile_slide(&slide, &TilingOptions::default()).unwrap();
+    // Zero the second quarter of the file: level-0 JPEG tiles, while the header, the IFDs
+    // (written after the pixels) and level 1 stay intact.
+    let mut bytes = std::fs::read(&path).unwrap();
+    let n = bytes.len();
+    bytes[n / 4..n / 2].fill(0);
+    std::fs::write(&path, &bytes).unwrap();
+    let tiles: Arc<[_]> = tiling.tiles.clone().into();
+    let config = StreamConfig {
+        batch_size: 4,
+        threads: 2,
+        ..StreamConfig::default()
+    };
+    let results: Vec<_> = TileStream::start(&path, &tiling.plan, tiles, &config)
+        .unwrap()
+        .collect();
+    let err = results
+        .iter()
+        .find_map(|r| r.as_ref().err())
+        .expect("a read error");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("c.svs") && msg.contains("cannot read"),
+        "{msg}"
+    );
+    // The stream stops at the first error.
+    assert!(results.last().unwrap().is_err());
+}

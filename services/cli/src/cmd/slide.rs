@@ -21,7 +21,7 @@ pub struct InfoArgs {
     #[arg(long)]
     pub json: bool,
     /// Level-0 microns per pixel, used only when the slide records none.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub mpp: Option<f64>,
 }
 

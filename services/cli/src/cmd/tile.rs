@@ -16,10 +16,10 @@ pub struct TileArgs {
     #[arg(long, short)]
     pub output: Option<PathBuf>,
     /// Level-0 microns per pixel, used only when the slide records none.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub mpp: Option<f64>,
     /// Keep a tile when the tissue covers more than this fraction of it (the reference's 0.1).
-    #[arg(long, default_value_t = DEFAULT_TISSUE_THRESHOLD)]
+    #[arg(long, default_value_t = DEFAULT_TISSUE_THRESHOLD, allow_negative_numbers = true)]
     pub tissue_threshold: f64,
     /// Tissue segmentation: `otsu` (the reference: Otsu on RGB-mean luminance) or `saturation`
     /// (CLAM-like: HSV saturation, median blur, threshold, close, area filters).

