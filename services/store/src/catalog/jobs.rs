@@ -1,0 +1,520 @@
+//! The job queue: ingest queues jobs, workers (on one machine or many) claim them with a lease.
+//!
+//! Protocol for a worker (`worker` is a name unique to the process, e.g. `host-pid-random`):
+//! 1. [`Catalog::claim_job`]: atomically takes the oldest claimable job: queued, or running with
+//!    an expired lease (its worker died). Postgres: `FOR UPDATE SKIP LOCKED`, so concurrent workers
+//!    never wait on each other or take the same job; SQLite: one `UPDATE ... WHERE id = (SELECT
+//!    ... LIMIT 1) RETURNING` inside `BEGIN IMMEDIATE`.
+//! 2. [`Catalog::renew_lease`] while working (e.g. every lease/3).
+//! 3. [`Catalog::complete_job`] / [`Catalog::complete_slide_job`] or [`Catalog::fail_job`].
+//!    All three check that this worker still holds the job: a worker whose lease ran out and whose
+//!    job was re-claimed gets `LeaseLost` and must drop its result.
+//!
+//! A job whose lease expires `max_attempts` times (a slide that kills its worker) is failed with
+//! that reason instead of being handed out forever. Failed jobs are retried only on request
+//! ([`Catalog::retry_failed_jobs`], or `NewJob::retry_failed`).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{duration_ms, now_ms, on_db, record_slide_embedded, sql, Catalog, EmbeddedSlide};
+use crate::error::{Result, StoreError};
+
+/// Conventional job kinds (free-form strings; these are the ones the pipeline uses).
+pub mod kinds {
+    /// Tile features + slide embedding of one slide (`subject` = slide id).
+    pub const INGEST_SLIDE: &str = "ingest_slide";
+    /// Text embedding of one report (`subject` = report id).
+    pub const EMBED_REPORT: &str = "embed_report";
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    Running,
+    Done,
+    Failed,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 4] = [
+        JobState::Queued,
+        JobState::Running,
+        JobState::Done,
+        JobState::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Done => "done",
+            JobState::Failed => "failed",
+        }
+    }
+}
+
+impl fmt::Display for JobState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for JobState {
+    type Err = StoreError;
+    fn from_str(s: &str) -> Result<Self> {
+        JobState::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| StoreError::CorruptRow(format!("unknown job state `{s}`")))
+    }
+}
+
+/// A job to queue. Jobs are unique per (kind, subject, fingerprint): queueing the same work twice
+/// is a no-op, and re-running ingest with new weights queues new jobs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NewJob {
+    pub kind: String,
+    pub subject: String,
+    pub fingerprint: String,
+    pub payload: Value,
+    /// Put a failed job back in the queue (with a fresh attempt count) instead of reporting it.
+    pub retry_failed: bool,
+}
+
+/// What [`Catalog::queue_job`] did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "outcome")]
+pub enum QueueOutcome {
+    /// A new job.
+    Queued { id: i64 },
+    /// The same job is already queued or running.
+    Pending { id: i64 },
+    /// Already done with these weights: nothing to do.
+    AlreadyDone { id: i64 },
+    /// It failed before and `retry_failed` was not set.
+    PreviouslyFailed { id: i64, error: Option<String> },
+    /// It failed before and was queued again (`retry_failed`).
+    Requeued { id: i64 },
+}
+
+impl QueueOutcome {
+    pub fn id(&self) -> i64 {
+        match *self {
+            QueueOutcome::Queued { id }
+            | QueueOutcome::Pending { id }
+            | QueueOutcome::AlreadyDone { id }
+            | QueueOutcome::PreviouslyFailed { id, .. }
+            | QueueOutcome::Requeued { id } => id,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: i64,
+    pub kind: String,
+    pub subject: String,
+    pub fingerprint: String,
+    pub payload: Value,
+    pub state: JobState,
+    /// Claims so far, this one included.
+    pub attempts: u32,
+    pub worker: Option<String>,
+    /// Database-clock epoch ms.
+    pub lease_expires_at_ms: Option<i64>,
+    pub error: Option<String>,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+#[derive(sqlx::FromRow)]
+struct JobRow {
+    id: i64,
+    kind: String,
+    subject: String,
+    fingerprint: String,
+    payload: String,
+    state: String,
+    attempts: i64,
+    worker: Option<String>,
+    lease_expires_at: Option<i64>,
+    error: Option<String>,
+    created_at: i64,
+    updated_at: i64,
+}
+
+impl TryFrom<JobRow> for Job {
+    type Error = StoreError;
+    fn try_from(r: JobRow) -> Result<Self> {
+        Ok(Job {
+            payload: serde_json::from_str(&r.payload).map_err(|e| {
+                StoreError::CorruptRow(format!("jobs.payload of job {}: {e}", r.id))
+            })?,
+            state: r.state.parse()?,
+            attempts: u32::try_from(r.attempts).unwrap_or(u32::MAX),
+            id: r.id,
+            kind: r.kind,
+            subject: r.subject,
+            fingerprint: r.fingerprint,
+            worker: r.worker,
+            lease_expires_at_ms: r.lease_expires_at,
+            error: r.error,
+            created_at_ms: r.created_at,
+            updated_at_ms: r.updated_at,
+        })
+    }
+}
+
+const JOB_COLUMNS: &str = "id, kind, subject, fingerprint, payload, state, attempts, worker, \
+                           lease_expires_at, error, created_at, updated_at";
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClaimOptions {
+    /// How long the claim holds without renewal.
+    pub lease: Duration,
+    /// Only jobs of this kind (any kind when `None`).
+    pub kind: Option<String>,
+    /// A job whose lease has expired this many times is failed instead of claimed again.
+    pub max_attempts: u32,
+}
+
+impl Default for ClaimOptions {
+    fn default() -> Self {
+        ClaimOptions {
+            lease: Duration::from_secs(600),
+            kind: None,
+            max_attempts: 3,
+        }
+    }
+}
+
+/// Jobs per state, for `gigapath status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobCounts {
+    pub queued: u64,
+    pub running: u64,
+    pub done: u64,
+    pub failed: u64,
+    /// Running jobs whose lease has expired (their worker is presumably dead; they will be
+    /// claimed again). Included in `running`.
+    pub stale: u64,
+}
+
+impl JobCounts {
+    pub fn total(&self) -> u64 {
+        self.queued + self.running + self.done + self.failed
+    }
+}
+
+fn validate_new_job(job: &NewJob) -> Result<()> {
+    for (what, value) in [
+        ("job kind", &job.kind),
+        ("job subject", &job.subject),
+        ("job fingerprint", &job.fingerprint),
+    ] {
+        if value.trim().is_empty() {
+            return Err(StoreError::InvalidRequest(format!("{what} is empty")));
+        }
+    }
+    Ok(())
+}
+
+fn validate_worker(worker: &str) -> Result<()> {
+    if worker.trim().is_empty() {
+        return Err(StoreError::InvalidRequest("worker name is empty".into()));
+    }
+    Ok(())
+}
+
+impl Catalog {
+    /// Queues a job unless the same (kind, subject, fingerprint) exists; see [`QueueOutcome`].
+    pub async fn queue_job(&self, job: &NewJob) -> Result<QueueOutcome> {
+        validate_new_job(job)?;
+        let payload = job.payload.to_string();
+        let now = now_ms();
+        on_db!(self, |pool, d| {
+            let mut tx = pool.begin_with(d.begin_write()).await?;
+            let inserted: Option<(i64,)> = sqlx::query_as(
+                "INSERT INTO jobs (kind, subject, fingerprint, payload, state, attempts, \
+                 created_at, updated_at) VALUES ($1, $2, $3, $4, 'queued', 0, $5, $5) \
+                 ON CONFLICT (kind, subject, fingerprint) DO NOTHING RETURNING id",
+            )
+            .bind(&job.kind)
+            .bind(&job.subject)
+            .bind(&job.fingerprint)
+            .bind(&payload)
+            .bind(now)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let outcome = if let Some((id,)) = inserted {
+                QueueOutcome::Queued { id }
+            } else {
+                let (id, state, error): (i64, String, Option<String>) = sqlx::query_as(
+                    "SELECT id, state, error FROM jobs \
+                     WHERE kind = $1 AND subject = $2 AND fingerprint = $3",
+                )
+                .bind(&job.kind)
+                .bind(&job.subject)
+                .bind(&job.fingerprint)
+                .fetch_one(&mut *tx)
+                .await?;
+                match state.parse::<JobState>()? {
+                    JobState::Queued | JobState::Running => QueueOutcome::Pending { id },
+                    JobState::Done => QueueOutcome::AlreadyDone { id },
+                    JobState::Failed if job.retry_failed => {
+                        sqlx::query(
+                            "UPDATE jobs SET state = 'queued', attempts = 0, worker = NULL, \
+                             lease_expires_at = NULL, error = NULL, payload = $2, updated_at = $3 \
+                             WHERE id = $1",
+                        )
+                        .bind(id)
+                        .bind(&payload)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?;
+                        QueueOutcome::Requeued { id }
+                    }
+                    JobState::Failed => QueueOutcome::PreviouslyFailed { id, error },
+                }
+            };
+            tx.commit().await?;
+            Ok(outcome)
+        })
+    }
+
+    /// Claims the oldest claimable job for `worker`, or `None` when there is nothing to do.
+    pub async fn claim_job(&self, worker: &str, options: &ClaimOptions) -> Result<Option<Job>> {
+        validate_worker(worker)?;
+        if options.lease.is_zero() || options.max_attempts == 0 {
+            return Err(StoreError::InvalidRequest(
+                "claim needs a non-zero lease and max_attempts".into(),
+            ));
+        }
+        let lease_ms = duration_ms(options.lease);
+        let max_attempts = i64::from(options.max_attempts);
+        let kind = options.kind.as_deref();
+        let row: Option<JobRow> = on_db!(self, |pool, d| {
+            let mut tx = pool.begin_with(d.begin_write()).await?;
+            // Jobs that keep killing their workers stop here instead of being handed out again.
+            sqlx::query(sql!(d,
+                "UPDATE jobs SET state = 'failed', lease_expires_at = NULL, updated_at = " NOW ", \
+                 error = 'lease expired ' || CAST(attempts AS TEXT) || ' times (worker ' || \
+                 COALESCE(worker, '?') || ' stopped renewing it): giving up' \
+                 WHERE state = 'running' AND lease_expires_at < " NOW " AND attempts >= $1 \
+                 AND (CAST($2 AS TEXT) IS NULL OR kind = $2)"
+            ))
+            .bind(max_attempts)
+            .bind(kind)
+            .execute(&mut *tx)
+            .await?;
+            let row = sqlx::query_as(sql!(d,
+                "UPDATE jobs SET state = 'running', worker = $1, attempts = attempts + 1, \
+                 lease_expires_at = " NOW " + $2, updated_at = " NOW " \
+                 WHERE id = (SELECT id FROM jobs \
+                   WHERE (state = 'queued' OR (state = 'running' AND lease_expires_at < " NOW ")) \
+                   AND (CAST($3 AS TEXT) IS NULL OR kind = $3) \
+                   ORDER BY id LIMIT 1" SKIP_LOCKED ") \
+                 RETURNING id, kind, subject, fingerprint, payload, state, attempts, worker, \
+                 lease_expires_at, error, created_at, updated_at"
+            ))
+            .bind(worker)
+            .bind(lease_ms)
+            .bind(kind)
+            .fetch_optional(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            row
+        });
+        row.map(Job::try_from).transpose()
+    }
+
+    /// Extends the lease of a job this worker holds.
+    pub async fn renew_lease(&self, job_id: i64, worker: &str, lease: Duration) -> Result<()> {
+        let lease_ms = duration_ms(lease);
+        let n = on_db!(self, |pool, d| {
+            sqlx::query(sql!(d,
+                "UPDATE jobs SET lease_expires_at = " NOW " + $3, updated_at = " NOW " \
+                 WHERE id = $1 AND worker = $2 AND state = 'running'"
+            ))
+            .bind(job_id)
+            .bind(worker)
+            .bind(lease_ms)
+            .execute(pool)
+            .await?
+            .rows_affected()
+        });
+        self.held_or_why(n, job_id, worker).await
+    }
+
+    /// Marks a held job done.
+    pub async fn complete_job(&self, job_id: i64, worker: &str) -> Result<()> {
+        let n = on_db!(self, |pool, d| {
+            sqlx::query(sql!(d,
+                "UPDATE jobs SET state = 'done', lease_expires_at = NULL, error = NULL, \
+                 updated_at = " NOW " WHERE id = $1 AND worker = $2 AND state = 'running'"
+            ))
+            .bind(job_id)
+            .bind(worker)
+            .execute(pool)
+            .await?
+            .rows_affected()
+        });
+        self.held_or_why(n, job_id, worker).await
+    }
+
+    /// In one transaction: marks the slide embedded, records its point's fingerprint and marks
+    /// the job done. Nothing is recorded if the lease was lost (`LeaseLost`), so a kill at any
+    /// point leaves the catalog consistent and the job claimable again.
+    pub async fn complete_slide_job(
+        &self,
+        job_id: i64,
+        worker: &str,
+        embedded: &EmbeddedSlide,
+    ) -> Result<()> {
+        let held = on_db!(self, |pool, d| {
+            let mut tx = pool.begin_with(d.begin_write()).await?;
+            let n = sqlx::query(sql!(d,
+                "UPDATE jobs SET state = 'done', lease_expires_at = NULL, error = NULL, \
+                 updated_at = " NOW " WHERE id = $1 AND worker = $2 AND state = 'running'"
+            ))
+            .bind(job_id)
+            .bind(worker)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if n == 1 {
+                record_slide_embedded!(&mut *tx, embedded)?;
+                tx.commit().await?;
+            }
+            n
+        });
+        self.held_or_why(held, job_id, worker).await
+    }
+
+    /// Marks a held job failed with `reason` (retried only on request).
+    pub async fn fail_job(&self, job_id: i64, worker: &str, reason: &str) -> Result<()> {
+        let n = on_db!(self, |pool, d| {
+            sqlx::query(sql!(d,
+                "UPDATE jobs SET state = 'failed', lease_expires_at = NULL, error = $3, \
+                 updated_at = " NOW " WHERE id = $1 AND worker = $2 AND state = 'running'"
+            ))
+            .bind(job_id)
+            .bind(worker)
+            .bind(reason)
+            .execute(pool)
+            .await?
+            .rows_affected()
+        });
+        self.held_or_why(n, job_id, worker).await
+    }
+
+    /// Gives a held job back to the queue untouched (a worker shutting down cleanly); the claim
+    /// does not count as an attempt.
+    pub async fn release_job(&self, job_id: i64, worker: &str) -> Result<()> {
+        let n = on_db!(self, |pool, d| {
+            sqlx::query(sql!(d,
+                "UPDATE jobs SET state = 'queued', worker = NULL, lease_expires_at = NULL, \
+                 attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END, \
+                 updated_at = " NOW " WHERE id = $1 AND worker = $2 AND state = 'running'"
+            ))
+            .bind(job_id)
+            .bind(worker)
+            .execute(pool)
+            .await?
+            .rows_affected()
+        });
+        self.held_or_why(n, job_id, worker).await
+    }
+
+    /// Puts failed jobs (of `kind`, or all) back in the queue with a fresh attempt count;
+    /// returns how many.
+    pub async fn retry_failed_jobs(&self, kind: Option<&str>) -> Result<u64> {
+        Ok(on_db!(self, |pool, d| {
+            sqlx::query(sql!(d,
+                "UPDATE jobs SET state = 'queued', attempts = 0, worker = NULL, \
+                 lease_expires_at = NULL, error = NULL, updated_at = " NOW " \
+                 WHERE state = 'failed' AND (CAST($1 AS TEXT) IS NULL OR kind = $1)"
+            ))
+            .bind(kind)
+            .execute(pool)
+            .await?
+            .rows_affected()
+        }))
+    }
+
+    pub async fn job(&self, job_id: i64) -> Result<Option<Job>> {
+        let row: Option<JobRow> = on_db!(self, |pool, d| {
+            sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"
+            )))
+            .bind(job_id)
+            .fetch_optional(pool)
+            .await?
+        });
+        row.map(Job::try_from).transpose()
+    }
+
+    /// Jobs in id order, optionally only those in `state`, at most `limit`.
+    pub async fn list_jobs(&self, state: Option<JobState>, limit: u32) -> Result<Vec<Job>> {
+        let state = state.map(JobState::as_str);
+        let rows: Vec<JobRow> = on_db!(self, |pool, d| {
+            sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT {JOB_COLUMNS} FROM jobs WHERE CAST($1 AS TEXT) IS NULL OR state = $1 \
+                 ORDER BY id LIMIT $2"
+            )))
+            .bind(state)
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await?
+        });
+        rows.into_iter().map(Job::try_from).collect()
+    }
+
+    /// Jobs per state; `stale` counts running jobs whose lease has expired.
+    pub async fn job_counts(&self) -> Result<JobCounts> {
+        let (rows, stale): (Vec<(String, i64)>, i64) = on_db!(self, |pool, d| {
+            let rows = sqlx::query_as("SELECT state, COUNT(*) FROM jobs GROUP BY state")
+                .fetch_all(pool)
+                .await?;
+            let (stale,): (i64,) = sqlx::query_as(sql!(d,
+                "SELECT COUNT(*) FROM jobs WHERE state = 'running' AND lease_expires_at < " NOW
+            ))
+            .fetch_one(pool)
+            .await?;
+            (rows, stale)
+        });
+        let mut by_state: BTreeMap<JobState, u64> = BTreeMap::new();
+        for (state, n) in rows {
+            by_state.insert(state.parse()?, n as u64);
+        }
+        let get = |s| by_state.get(&s).copied().unwrap_or(0);
+        Ok(JobCounts {
+            queued: get(JobState::Queued),
+            running: get(JobState::Running),
+            done: get(JobState::Done),
+            failed: get(JobState::Failed),
+            stale: stale as u64,
+        })
+    }
+
+    /// Turns "no row updated" into the reason: unknown job, or not held by this worker.
+    async fn held_or_why(&self, rows_updated: u64, job_id: i64, worker: &str) -> Result<()> {
+        if rows_updated > 0 {
+            return Ok(());
+        }
+        match self.job(job_id).await? {
+            None => Err(StoreError::UnknownJob(job_id)),
+            Some(_) => Err(StoreError::LeaseLost {
+                job_id,
+                worker: worker.to_string(),
+            }),
+        }
+    }
+}

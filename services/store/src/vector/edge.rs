@@ -1,0 +1,754 @@
+//! Embedded backend: one qdrant-edge shard per collection under `<root>/<collection>`.
+//!
+//! Every qdrant-edge type stays inside this file, so that an upgrade touches one place.
+//!
+//! Version: `qdrant-edge = "=0.7.2"`. 0.8.0 and 0.9.0 do not compile on rustc 1.95: they use
+//! `std::debug_assert_matches` (stable from 1.96; E0658 in `src/shard/optimize.rs`). 0.7.2 builds
+//! unpatched. When the toolchain reaches 1.96, re-check the pitfalls below (0.9 returns a `Result`
+//! from `flush` and renamed several aliases).
+//!
+//! Pitfalls of 0.7.2 this wrapper works around (measured, `shared/notes/qdrant-edge.md`):
+//! - `EdgeShard::flush` `expect`s a `try_lock` on the WAL and a `try_read` on the segment holder,
+//!   so it panics if another thread is inside `update` or an optimizer is swapping segments.
+//!   All writes, flushes and `optimize` of a shard run under that shard's `write_lock`; reads
+//!   (query, count, retrieve, scroll) are lock-free.
+//! - `EdgeShard::load` does not replay the WAL: an update that was not flushed is lost on a crash.
+//!   Hence every write is flushed before `upsert`/`delete` return (the pipeline marks a slide done in
+//!   the catalog only after that), and a `kill -9` never leaves a "done" slide without its point.
+//! - Everything is blocking: every call runs on tokio's blocking pool (`spawn_blocking`).
+//! - `optimize` (HNSW build) is slow and runs its threads at low priority: it never runs on a request
+//!   path, only through [`VectorStore::optimize`] or in a background thread.
+//! - `PointStruct::new` panics on a non-object payload: we only ever pass objects.
+//! - The shard has no inter-process lock: we hold an exclusive `flock` on `<root>/.lock` for the
+//!   lifetime of the store, so a second process gets a clear error instead of corrupting segments.
+//!   (Several processes sharing vectors need the Qdrant server backend.)
+//! - The WAL is never truncated by 0.7.2 (no `ack`); it grows by roughly the size of the
+//!   written points. Acceptable at cohort scale; noted for the upgrade.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use async_trait::async_trait;
+use qdrant_edge::{
+    CountRequest, CreateIndex, Distance, EdgeConfig, EdgeShard, EdgeVectorParams, FieldCondition,
+    FieldIndexOperations, Filter, JsonPath, Match, NamedQuery, PayloadFieldSchema,
+    PayloadSchemaType, PointId, PointInsertOperations, PointOperations, PointStruct, QueryEnum,
+    QueryRequest, ScoringQuery, ScrollRequest, UpdateOperation, VectorInternal,
+    VectorStructInternal, Vectors, WithPayloadInterface, WithVector,
+};
+use serde_json::{Map, Value};
+
+use super::{
+    identity_from_payload, point_uuid, stored_payload, validate_points, validate_search,
+    CollectionSpec, PayloadFilter, Point, SearchHit, SearchRequest, VectorStore, FINGERPRINT_KEY,
+};
+use crate::error::{Result, StoreError};
+
+/// Vectors in qdrant-edge shards on local disk. Cheap to clone (shared state).
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    root: PathBuf,
+    collections: RwLock<HashMap<String, Arc<Shard>>>,
+    optimizing: AtomicBool,
+    /// Held (flock) while the store is open; released when the file closes.
+    _lock: File,
+}
+
+struct Shard {
+    spec: CollectionSpec,
+    path: PathBuf,
+    edge: EdgeShard,
+    write_lock: Mutex<()>,
+}
+
+impl EmbeddedStore {
+    /// Opens (creating if needed) the store folder and takes its process lock. Collections are
+    /// opened by [`VectorStore::ensure_collection`].
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
+        let root = root.into();
+        fs::create_dir_all(&root).map_err(|e| StoreError::io("create vector dir", &root, e))?;
+        let lock_path = root.join(".lock");
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| StoreError::io("open lock file", &lock_path, e))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(StoreError::Embedded {
+                    path: root,
+                    message: "in use by another process: the embedded store serves one process \
+                              at a time (configure a Qdrant server to share vectors)"
+                        .into(),
+                })
+            }
+            Err(fs::TryLockError::Error(e)) => {
+                return Err(StoreError::io("lock", lock_path, e));
+            }
+        }
+        Ok(EmbeddedStore {
+            inner: Arc::new(Inner {
+                root,
+                collections: RwLock::new(HashMap::new()),
+                optimizing: AtomicBool::new(false),
+                _lock: lock,
+            }),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    fn shard(&self, collection: &str) -> Result<Arc<Shard>> {
+        let map = self
+            .inner
+            .collections
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        map.get(collection)
+            .cloned()
+            .ok_or_else(|| StoreError::UnknownCollection(collection.to_string()))
+    }
+
+    fn shards(&self) -> Vec<Arc<Shard>> {
+        let map = self
+            .inner
+            .collections
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        map.values().cloned().collect()
+    }
+
+    /// Runs `f` with a shard on the blocking pool.
+    async fn with_shard<T, F>(&self, collection: &str, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Shard) -> Result<T> + Send + 'static,
+    {
+        let shard = self.shard(collection)?;
+        tokio::task::spawn_blocking(move || f(&shard)).await?
+    }
+}
+
+impl Shard {
+    fn open(root: &Path, spec: &CollectionSpec) -> Result<Shard> {
+        let path = root.join(&spec.name);
+        let fresh = is_fresh_shard_dir(&path)?;
+        let edge = if fresh {
+            fs::create_dir_all(&path).map_err(|e| StoreError::io("create shard dir", &path, e))?;
+            let mut config = EdgeConfig::builder().on_disk_payload(true);
+            for v in &spec.vectors {
+                config = config.vector(
+                    v.name.clone(),
+                    EdgeVectorParams::builder(v.dim, Distance::Cosine).build(),
+                );
+            }
+            EdgeShard::new(&path, config.build()).map_err(|e| edge_err(&path, e))?
+        } else {
+            EdgeShard::load(&path, None).map_err(|e| edge_err(&path, e))?
+        };
+        let shard = Shard {
+            spec: spec.clone(),
+            path,
+            edge,
+            write_lock: Mutex::new(()),
+        };
+        shard.check_layout()?;
+        shard.ensure_indexes()?;
+        Ok(shard)
+    }
+
+    fn check_layout(&self) -> Result<()> {
+        let config = self.edge.config();
+        for v in &self.spec.vectors {
+            let Some(params) = config.vectors.get(&v.name) else {
+                return Err(StoreError::SchemaMismatch {
+                    collection: self.spec.name.clone(),
+                    detail: format!("the stored collection has no vector `{}`", v.name),
+                });
+            };
+            if params.size != v.dim {
+                return Err(StoreError::DimensionMismatch {
+                    collection: self.spec.name.clone(),
+                    vector: v.name.clone(),
+                    expected: v.dim,
+                    found: params.size,
+                });
+            }
+            if params.distance != Distance::Cosine {
+                return Err(StoreError::SchemaMismatch {
+                    collection: self.spec.name.clone(),
+                    detail: format!(
+                        "vector `{}` uses {:?} distance, expected Cosine",
+                        v.name, params.distance
+                    ),
+                });
+            }
+        }
+        if let Some(extra) = config
+            .vectors
+            .keys()
+            .find(|k| self.spec.vector_dim(k).is_none())
+        {
+            return Err(StoreError::SchemaMismatch {
+                collection: self.spec.name.clone(),
+                detail: format!("the stored collection has an unexpected vector `{extra}`"),
+            });
+        }
+        Ok(())
+    }
+
+    fn ensure_indexes(&self) -> Result<()> {
+        let existing = self.edge.info().payload_schema;
+        let missing: Vec<&String> = self
+            .spec
+            .keyword_indexes
+            .iter()
+            .filter(|key| !existing.keys().any(|k| k.to_string() == **key))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        self.write(|edge| {
+            for key in &missing {
+                let field_name = json_path(key)?;
+                edge.update(UpdateOperation::FieldIndexOperation(
+                    FieldIndexOperations::CreateIndex(CreateIndex {
+                        field_name,
+                        field_schema: Some(PayloadFieldSchema::FieldType(
+                            PayloadSchemaType::Keyword,
+                        )),
+                    }),
+                ))
+                .map_err(|e| edge_err(&self.path, e))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Runs a write under the shard lock and flushes before releasing it (see module docs).
+    fn write<T>(&self, f: impl FnOnce(&EdgeShard) -> Result<T>) -> Result<T> {
+        let _guard = self
+            .write_lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let out = f(&self.edge)?;
+        self.edge.flush();
+        Ok(out)
+    }
+
+    fn upsert(&self, points: Vec<Point>) -> Result<()> {
+        validate_points(&self.spec, &points)?;
+        if points.is_empty() {
+            return Ok(());
+        }
+        let structs = points
+            .iter()
+            .map(|p| {
+                let vectors = Vectors::new_named(
+                    p.vectors
+                        .iter()
+                        .map(|(name, values)| (name.clone(), values.clone())),
+                );
+                let payload = Value::Object(stored_payload(&self.spec, p));
+                PointStruct::new(PointId::Uuid(point_uuid(&p.id)), vectors, payload).into()
+            })
+            .collect();
+        self.write(|edge| {
+            edge.update(UpdateOperation::PointOperation(
+                PointOperations::UpsertPoints(PointInsertOperations::PointsList(structs)),
+            ))
+            .map_err(|e| edge_err(&self.path, e))
+        })
+    }
+
+    fn delete(&self, ids: &[String]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let ids = ids.iter().map(|id| PointId::Uuid(point_uuid(id))).collect();
+        self.write(|edge| {
+            edge.update(UpdateOperation::PointOperation(
+                PointOperations::DeletePoints { ids },
+            ))
+            .map_err(|e| edge_err(&self.path, e))
+        })
+    }
+
+    fn retrieve(&self, ids: &[String], with_vectors: bool) -> Result<Vec<Point>> {
+        let point_ids: Vec<PointId> = ids.iter().map(|id| PointId::Uuid(point_uuid(id))).collect();
+        let records = self
+            .edge
+            .retrieve(
+                &point_ids,
+                Some(WithPayloadInterface::Bool(true)),
+                Some(WithVector::Bool(with_vectors)),
+            )
+            .map_err(|e| edge_err(&self.path, e))?;
+        records
+            .into_iter()
+            .map(|r| {
+                let payload = r.payload.map(|p| p.0).unwrap_or_default();
+                self.to_point(payload, r.vector)
+            })
+            .collect()
+    }
+
+    fn to_point(
+        &self,
+        payload: Map<String, Value>,
+        vector: Option<VectorStructInternal>,
+    ) -> Result<Point> {
+        let (id, fingerprint) = identity_from_payload(&self.spec, &payload)?;
+        let mut vectors = BTreeMap::new();
+        match vector {
+            None => {}
+            Some(VectorStructInternal::Named(named)) => {
+                for (name, v) in named {
+                    if let VectorInternal::Dense(values) = v {
+                        vectors.insert(name, values);
+                    }
+                }
+            }
+            Some(other) => {
+                return Err(StoreError::SchemaMismatch {
+                    collection: self.spec.name.clone(),
+                    detail: format!("point `{id}` has unnamed vectors: {other:?}"),
+                })
+            }
+        }
+        Ok(Point {
+            id,
+            fingerprint,
+            vectors,
+            payload,
+        })
+    }
+
+    fn count(&self, filter: Option<Filter>) -> Result<u64> {
+        let n = self
+            .edge
+            .count(CountRequest {
+                filter,
+                exact: true,
+            })
+            .map_err(|e| edge_err(&self.path, e))?;
+        Ok(n as u64)
+    }
+
+    fn other_fingerprint(&self, fingerprint: &str) -> Result<(u64, Option<String>)> {
+        let others =
+            Filter::new_must_not(keyword_condition(FINGERPRINT_KEY, &[fingerprint.into()])?);
+        let n = self.count(Some(others.clone()))?;
+        if n == 0 {
+            return Ok((0, None));
+        }
+        let (records, _) = self
+            .edge
+            .scroll(ScrollRequest {
+                limit: Some(1),
+                filter: Some(others),
+                with_payload: Some(WithPayloadInterface::Bool(true)),
+                with_vector: WithVector::Bool(false),
+                ..ScrollRequest::default()
+            })
+            .map_err(|e| edge_err(&self.path, e))?;
+        let example = records.into_iter().filter_map(|r| r.payload).find_map(|p| {
+            match p.0.get(FINGERPRINT_KEY) {
+                Some(Value::String(s)) => Some(s.clone()),
+                _ => None,
+            }
+        });
+        Ok((n, example))
+    }
+
+    fn search(&self, req: &SearchRequest) -> Result<Vec<SearchHit>> {
+        validate_search(&self.spec, req)?;
+        let (other_points, example) = self.other_fingerprint(&req.fingerprint)?;
+        if other_points > 0 {
+            return Err(StoreError::FingerprintMismatch {
+                collection: self.spec.name.clone(),
+                query: req.fingerprint.clone(),
+                other_points,
+                example: example.unwrap_or_default(),
+            });
+        }
+        // The filter also pins the fingerprint, so a point written between the check above and
+        // this query cannot slip into the results.
+        let mut filter = to_edge_filter(&req.filter)?;
+        filter
+            .must
+            .get_or_insert_with(Vec::new)
+            .push(keyword_condition(
+                FINGERPRINT_KEY,
+                std::slice::from_ref(&req.fingerprint),
+            )?);
+        let scored = self
+            .edge
+            .query(QueryRequest {
+                prefetches: vec![],
+                query: Some(ScoringQuery::Vector(QueryEnum::Nearest(NamedQuery::new(
+                    VectorInternal::Dense(req.query.clone()),
+                    req.vector.clone(),
+                )))),
+                filter: Some(filter),
+                score_threshold: None,
+                limit: req.k,
+                offset: 0,
+                params: None,
+                with_vector: WithVector::Bool(false),
+                with_payload: WithPayloadInterface::Bool(true),
+            })
+            .map_err(|e| edge_err(&self.path, e))?;
+        scored
+            .into_iter()
+            .map(|sp| {
+                let payload = sp.payload.map(|p| p.0).unwrap_or_default();
+                let (id, _) = identity_from_payload(&self.spec, &payload)?;
+                Ok(SearchHit {
+                    id,
+                    score: sp.score,
+                    payload,
+                })
+            })
+            .collect()
+    }
+
+    fn optimize(&self) -> Result<bool> {
+        self.write(|edge| edge.optimize().map_err(|e| edge_err(&self.path, e)))
+    }
+}
+
+/// A shard folder that holds neither a config nor segments (absent, empty, or left by a crash
+/// inside `EdgeShard::new` before anything was written) is created anew.
+fn is_fresh_shard_dir(path: &Path) -> Result<bool> {
+    if !path.exists() {
+        return Ok(true);
+    }
+    if path.join("edge_config.json").exists() {
+        return Ok(false);
+    }
+    let segments = path.join("segments");
+    let has_segments = match fs::read_dir(&segments) {
+        Ok(mut entries) => entries.next().is_some(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(StoreError::io("read", segments, e)),
+    };
+    Ok(!has_segments)
+}
+
+/// `opened` was checked against the disk; `wanted` is what a caller now asks for.
+fn compare_specs(opened: &CollectionSpec, wanted: &CollectionSpec) -> Result<()> {
+    for v in &wanted.vectors {
+        match opened.vector_dim(&v.name) {
+            Some(found) if found == v.dim => {}
+            Some(found) => {
+                return Err(StoreError::DimensionMismatch {
+                    collection: wanted.name.clone(),
+                    vector: v.name.clone(),
+                    expected: v.dim,
+                    found,
+                })
+            }
+            None => {
+                return Err(StoreError::SchemaMismatch {
+                    collection: wanted.name.clone(),
+                    detail: format!("the stored collection has no vector `{}`", v.name),
+                })
+            }
+        }
+    }
+    if opened != wanted {
+        return Err(StoreError::SchemaMismatch {
+            collection: wanted.name.clone(),
+            detail: format!("already open with another layout: {opened:?}"),
+        });
+    }
+    Ok(())
+}
+
+fn json_path(key: &str) -> Result<JsonPath> {
+    key.parse::<JsonPath>()
+        .map_err(|_| StoreError::InvalidRequest(format!("`{key}` is not a valid payload key path")))
+}
+
+fn keyword_condition(key: &str, values: &[String]) -> Result<qdrant_edge::Condition> {
+    let r#match = match values {
+        [one] => Match::from(one.clone()),
+        many => Match::from(many.to_vec()),
+    };
+    Ok(qdrant_edge::Condition::Field(FieldCondition::new_match(
+        json_path(key)?,
+        r#match,
+    )))
+}
+
+fn to_edge_filter(filter: &PayloadFilter) -> Result<Filter> {
+    let mut out = Filter::new();
+    if !filter.must.is_empty() {
+        out.must = Some(
+            filter
+                .must
+                .iter()
+                .map(|m| keyword_condition(&m.key, &m.any_of))
+                .collect::<Result<_>>()?,
+        );
+    }
+    Ok(out)
+}
+
+fn edge_err(path: &Path, err: impl std::fmt::Display) -> StoreError {
+    StoreError::Embedded {
+        path: path.to_path_buf(),
+        message: err.to_string(),
+    }
+}
+
+#[async_trait]
+impl VectorStore for EmbeddedStore {
+    fn backend_name(&self) -> &'static str {
+        "embedded"
+    }
+
+    async fn ensure_collection(&self, spec: &CollectionSpec) -> Result<()> {
+        spec.validate()?;
+        if let Ok(existing) = self.shard(&spec.name) {
+            // Already open in this process: compare with the layout it was opened (and checked)
+            // with, never load the same shard folder twice.
+            return compare_specs(&existing.spec, spec);
+        }
+        let root = self.inner.root.clone();
+        let spec_owned = spec.clone();
+        let shard = tokio::task::spawn_blocking(move || Shard::open(&root, &spec_owned)).await??;
+        let mut map = self
+            .inner
+            .collections
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // Two concurrent callers may both open it; keep the first, drop (and flush) the second.
+        map.entry(spec.name.clone())
+            .or_insert_with(|| Arc::new(shard));
+        Ok(())
+    }
+
+    async fn upsert(&self, collection: &str, points: Vec<Point>) -> Result<()> {
+        self.with_shard(collection, move |s| s.upsert(points)).await
+    }
+
+    async fn delete(&self, collection: &str, ids: &[String]) -> Result<()> {
+        let ids = ids.to_vec();
+        self.with_shard(collection, move |s| s.delete(&ids)).await
+    }
+
+    async fn retrieve(
+        &self,
+        collection: &str,
+        ids: &[String],
+        with_vectors: bool,
+    ) -> Result<Vec<Point>> {
+        let ids = ids.to_vec();
+        self.with_shard(collection, move |s| s.retrieve(&ids, with_vectors))
+            .await
+    }
+
+    async fn count(&self, collection: &str, filter: &PayloadFilter) -> Result<u64> {
+        filter.validate()?;
+        let filter = if filter.is_empty() {
+            None
+        } else {
+            Some(to_edge_filter(filter)?)
+        };
+        self.with_shard(collection, move |s| s.count(filter)).await
+    }
+
+    async fn search(&self, request: &SearchRequest) -> Result<Vec<SearchHit>> {
+        let request = request.clone();
+        let collection = request.collection.clone();
+        self.with_shard(&collection, move |s| s.search(&request))
+            .await
+    }
+
+    async fn other_fingerprint(
+        &self,
+        collection: &str,
+        fingerprint: &str,
+    ) -> Result<(u64, Option<String>)> {
+        let fingerprint = fingerprint.to_string();
+        self.with_shard(collection, move |s| s.other_fingerprint(&fingerprint))
+            .await
+    }
+
+    async fn optimize(&self) -> Result<()> {
+        let shards = self.shards();
+        tokio::task::spawn_blocking(move || {
+            for shard in shards {
+                shard.optimize()?;
+            }
+            Ok(())
+        })
+        .await?
+    }
+
+    fn optimize_in_background(&self) {
+        if self.inner.optimizing.swap(true, Ordering::AcqRel) {
+            return; // one run at a time; the running one will see the new points
+        }
+        let store = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("vector-optimize".into())
+            .spawn(move || {
+                for shard in store.shards() {
+                    match shard.optimize() {
+                        Ok(changed) => tracing::info!(
+                            collection = %shard.spec.name,
+                            changed,
+                            "vector index optimisation finished"
+                        ),
+                        Err(err) => tracing::warn!(
+                            collection = %shard.spec.name,
+                            error = %err,
+                            "vector index optimisation failed"
+                        ),
+                    }
+                }
+                store.inner.optimizing.store(false, Ordering::Release);
+            });
+        if let Err(err) = spawned {
+            self.inner.optimizing.store(false, Ordering::Release);
+            tracing::warn!(error = %err, "could not start the optimisation thread");
+        }
+    }
+
+    async fn health(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Dims;
+    use crate::vector::conformance;
+
+    fn dims() -> Dims {
+        Dims {
+            joint: 8,
+            slide: 12,
+        }
+    }
+
+    async fn open(dir: &Path) -> EmbeddedStore {
+        let store = EmbeddedStore::open(dir).unwrap();
+        for spec in CollectionSpec::standard(&dims()) {
+            store.ensure_collection(&spec).await.unwrap();
+        }
+        store
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn conformance_suite() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).await;
+        conformance::run_all(&store, &dims(), "").await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reopen_keeps_points_and_checks_dims() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = open(dir.path()).await;
+            conformance::upsert_sample(&store, "", 50).await;
+        }
+        let store = open(dir.path()).await;
+        assert_eq!(
+            store
+                .count(super::super::SLIDES, &PayloadFilter::none())
+                .await
+                .unwrap(),
+            50
+        );
+        drop(store);
+
+        let wrong = EmbeddedStore::open(dir.path()).unwrap();
+        let err = wrong
+            .ensure_collection(&CollectionSpec::slides(&Dims {
+                joint: 16,
+                slide: 12,
+            }))
+            .await
+            .unwrap_err();
+        match err {
+            StoreError::DimensionMismatch {
+                ref collection,
+                ref vector,
+                expected: 16,
+                found: 8,
+            } if collection == "slides" && vector == "joint" => {}
+            other => panic!("expected a joint dim mismatch, got {other}"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn second_process_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = EmbeddedStore::open(dir.path()).unwrap();
+        // flock locks belong to the open file description, so a second open in this process
+        // conflicts exactly like another process would.
+        let err = EmbeddedStore::open(dir.path())
+            .err()
+            .expect("second open must fail");
+        assert!(
+            err.to_string().contains("in use by another process"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writes_and_background_optimize_do_not_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).await;
+        let mut tasks = Vec::new();
+        for t in 0..4 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                for batch in 0..10 {
+                    let points = (0..20)
+                        .map(|i| {
+                            conformance::slide_point(
+                                &format!("t{t}-b{batch}-{i}"),
+                                "fp",
+                                &dims(),
+                                t * 1000 + batch * 20 + i,
+                            )
+                        })
+                        .collect();
+                    store.upsert(super::super::SLIDES, points).await.unwrap();
+                    if batch == 5 {
+                        store.optimize_in_background();
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        store.optimize().await.unwrap();
+        assert_eq!(
+            store
+                .count(super::super::SLIDES, &PayloadFilter::none())
+                .await
+                .unwrap(),
+            800
+        );
+    }
+}
