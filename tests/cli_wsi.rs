@@ -51,7 +51,7 @@ fn synth(dir: &Path, name: &str, extra: &[&str]) -> PathBuf {
     let path = dir.join(name);
     let p = path.to_str().unwrap();
     let mut args = vec![
-        "synth", "-o", p, "--width", "2048", "--height", "1536", "--levels", "1,4",
+        "synth", "slide", "-o", p, "--width", "2048", "--height", "1536", "--levels", "1,4",
     ];
     args.extend_from_slice(extra);
     let o = gigapath(&args);

@@ -5,6 +5,7 @@
 //! kept for machine-readable results (one-line JSON summaries, `--json` output).
 
 mod cmd;
+mod progress;
 
 use std::process::ExitCode;
 
@@ -45,8 +46,9 @@ enum Command {
     /// Run one encoder (tile, slide or text) on tensors from a safetensors or JSON file.
     #[command(subcommand)]
     Encode(cmd::encode::EncodeCommand),
-    /// Write synthetic pyramidal TIFF slides with real H&E texture (for tests and demos).
-    Synth(cmd::synth::SynthArgs),
+    /// Write synthetic slides or whole labelled cohorts with reports (for tests and demos).
+    #[command(subcommand)]
+    Synth(cmd::synth::SynthCommand),
     /// Benchmarks, run side by side with the Python reference stack where one exists.
     #[command(subcommand)]
     Bench(cmd::bench::BenchCommand),
@@ -61,7 +63,7 @@ fn main() -> ExitCode {
         Command::Slide(c) => cmd::slide::run(c),
         Command::Tile(a) => cmd::tile::run(a),
         Command::Encode(c) => cmd::encode::run(c),
-        Command::Synth(a) => cmd::synth::run(a),
+        Command::Synth(c) => cmd::synth::run(c),
         Command::Bench(c) => cmd::bench::run(c),
         Command::Demo(a) => cmd::demo::run(a),
     };

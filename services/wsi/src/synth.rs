@@ -112,11 +112,41 @@ fn mirror(c: i64, n: usize) -> usize {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Shape {
-    Ellipse { cx: f64, cy: f64, rx: f64, ry: f64 },
-    Rect { x: f64, y: f64, w: f64, h: f64 },
+    Ellipse {
+        cx: f64,
+        cy: f64,
+        rx: f64,
+        ry: f64,
+    },
+    Rect {
+        x: f64,
+        y: f64,
+        w: f64,
+        h: f64,
+    },
+    /// An ellipse rotated by `angle` radians (papillary fronds, septa).
+    Rotated {
+        cx: f64,
+        cy: f64,
+        rx: f64,
+        ry: f64,
+        angle: f64,
+    },
 }
 
 impl Shape {
+    /// Bounding box (x0, y0, x1, y1) in microns.
+    pub fn bbox(&self) -> (f64, f64, f64, f64) {
+        match *self {
+            Shape::Ellipse { cx, cy, rx, ry } => (cx - rx, cy - ry, cx + rx, cy + ry),
+            Shape::Rect { x, y, w, h } => (x, y, x + w, y + h),
+            Shape::Rotated { cx, cy, rx, ry, .. } => {
+                let r = rx.max(ry);
+                (cx - r, cy - r, cx + r, cy + r)
+            }
+        }
+    }
+
     pub fn contains(&self, x: f64, y: f64) -> bool {
         match *self {
             Shape::Ellipse { cx, cy, rx, ry } => {
@@ -124,6 +154,18 @@ impl Shape {
                 dx * dx + dy * dy <= 1.0
             }
             Shape::Rect { x: rx, y: ry, w, h } => x >= rx && x < rx + w && y >= ry && y < ry + h,
+            Shape::Rotated {
+                cx,
+                cy,
+                rx,
+                ry,
+                angle,
+            } => {
+                let (s, c) = angle.sin_cos();
+                let (dx, dy) = (x - cx, y - cy);
+                let (u, v) = ((c * dx + s * dy) / rx, (-s * dx + c * dy) / ry);
+                u * u + v * v <= 1.0
+            }
         }
     }
 }
@@ -228,16 +270,27 @@ impl Scene {
     pub fn render(&self, x0_um: f64, y0_um: f64, um_per_px: f64, w: u32, h: u32) -> Vec<u8> {
         let mut out = vec![0u8; w as usize * h as usize * 3];
         let texels_per_px = um_per_px / TEXTURE_MPP;
-        let luts: Vec<[[u8; 256]; 3]> = self.regions.iter().map(|r| od_lut(r.od_gain)).collect();
+        // Only the regions whose bounding box meets this window are tested per pixel: scenes
+        // of a cohort hold hundreds of small nests and papillae.
+        let (x1_um, y1_um) = (x0_um + w as f64 * um_per_px, y0_um + h as f64 * um_per_px);
+        let active: Vec<&TissueRegion> = self
+            .regions
+            .iter()
+            .filter(|r| {
+                let (a, b, c, d) = r.shape.bbox();
+                a < x1_um && c > x0_um && b < y1_um && d > y0_um
+            })
+            .collect();
+        let luts: Vec<[[u8; 256]; 3]> = active.iter().map(|r| od_lut(r.od_gain)).collect();
         for j in 0..h {
             let y = y0_um + (j as f64 + 0.5) * um_per_px;
             for i in 0..w {
                 let x = x0_um + (i as f64 + 0.5) * um_per_px;
                 let o = (j as usize * w as usize + i as usize) * 3;
-                let idx = self.regions.iter().rposition(|r| r.shape.contains(x, y));
+                let idx = active.iter().rposition(|r| r.shape.contains(x, y));
                 let rgb = match idx {
                     Some(k) => {
-                        let r = &self.regions[k];
+                        let r = active[k];
                         let t = Texture::get(r.texture).sample(
                             x / TEXTURE_MPP,
                             y / TEXTURE_MPP,

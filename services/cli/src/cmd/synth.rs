@@ -1,10 +1,84 @@
-//! `gigapath synth`: write a synthetic pyramidal slide with real H&E texture in known shapes.
+//! `gigapath synth slide|cohort`: synthetic slides with real H&E texture in known shapes, and
+//! whole synthetic cohorts (subtype-specific slides + noisy reports) for tests and the demo.
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
-use clap::{Args, ValueEnum};
+use clap::{Args, Subcommand, ValueEnum};
+use gigapath_synth::{CohortSpec, Subtype};
 use gigapath_wsi::synth::{self, Metadata, Scene, SlideSpec};
+
+#[derive(Subcommand)]
+pub enum SynthCommand {
+    /// One pyramidal JPEG TIFF with tissue blobs on glass (true tissue known from the shapes).
+    Slide(SynthArgs),
+    /// A labelled cohort: RCC-like subtypes that differ in colour, density and architecture,
+    /// `slides/*.svs`, `reports.jsonl` (reports with distractors, synonyms and noise),
+    /// `labels.csv` and `manifest.json`. Same seed, same bytes.
+    Cohort(CohortArgs),
+}
+
+#[derive(Args)]
+pub struct CohortArgs {
+    /// Output folder.
+    #[arg(long, short)]
+    pub output: PathBuf,
+    /// Subtypes to draw (CCRCC, PRCC, CHRCC), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "CCRCC,PRCC,CHRCC")]
+    pub subtypes: Vec<String>,
+    /// Slides per subtype.
+    #[arg(long, default_value_t = 40)]
+    pub slides_per_subtype: usize,
+    /// Seed of everything random.
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+    /// Mean slide side in microns (1024 um = 8 x 8 tiles at 0.5 um/px).
+    #[arg(long, default_value_t = 1024.0)]
+    pub slide_um: f64,
+    /// Share of slides scanned at 40x (0.2527 um/px); the rest are 20x.
+    #[arg(long, default_value_t = 0.1)]
+    pub fraction_40x: f64,
+}
+
+pub fn run(cmd: SynthCommand) -> Result<()> {
+    match cmd {
+        SynthCommand::Slide(a) => slide(a),
+        SynthCommand::Cohort(a) => cohort(a),
+    }
+}
+
+fn cohort(args: CohortArgs) -> Result<()> {
+    let subtypes = args
+        .subtypes
+        .iter()
+        .map(|s| {
+            Subtype::from_label(s)
+                .ok_or_else(|| anyhow::anyhow!("unknown subtype {s:?} (CCRCC, PRCC or CHRCC)"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if !(0.0..=1.0).contains(&args.fraction_40x) {
+        bail!("--fraction-40x {} not in [0, 1]", args.fraction_40x);
+    }
+    let spec = CohortSpec {
+        subtypes,
+        slides_per_subtype: args.slides_per_subtype,
+        seed: args.seed,
+        slide_um: args.slide_um,
+        fraction_40x: args.fraction_40x,
+        ..CohortSpec::default()
+    };
+    let bar = crate::progress::bar(0, "synth slides");
+    let cohort = gigapath_synth::generate(&args.output, &spec, &|done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
+    println!(
+        "{}",
+        serde_json::json!({"cohort": args.output, "slides": cohort.slides.len(), "reports": args.output.join("reports.jsonl"), "seed": args.seed})
+    );
+    Ok(())
+}
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum MetadataArg {
@@ -41,7 +115,7 @@ pub struct SynthArgs {
     pub quality: u8,
 }
 
-pub fn run(args: SynthArgs) -> Result<()> {
+fn slide(args: SynthArgs) -> Result<()> {
     if !(args.mpp.is_finite() && args.mpp > 0.0) {
         bail!(
             "invalid --mpp {}: must be a positive number of microns per pixel",
