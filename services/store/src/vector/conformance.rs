@@ -41,7 +41,8 @@ fn cosine(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(&b).map(|(x, y)| x * y).sum()
 }
 
-const COHORTS: [&str; 3] = ["TCGA-LUAD", "TCGA-LUSC", "CPTAC"];
+// One value with a space: filters must match it exactly, not as full text.
+const COHORTS: [&str; 3] = ["TCGA-LUAD", "TCGA-LUSC", "CPTAC lung"];
 const SITES: [&str; 2] = ["lung", "kidney"];
 const SUBTYPES: [&str; 4] = ["LUAD", "LUSC", "CCRCC", "PRCC"];
 
@@ -142,15 +143,24 @@ async fn count_with_filters(store: &dyn VectorStore, prefix: &str, points: &[Poi
     let slides = Names::new(prefix).slides;
     let total = store.count(&slides, &PayloadFilter::none()).await.unwrap();
     assert_eq!(total, points.len() as u64);
+    let stats = store.stats(&slides).await.unwrap();
+    // Approximate by contract (qdrant counts per segment), so only its order of magnitude.
+    assert!(stats.points > 0 && stats.points <= 2 * total, "{stats:?}");
+    assert!(stats.segments >= 1, "{stats:?}");
 
     let expected = |pred: &dyn Fn(&Point) -> bool| points.iter().filter(|p| pred(p)).count() as u64;
     let field = |p: &Point, k: &str| p.payload[k].as_str().unwrap().to_string();
     let subtype = |p: &Point| p.payload["labels"]["subtype"].as_str().unwrap().to_string();
 
-    let f = PayloadFilter::none().eq("cohort", "CPTAC");
+    let f = PayloadFilter::none().eq("cohort", "CPTAC lung");
+    let n = store.count(&slides, &f).await.unwrap();
+    assert_eq!(n, expected(&|p| field(p, "cohort") == "CPTAC lung"));
+    assert!(n > 0);
+    let f = PayloadFilter::none().eq("cohort", "lung");
     assert_eq!(
         store.count(&slides, &f).await.unwrap(),
-        expected(&|p| field(p, "cohort") == "CPTAC")
+        0,
+        "exact, not full-text"
     );
     let f = PayloadFilter::none()
         .any_of("cohort", ["TCGA-LUAD", "TCGA-LUSC"])

@@ -43,7 +43,8 @@ use serde_json::{Map, Value};
 
 use super::{
     identity_from_payload, point_uuid, stored_payload, validate_points, validate_search,
-    CollectionSpec, PayloadFilter, Point, SearchHit, SearchRequest, VectorStore, FINGERPRINT_KEY,
+    CollectionSpec, CollectionStats, PayloadFilter, Point, SearchHit, SearchRequest, VectorStore,
+    FINGERPRINT_KEY,
 };
 use crate::error::{Result, StoreError};
 
@@ -107,6 +108,21 @@ impl EmbeddedStore {
 
     pub fn root(&self) -> &Path {
         &self.inner.root
+    }
+
+    /// Segments holding more than `kb` KiB of vectors get an HNSW index on the next optimisation
+    /// (qdrant's default is about 10 MB; below it search is exhaustive, which is fast at that
+    /// size). Applies to the collections open now and is persisted with them.
+    pub fn set_indexing_threshold_kb(&self, kb: usize) -> Result<()> {
+        if kb == 0 {
+            return Err(StoreError::InvalidRequest(
+                "indexing threshold must be positive (0 would disable indexing)".into(),
+            ));
+        }
+        for shard in self.shards() {
+            shard.set_indexing_threshold_kb(kb)?;
+        }
+        Ok(())
     }
 
     fn shard(&self, collection: &str) -> Result<Arc<Shard>> {
@@ -424,6 +440,27 @@ impl Shard {
             .collect()
     }
 
+    fn stats(&self) -> CollectionStats {
+        let info = self.edge.info();
+        CollectionStats {
+            points: info.points_count as u64,
+            indexed_vectors: info.indexed_vectors_count as u64,
+            segments: info.segments_count as u64,
+        }
+    }
+
+    fn set_indexing_threshold_kb(&self, kb: usize) -> Result<()> {
+        let _guard = self
+            .write_lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut optimizers = self.edge.config().optimizers.clone();
+        optimizers.indexing_threshold = Some(kb);
+        self.edge
+            .set_optimizers_config(optimizers)
+            .map_err(|e| edge_err(&self.path, e))
+    }
+
     fn optimize(&self) -> Result<bool> {
         self.write(|edge| edge.optimize().map_err(|e| edge_err(&self.path, e)))
     }
@@ -588,6 +625,10 @@ impl VectorStore for EmbeddedStore {
             .await
     }
 
+    async fn stats(&self, collection: &str) -> Result<CollectionStats> {
+        self.with_shard(collection, |s| Ok(s.stats())).await
+    }
+
     async fn optimize(&self) -> Result<()> {
         let shards = self.shards();
         tokio::task::spawn_blocking(move || {
@@ -638,7 +679,7 @@ impl VectorStore for EmbeddedStore {
 mod tests {
     use super::*;
     use crate::config::Dims;
-    use crate::vector::conformance;
+    use crate::vector::{conformance, JOINT, SLIDES};
 
     fn dims() -> Dims {
         Dims {
@@ -713,27 +754,27 @@ mod tests {
         );
     }
 
+    /// Writers keep upserting (each write flushes) while HNSW is built in the background: with
+    /// qdrant-edge 0.7.2 an unguarded flush during an update or a segment swap panics.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn concurrent_writes_and_background_optimize_do_not_panic() {
+    async fn writes_during_background_hnsw_build() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path()).await;
+        // 800 points x 20 floats x 4 B = 62 KiB: well above 16 KiB, so optimize builds HNSW.
+        store.set_indexing_threshold_kb(16).unwrap();
         let mut tasks = Vec::new();
-        for t in 0..4 {
+        for t in 0..4u64 {
             let store = store.clone();
             tasks.push(tokio::spawn(async move {
-                for batch in 0..10 {
-                    let points = (0..20)
+                for batch in 0..10u64 {
+                    let points = (0..20u64)
                         .map(|i| {
-                            conformance::slide_point(
-                                &format!("t{t}-b{batch}-{i}"),
-                                "fp",
-                                &dims(),
-                                t * 1000 + batch * 20 + i,
-                            )
+                            let seed = t * 1000 + batch * 20 + i;
+                            conformance::slide_point(&format!("p{seed}"), "fp", &dims(), seed)
                         })
                         .collect();
-                    store.upsert(super::super::SLIDES, points).await.unwrap();
-                    if batch == 5 {
+                    store.upsert(SLIDES, points).await.unwrap();
+                    if batch % 3 == 1 {
                         store.optimize_in_background();
                     }
                 }
@@ -743,12 +784,105 @@ mod tests {
             t.await.unwrap();
         }
         store.optimize().await.unwrap();
+        let stats = store.stats(SLIDES).await.unwrap();
         assert_eq!(
-            store
-                .count(super::super::SLIDES, &PayloadFilter::none())
-                .await
-                .unwrap(),
+            store.count(SLIDES, &PayloadFilter::none()).await.unwrap(),
             800
         );
+        assert!(stats.indexed_vectors > 0, "HNSW was built: {stats:?}");
+
+        // Every stored vector still finds itself through the index.
+        for seed in [0u64, 1019, 2133, 3199] {
+            let point = conformance::slide_point(&format!("p{seed}"), "fp", &dims(), seed);
+            let hits = store
+                .search(&SearchRequest {
+                    collection: SLIDES.into(),
+                    vector: JOINT.into(),
+                    query: point.vectors[JOINT].clone(),
+                    k: 1,
+                    filter: PayloadFilter::none(),
+                    fingerprint: "fp".into(),
+                })
+                .await
+                .unwrap();
+            assert_eq!(hits[0].id, point.id);
+        }
+
+        // And everything survives a reopen.
+        drop(store);
+        let store = open(dir.path()).await;
+        assert_eq!(
+            store.count(SLIDES, &PayloadFilter::none()).await.unwrap(),
+            800
+        );
+    }
+
+    /// Child half of `acknowledged_writes_survive_kill_9` (does nothing unless run by it).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "run as a child process by acknowledged_writes_survive_kill_9"]
+    async fn kill9_writer_child() {
+        let Ok(dir) = std::env::var("GIGAPATH_KILL9_DIR") else {
+            return;
+        };
+        let store = open(Path::new(&dir)).await;
+        for batch in 0u64.. {
+            let points = (0..10u64)
+                .map(|i| {
+                    let seed = batch * 10 + i;
+                    conformance::slide_point(&format!("k{seed}"), "fp", &dims(), seed)
+                })
+                .collect();
+            store.upsert(SLIDES, points).await.unwrap();
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "ACK {}", (batch + 1) * 10).unwrap();
+            out.flush().unwrap();
+        }
+    }
+
+    /// A writer process is killed with SIGKILL mid-stream: every point whose upsert returned is
+    /// there after reopening (qdrant-edge 0.7.2 does not replay its WAL, so this holds only
+    /// because each write is flushed before `upsert` returns).
+    #[test]
+    fn acknowledged_writes_survive_kill_9() {
+        use std::io::BufRead;
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "vector::edge::tests::kill9_writer_child",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env("GIGAPATH_KILL9_DIR", dir.path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut acked = 0u64;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let line = line.unwrap();
+            if let Some(n) = line.strip_prefix("ACK ") {
+                acked = n.parse().unwrap();
+                if acked >= 200 {
+                    break;
+                }
+            }
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        assert!(acked >= 200, "child stopped early after {acked} points");
+
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let store = open(dir.path()).await;
+            let stored = store.count(SLIDES, &PayloadFilter::none()).await.unwrap();
+            assert!(stored >= acked, "{stored} stored < {acked} acknowledged");
+            let ids: Vec<String> = (0..acked).map(|i| format!("k{i}")).collect();
+            let got = store.retrieve(SLIDES, &ids, true).await.unwrap();
+            assert_eq!(got.len() as u64, acked);
+            assert!(got.iter().all(|p| p.vectors.len() == 2));
+        });
     }
 }

@@ -244,6 +244,16 @@ pub struct SearchHit {
     pub payload: Map<String, Value>,
 }
 
+/// Size and index state of a collection (for `gigapath status`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CollectionStats {
+    /// Approximate number of points (exact: [`VectorStore::count`]).
+    pub points: u64,
+    /// Vectors covered by an HNSW index; the rest are searched exhaustively.
+    pub indexed_vectors: u64,
+    pub segments: u64,
+}
+
 /// Largest `k` a search accepts (the API applies its own, smaller limit).
 pub const MAX_K: usize = 10_000;
 
@@ -287,6 +297,9 @@ pub trait VectorStore: Send + Sync {
         collection: &str,
         fingerprint: &str,
     ) -> Result<(u64, Option<String>)>;
+
+    /// Points, indexed vectors and segments of a collection.
+    async fn stats(&self, collection: &str) -> Result<CollectionStats>;
 
     /// Builds search indexes (HNSW) now and waits. Slow: not for request paths.
     async fn optimize(&self) -> Result<()>;

@@ -16,20 +16,22 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use qdrant_client::qdrant::point_id::PointIdOptions;
+use qdrant_client::qdrant::r#match::MatchValue;
 use qdrant_client::qdrant::vector_output::Vector as VectorOutputKind;
 use qdrant_client::qdrant::vectors_config::Config as VectorsConfigKind;
 use qdrant_client::qdrant::{
     Condition, CountPointsBuilder, CreateCollectionBuilder, CreateFieldIndexCollectionBuilder,
     DeletePointsBuilder, Distance, FieldType, Filter, GetPointsBuilder, PointId, PointStruct,
-    PointsIdsList, Query, QueryPointsBuilder, ScrollPointsBuilder, UpsertPointsBuilder,
-    VectorParamsBuilder, VectorsConfigBuilder, VectorsOutput,
+    PointsIdsList, Query, QueryPointsBuilder, RepeatedStrings, ScrollPointsBuilder,
+    UpsertPointsBuilder, VectorParamsBuilder, VectorsConfigBuilder, VectorsOutput,
 };
 use qdrant_client::{Payload, Qdrant, QdrantError};
 use serde_json::{Map, Value};
 
 use super::{
     identity_from_payload, point_uuid, stored_payload, validate_points, validate_search,
-    CollectionSpec, PayloadFilter, Point, SearchHit, SearchRequest, VectorStore, FINGERPRINT_KEY,
+    CollectionSpec, CollectionStats, PayloadFilter, Point, SearchHit, SearchRequest, VectorStore,
+    FINGERPRINT_KEY,
 };
 use crate::config::redact_url;
 use crate::error::{Result, StoreError};
@@ -176,11 +178,17 @@ fn point_id(id: &str) -> PointId {
     PointId::from(point_uuid(id).to_string())
 }
 
+/// Exact keyword match. Built explicitly: qdrant-client's `From<String> for MatchValue` turns a
+/// value containing whitespace into a full-text match, which would make `cohort = "CPTAC lung"`
+/// behave differently here than in the embedded backend.
 fn keyword_condition(key: &str, values: &[String]) -> Condition {
-    match values {
-        [one] => Condition::matches(key, one.clone()),
-        many => Condition::matches(key, many.to_vec()),
-    }
+    let value = match values {
+        [one] => MatchValue::Keyword(one.clone()),
+        many => MatchValue::Keywords(RepeatedStrings {
+            strings: many.to_vec(),
+        }),
+    };
+    Condition::matches(key, value)
 }
 
 fn to_filter(filter: &PayloadFilter) -> Vec<Condition> {
@@ -433,6 +441,22 @@ impl VectorStore for QdrantServerStore {
             }
         });
         Ok((n, example))
+    }
+
+    async fn stats(&self, collection: &str) -> Result<CollectionStats> {
+        self.spec(collection)?;
+        let info = self
+            .client
+            .collection_info(collection)
+            .await
+            .map_err(|e| self.err(e))?
+            .result
+            .ok_or_else(|| StoreError::Server(format!("no info for `{collection}`")))?;
+        Ok(CollectionStats {
+            points: info.points_count.unwrap_or(0),
+            indexed_vectors: info.indexed_vectors_count.unwrap_or(0),
+            segments: info.segments_count,
+        })
     }
 
     async fn optimize(&self) -> Result<()> {
