@@ -101,9 +101,11 @@ impl StoreConfig {
         Ok(cfg)
     }
 
-    /// TOML with every field spelled out (the API key, if any, is replaced by `<redacted>`).
+    /// TOML with every field spelled out; the API key and a catalog password are replaced by
+    /// `<redacted>` / `***`.
     pub fn to_toml(&self) -> String {
         let mut shown = self.clone();
+        shown.catalog_url = shown.catalog_url.as_deref().map(redact_url);
         if let VectorBackendConfig::Qdrant { api_key, .. } = &mut shown.vectors {
             if api_key.is_some() {
                 *api_key = Some("<redacted>".into());
@@ -243,6 +245,7 @@ mod tests {
         );
         assert!(!format!("{cfg:?}").contains("k3y"));
         assert!(!cfg.to_toml().contains("k3y"));
+        assert!(!cfg.to_toml().contains("secret"), "{}", cfg.to_toml());
         assert_eq!(cfg.catalog_url(), "postgres://u:secret@db/g");
     }
 

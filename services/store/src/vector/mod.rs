@@ -257,6 +257,9 @@ pub struct CollectionStats {
 /// Largest `k` a search accepts (the API applies its own, smaller limit).
 pub const MAX_K: usize = 10_000;
 
+/// The vector store. Call it from a tokio runtime (both backends need one: the embedded one moves
+/// blocking work to tokio's blocking pool, the server one speaks tonic); plain threads use
+/// `tokio::runtime::Handle::block_on(store.upsert(..))`.
 #[async_trait]
 pub trait VectorStore: Send + Sync {
     /// `"embedded"` or `"qdrant"`, for logs and status output.
