@@ -23,3 +23,87 @@ pub use config::{Dims, StoreConfig, VectorBackendConfig};
 pub use error::{Result, StoreError};
 pub use features::{FeatureFile, FeatureFileInfo, FeatureFileWriter, FeatureMetadata};
 pub use vector::{open_vector_store, VectorStore};
+
+use std::sync::Arc;
+
+/// Everything a process needs, opened from one configuration: the catalog and the vector store
+/// (standard collections ensured). Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    pub config: StoreConfig,
+    pub catalog: Catalog,
+    pub vectors: Arc<dyn VectorStore>,
+}
+
+impl Store {
+    /// Validates `config`, creates the data dir, connects the catalog (migrating it) and opens
+    /// the vector store. With the embedded backend only one process may hold a data dir.
+    pub async fn open(config: StoreConfig) -> Result<Store> {
+        config.validate()?;
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| StoreError::io("create data dir", &config.data_dir, e))?;
+        let catalog = Catalog::open(&config).await?;
+        let vectors = open_vector_store(&config).await?;
+        Ok(Store {
+            config,
+            catalog,
+            vectors,
+        })
+    }
+
+    /// Where the feature file of `slide_id` for tile weights `tile_fingerprint` goes.
+    pub fn feature_path(&self, slide_id: &str, tile_fingerprint: &str) -> std::path::PathBuf {
+        features::feature_path(&self.config.features_dir(), slide_id, tile_fingerprint)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn open_default_store_end_to_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = StoreConfig::with_data_dir(dir.path().join("data"));
+        config.dims = Dims { joint: 4, slide: 6 };
+        let store = Store::open(config.clone()).await.unwrap();
+        assert_eq!(store.catalog.backend_name(), "sqlite");
+        assert_eq!(store.vectors.backend_name(), "embedded");
+        assert!(dir.path().join("data/catalog.sqlite").exists());
+        assert!(dir.path().join("data/vectors/slides").is_dir());
+        assert!(dir.path().join("data/vectors/reports").is_dir());
+
+        let point = vector::SlidePoint {
+            slide_id: "s1".into(),
+            fingerprint: "fp".into(),
+            joint: vec![1.0, 0.0, 0.0, 0.0],
+            slide: vec![0.0, 1.0, 0.0, 0.0, 0.0, 0.0],
+            ..Default::default()
+        };
+        store
+            .vectors
+            .upsert(vector::SLIDES, vec![point.into_point()])
+            .await
+            .unwrap();
+        assert_eq!(
+            store
+                .vectors
+                .count(vector::SLIDES, &vector::PayloadFilter::none())
+                .await
+                .unwrap(),
+            1
+        );
+        let path = store.feature_path("s1", "tile-fp");
+        assert!(path.starts_with(dir.path().join("data/features")));
+
+        // A second process on the same data dir is refused (embedded backend), clearly.
+        let err = Store::open(config)
+            .await
+            .err()
+            .expect("second open must fail");
+        assert!(
+            err.to_string().contains("in use by another process"),
+            "{err}"
+        );
+    }
+}

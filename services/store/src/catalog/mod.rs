@@ -8,7 +8,7 @@
 //!
 //! One SQL text serves both dialects: `$N` placeholders (sqlx-sqlite accepts them), times as BIGINT
 //! epoch milliseconds, JSON as TEXT. The two places where dialects differ are spelled by
-//! [`sql!`]: the database clock (`NOW`; leases use the database's clock, never a worker's) and
+//! `sql!`: the database clock (`NOW`; leases use the database's clock, never a worker's) and
 //! `SKIP_LOCKED` (Postgres row locks; SQLite serialises writers with `BEGIN IMMEDIATE` instead).
 //!
 //! Not here: vectors (see [`crate::vector`]) and feature-file contents (see [`crate::features`]).
