@@ -60,6 +60,9 @@ pub struct Dims {
     pub joint: usize,
     /// Raw slide-encoder output (`slide` vector of `slides`).
     pub slide: usize,
+    /// Raw text-encoder output (`text` vector of `reports`): 384 for all-MiniLM-L6-v2, 768 for
+    /// PubMedBERT-base.
+    pub text: usize,
 }
 
 impl Default for Dims {
@@ -67,6 +70,7 @@ impl Default for Dims {
         Dims {
             joint: 512,
             slide: 768,
+            text: 384,
         }
     }
 }
@@ -119,7 +123,11 @@ impl StoreConfig {
         if self.data_dir.as_os_str().is_empty() {
             return Err(StoreError::Config("data_dir is empty".into()));
         }
-        for (name, dim) in [("joint", self.dims.joint), ("slide", self.dims.slide)] {
+        for (name, dim) in [
+            ("joint", self.dims.joint),
+            ("slide", self.dims.slide),
+            ("text", self.dims.text),
+        ] {
             if dim == 0 || dim > MAX_DIM {
                 return Err(StoreError::Config(format!(
                     "dims.{name} = {dim}: must be between 1 and {MAX_DIM}"
@@ -233,7 +241,8 @@ mod tests {
             cfg.dims,
             Dims {
                 joint: 256,
-                slide: 768
+                slide: 768,
+                text: 384,
             }
         );
         assert_eq!(

@@ -65,7 +65,11 @@ mod tests {
     async fn open_default_store_end_to_end() {
         let dir = tempfile::tempdir().unwrap();
         let mut config = StoreConfig::with_data_dir(dir.path().join("data"));
-        config.dims = Dims { joint: 4, slide: 6 };
+        config.dims = Dims {
+            joint: 4,
+            slide: 6,
+            text: 3,
+        };
         let store = Store::open(config.clone()).await.unwrap();
         assert_eq!(store.catalog.backend_name(), "sqlite");
         assert_eq!(store.vectors.backend_name(), "embedded");
@@ -76,7 +80,7 @@ mod tests {
         let point = vector::SlidePoint {
             slide_id: "s1".into(),
             fingerprint: "fp".into(),
-            joint: vec![1.0, 0.0, 0.0, 0.0],
+            joint: Some(vec![1.0, 0.0, 0.0, 0.0]),
             slide: vec![0.0, 1.0, 0.0, 0.0, 0.0, 0.0],
             ..Default::default()
         };

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use super::{
     CollectionSpec, PayloadFilter, Point, ReportPoint, SearchRequest, SlidePoint, VectorStore,
-    JOINT, REPORTS, SLIDE, SLIDES,
+    JOINT, REPORTS, SLIDE, SLIDES, TEXT,
 };
 use crate::config::Dims;
 use crate::error::StoreError;
@@ -60,7 +60,7 @@ pub(crate) fn slide_point(id: &str, fingerprint: &str, dims: &Dims, seed: u64) -
             ("slide".into(), "s-1".into()),
         ]),
         fingerprint: fingerprint.into(),
-        joint: vector(seed, dims.joint),
+        joint: Some(vector(seed, dims.joint)),
         slide: vector(seed + 1_000_000, dims.slide),
     }
     .into_point()
@@ -94,6 +94,7 @@ pub(crate) async fn upsert_sample(store: &dyn VectorStore, prefix: &str, n: u64)
     let dims = Dims {
         joint: 8,
         slide: 12,
+        text: 6,
     };
     let points: Vec<Point> = (0..n)
         .map(|i| slide_point(&format!("slide-{i:03}"), "fp-A", &dims, i))
@@ -105,7 +106,7 @@ pub(crate) async fn upsert_sample(store: &dyn VectorStore, prefix: &str, n: u64)
     points
 }
 
-/// Runs every check; `dims` must be `{ joint: 8, slide: 12 }` (the sample points' dims) and
+/// Runs every check; `dims` must be `{ joint: 8, slide: 12, text: 6 }` (the sample points' dims) and
 /// the collections of `specs(prefix, dims)` must already exist and be empty.
 pub(crate) async fn run_all(store: &dyn VectorStore, dims: &Dims, prefix: &str) {
     ensure_is_idempotent_and_checks_dims(store, dims, prefix).await;
@@ -118,6 +119,7 @@ pub(crate) async fn run_all(store: &dyn VectorStore, dims: &Dims, prefix: &str) 
     bad_input_is_rejected(store, prefix, dims).await;
     delete_removes(store, prefix).await;
     reports_collection(store, prefix, dims).await;
+    points_without_joint(store, prefix, dims).await;
 }
 
 async fn ensure_is_idempotent_and_checks_dims(store: &dyn VectorStore, dims: &Dims, prefix: &str) {
@@ -126,7 +128,7 @@ async fn ensure_is_idempotent_and_checks_dims(store: &dyn VectorStore, dims: &Di
     }
     let wrong = Dims {
         joint: dims.joint * 2,
-        slide: dims.slide,
+        ..*dims
     };
     let err = store
         .ensure_collection(&specs(prefix, &wrong)[0])
@@ -390,8 +392,8 @@ async fn bad_input_is_rejected(store: &dyn VectorStore, prefix: &str, dims: &Dim
     p.vectors.get_mut(SLIDE).unwrap()[2] = f32::NAN;
     reject(p, "not finite").await;
     let mut p = good();
-    p.vectors.remove(SLIDE);
-    reject(p, "missing vector").await;
+    p.vectors.clear();
+    reject(p, "no vectors").await;
     let mut p = good();
     p.fingerprint = " ".into();
     reject(p, "fingerprint").await;
@@ -480,8 +482,10 @@ async fn reports_collection(store: &dyn VectorStore, prefix: &str, dims: &Dims) 
                 report_id: format!("report-{i}"),
                 slide_id: format!("slide-{:03}", i % 4),
                 text: format!("Invasive adenocarcinoma, case {i}."),
+                labels: BTreeMap::from([("subtype".to_string(), "LUAD".to_string())]),
                 fingerprint: "fp-A".into(),
-                joint: vector(10_000 + i, dims.joint),
+                joint: Some(vector(10_000 + i, dims.joint)),
+                text_embedding: vector(20_000 + i, dims.text),
             }
             .into_point()
         })
@@ -508,4 +512,56 @@ async fn reports_collection(store: &dyn VectorStore, prefix: &str, dims: &Dims) 
     assert!(hits
         .iter()
         .all(|h| h.payload["slide_id"] == json!("slide-002")));
+}
+
+/// Before any alignment checkpoint, points carry only their raw vector: they are found by it,
+/// and a search by `joint` simply does not see them.
+async fn points_without_joint(store: &dyn VectorStore, prefix: &str, dims: &Dims) {
+    let reports: Vec<Point> = (0..4u64)
+        .map(|i| {
+            ReportPoint {
+                report_id: format!("raw-report-{i}"),
+                slide_id: format!("slide-{i:03}"),
+                text: format!("Raw report {i}."),
+                labels: BTreeMap::new(),
+                fingerprint: "fp-raw".into(),
+                joint: None,
+                text_embedding: vector(30_000 + i, dims.text),
+            }
+            .into_point()
+        })
+        .collect();
+    assert!(reports.iter().all(|p| p.vectors.len() == 1));
+    let raw = format!("{prefix}raw_{REPORTS}");
+    let mut spec = CollectionSpec::reports(dims);
+    spec.name = raw.clone();
+    store.ensure_collection(&spec).await.unwrap();
+    store.upsert(&raw, reports.clone()).await.unwrap();
+    let search = |vector: &str, query: Vec<f32>| SearchRequest {
+        collection: raw.clone(),
+        vector: vector.into(),
+        query,
+        k: 3,
+        filter: PayloadFilter::none(),
+        fingerprint: "fp-raw".into(),
+    };
+    let hits = store
+        .search(&search(TEXT, reports[2].vectors[TEXT].clone()))
+        .await
+        .unwrap();
+    assert_eq!(hits[0].id, "raw-report-2");
+    assert!((hits[0].score - 1.0).abs() < 1e-4);
+    let hits = store
+        .search(&search(JOINT, vector(1, dims.joint)))
+        .await
+        .unwrap();
+    assert!(
+        hits.is_empty(),
+        "points without `joint` matched a joint search: {hits:?}"
+    );
+    let back = store
+        .retrieve(&raw, &["raw-report-1".to_string()], true)
+        .await
+        .unwrap();
+    assert_eq!(back[0].vectors.keys().collect::<Vec<_>>(), vec![TEXT]);
 }

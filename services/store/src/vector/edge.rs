@@ -685,6 +685,7 @@ mod tests {
         Dims {
             joint: 8,
             slide: 12,
+            text: 6,
         }
     }
 
@@ -725,6 +726,7 @@ mod tests {
             .ensure_collection(&CollectionSpec::slides(&Dims {
                 joint: 16,
                 slide: 12,
+                text: 6,
             }))
             .await
             .unwrap_err();

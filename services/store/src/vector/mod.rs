@@ -40,6 +40,8 @@ pub const REPORTS: &str = "reports";
 pub const JOINT: &str = "joint";
 /// Raw slide-encoder output vector name.
 pub const SLIDE: &str = "slide";
+/// Raw text-encoder output of a report (`reports`), so report search works before alignment.
+pub const TEXT: &str = "text";
 /// Payload key of the model fingerprint every point carries.
 pub const FINGERPRINT_KEY: &str = "fingerprint";
 
@@ -89,15 +91,22 @@ impl CollectionSpec {
         }
     }
 
-    /// `reports`: `joint` vector; payload report_id, slide_id, text, fingerprint.
+    /// `reports`: `joint` and `text` vectors; payload report_id, slide_id, text, labels,
+    /// fingerprint.
     pub fn reports(dims: &Dims) -> Self {
         CollectionSpec {
             name: REPORTS.into(),
             id_key: "report_id".into(),
-            vectors: vec![VectorSpec {
-                name: JOINT.into(),
-                dim: dims.joint,
-            }],
+            vectors: vec![
+                VectorSpec {
+                    name: JOINT.into(),
+                    dim: dims.joint,
+                },
+                VectorSpec {
+                    name: TEXT.into(),
+                    dim: dims.text,
+                },
+            ],
             keyword_indexes: ["report_id", "slide_id", FINGERPRINT_KEY]
                 .map(String::from)
                 .to_vec(),
@@ -347,12 +356,14 @@ pub(crate) fn validate_points(spec: &CollectionSpec, points: &[Point]) -> Result
         if p.fingerprint.trim().is_empty() {
             return bad("empty model fingerprint".into());
         }
+        // A point carries any non-empty subset of the collection's vectors: `joint` exists only
+        // once an alignment checkpoint does; searches by a vector see the points that have it.
+        if p.vectors.is_empty() {
+            return bad(format!("no vectors (collection `{}`)", spec.name));
+        }
         for v in &spec.vectors {
             let Some(values) = p.vectors.get(&v.name) else {
-                return bad(format!(
-                    "missing vector `{}` of collection `{}`",
-                    v.name, spec.name
-                ));
+                continue;
             };
             if values.len() != v.dim {
                 return bad(format!(
@@ -478,7 +489,8 @@ pub struct SlidePoint {
     pub fingerprints: BTreeMap<String, String>,
     /// The guard fingerprint (see [`combined_fingerprint`]).
     pub fingerprint: String,
-    pub joint: Vec<f32>,
+    /// Aligned embedding; `None` until an alignment checkpoint exists.
+    pub joint: Option<Vec<f32>>,
     pub slide: Vec<f32>,
 }
 
@@ -501,10 +513,18 @@ impl SlidePoint {
         Point {
             id: self.slide_id,
             fingerprint: self.fingerprint,
-            vectors: BTreeMap::from([(JOINT.into(), self.joint), (SLIDE.into(), self.slide)]),
+            vectors: named([(JOINT, self.joint), (SLIDE, Some(self.slide))]),
             payload,
         }
     }
+}
+
+/// The named vectors that are present.
+fn named<const N: usize>(vectors: [(&str, Option<Vec<f32>>); N]) -> BTreeMap<String, Vec<f32>> {
+    vectors
+        .into_iter()
+        .filter_map(|(name, v)| v.map(|v| (name.to_string(), v)))
+        .collect()
 }
 
 /// Typed builder for a `reports` point.
@@ -513,8 +533,13 @@ pub struct ReportPoint {
     pub report_id: String,
     pub slide_id: String,
     pub text: String,
+    /// Labels carried by the report row (e.g. `subtype`, `site`), filterable as `labels.<key>`.
+    pub labels: BTreeMap<String, String>,
     pub fingerprint: String,
-    pub joint: Vec<f32>,
+    /// Aligned embedding; `None` until an alignment checkpoint exists.
+    pub joint: Option<Vec<f32>>,
+    /// Raw text-encoder output.
+    pub text_embedding: Vec<f32>,
 }
 
 impl ReportPoint {
@@ -522,10 +547,11 @@ impl ReportPoint {
         let mut payload = Map::new();
         payload.insert("slide_id".into(), Value::String(self.slide_id));
         payload.insert("text".into(), Value::String(self.text));
+        payload.insert("labels".into(), to_json_map(&self.labels));
         Point {
             id: self.report_id,
             fingerprint: self.fingerprint,
-            vectors: BTreeMap::from([(JOINT.into(), self.joint)]),
+            vectors: named([(JOINT, self.joint), (TEXT, Some(self.text_embedding))]),
             payload,
         }
     }

@@ -498,6 +498,7 @@ mod tests {
         let dims = Dims {
             joint: 8,
             slide: 12,
+            text: 6,
         };
         let prefix = format!(
             "gigapath_test_{}_{}_",
