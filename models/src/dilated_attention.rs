@@ -163,11 +163,34 @@ impl DilatedAttention {
     }
 
     /// `q`, `k`, `v` [L, H, Dh] -> attention output [L, H, Dh].
+    ///
+    /// f32 on CPU without gradient runs the fused kernel of [`crate::cpu_attention`]; otherwise
+    /// the same math in candle ops ([`DilatedAttention::forward_ops`]).
     pub fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        let (l, h, dh) = q.dims3()?;
+        let (l, h, _) = q.dims3()?;
         if h != self.num_heads {
             candle_core::bail!("dilated attention: {h} heads, expected {}", self.num_heads)
         }
+        let fused = [q, k, v]
+            .iter()
+            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && !needs_grad(t));
+        if fused {
+            self.check_len(l).map_err(candle_core::Error::msg)?;
+            let op = crate::cpu_attention::DilatedAttentionCpu {
+                branches: self.branches.clone(),
+                scale: self.scale as f32,
+            };
+            return q
+                .contiguous()?
+                .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op);
+        }
+        self.forward_ops(q, k, v)
+    }
+
+    /// [`DilatedAttention::forward`] in candle ops only (CUDA, half precision, training): per
+    /// branch one gather, chunked attention with lse, one scatter; then the softmax over branches.
+    pub fn forward_ops(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let (l, h, dh) = q.dims3()?;
         let grid = l * h;
         // The all-zero sink row that padded tokens read from (and write their discarded outputs to).
         let with_sink = |t: &Tensor| -> Result<Tensor> {

@@ -6,12 +6,14 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A file of a model folder could not be read.
-    #[error("reading {path}: {source}")]
+    // The cause is part of the message and deliberately not a `source()`: `{:#}` chains would
+    // print it twice.
+    #[error("reading {path}: {cause}")]
     Io {
         /// The file.
         path: PathBuf,
         /// The cause.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// A config file is malformed or describes an unsupported model.
     #[error("config {path}: {msg}")]
@@ -22,12 +24,12 @@ pub enum Error {
         msg: String,
     },
     /// A checkpoint lacks a tensor, has one of the wrong shape, or cannot be parsed.
-    #[error("weights {path}: {source}")]
+    #[error("weights {path}: {cause}")]
     Weights {
         /// The checkpoint file.
         path: PathBuf,
         /// The candle error, which names the tensor key and shapes.
-        source: candle_core::Error,
+        cause: candle_core::Error,
     },
     /// Inputs that do not fit the model (shape, dtype, coordinates off the grid, ...).
     #[error("invalid input: {0}")]

@@ -12,6 +12,7 @@
 //! - [`text_encoder`]: [`TextEncoder`], a BERT-family model with its tokenizer and pooling.
 //! - [`device`]: `cpu` / `cuda:N` and `f32` / `bf16` / `f16` as strings from the command line.
 
+mod cpu_attention;
 pub mod device;
 pub mod dilated_attention;
 mod error;

@@ -396,9 +396,9 @@ impl SlideEncoder {
         };
         let weights = find_file(dir, &["slide_encoder.pth", "model.safetensors"])?;
         let vb = var_builder(&weights, Some("model"), precision.dtype, &precision.device)?;
-        Self::new(&cfg, vb).map_err(|source| crate::Error::Weights {
+        Self::new(&cfg, vb).map_err(|cause| crate::Error::Weights {
             path: weights,
-            source,
+            cause,
         })
     }
 

@@ -283,9 +283,9 @@ impl TextEncoder {
         let cfg = Config::from_file(&dir.join("config.json"))?;
         let weights = find_file(dir, &["model.safetensors", "pytorch_model.bin"])?;
         let vb = var_builder(&weights, None, precision.dtype, &precision.device)?;
-        let model = Bert::new(&cfg, vb).map_err(|source| Error::Weights {
+        let model = Bert::new(&cfg, vb).map_err(|cause| Error::Weights {
             path: weights,
-            source,
+            cause,
         })?;
         let max_len = max_length(dir, &cfg)?;
         let tokenizer = load_tokenizer(dir, max_len)?;

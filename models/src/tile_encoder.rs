@@ -8,12 +8,13 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 use serde::Deserialize;
 
+use crate::cpu_attention::FusedQkvAttention;
 use crate::device::Precision;
-use crate::nn::{linear, softmax_last_dim, LayerNorm};
+use crate::nn::{linear, needs_grad, scaled_residual, softmax_last_dim, swiglu_packed, LayerNorm};
 use crate::weights::{find_file, read_json, var_builder};
 
 /// The only architecture this module implements; others have a GELU MLP or register tokens.
@@ -186,7 +187,6 @@ struct Attention {
     qkv: Linear,
     proj: Linear,
     num_heads: usize,
-    scale: f64,
 }
 
 impl Attention {
@@ -196,26 +196,40 @@ impl Attention {
             qkv: linear(d, 3 * d, vb.pp("qkv"))?,
             proj: linear(d, d, vb.pp("proj"))?,
             num_heads: cfg.num_heads,
-            scale: ((d / cfg.num_heads) as f64).powf(-0.5),
         })
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let (b, n, d) = xs.dims3()?;
-        let h = self.num_heads;
-        // [B, N, 3D] -> [3, B, H, N, D/H]
-        let qkv = self
-            .qkv
-            .forward(xs)?
-            .reshape((b, n, 3, h, d / h))?
-            .permute((2, 0, 3, 1, 4))?;
-        let q = (qkv.get(0)?.contiguous()? * self.scale)?;
-        let k = qkv.get(1)?.contiguous()?;
-        let v = qkv.get(2)?.contiguous()?;
-        let attn = softmax_last_dim(&q.matmul(&k.t()?)?)?; // [B, H, N, N]
-        let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
-        self.proj.forward(&out)
+        let qkv = self.qkv.forward(xs)?;
+        self.proj
+            .forward(&attention_from_qkv(&qkv, self.num_heads)?)
     }
+}
+
+/// Multi-head self-attention core from timm's fused projection: `qkv` [B, N, 3D] (rows
+/// `[q; k; v]`, heads contiguous) -> [B, N, D] with heads merged, scale `(D/H)^-0.5`.
+///
+/// f32 on CPU without gradient uses the fused kernel of [`crate::cpu_attention`].
+pub fn attention_from_qkv(qkv: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, n, three_d) = qkv.dims3()?;
+    let d = three_d / 3;
+    let scale = ((d / heads) as f64).powf(-0.5);
+    if qkv.device().is_cpu() && qkv.dtype() == DType::F32 && !needs_grad(qkv) {
+        let op = FusedQkvAttention {
+            heads,
+            scale: scale as f32,
+        };
+        return qkv.contiguous()?.apply_op1_no_bwd(&op);
+    }
+    // [B, N, 3D] -> [3, B, H, N, D/H]
+    let qkv = qkv
+        .reshape((b, n, 3, heads, d / heads))?
+        .permute((2, 0, 3, 1, 4))?;
+    let q = (qkv.get(0)?.contiguous()? * scale)?;
+    let k = qkv.get(1)?.contiguous()?;
+    let v = qkv.get(2)?.contiguous()?;
+    let attn = softmax_last_dim(&q.matmul(&k.t()?)?)?; // [B, H, N, N]
+    attn.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))
 }
 
 /// timm `GluMlp` as `SwiGLUPacked`: `fc2(silu(x1) * x2)` with `fc1`'s output split gate-first.
@@ -236,10 +250,7 @@ impl SwiGluPacked {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = self.fc1.forward(xs)?;
-        let half = h.dim(D::Minus1)? / 2;
-        let gated = (h.narrow(D::Minus1, 0, half)?.silu()? * h.narrow(D::Minus1, half, half)?)?;
-        self.fc2.forward(&gated)
+        self.fc2.forward(&swiglu_packed(&self.fc1.forward(xs)?)?)
     }
 }
 
@@ -274,14 +285,12 @@ impl Block {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let scaled = |y: Tensor, gamma: &Option<Tensor>| match gamma {
-            Some(g) => y.broadcast_mul(g),
-            None => Ok(y),
+        let residual = |x: &Tensor, y: Tensor, gamma: &Option<Tensor>| match gamma {
+            Some(g) => scaled_residual(x, &y, g),
+            None => x + y,
         };
-        let a = scaled(self.attn.forward(&self.norm1.forward(xs)?)?, &self.ls1)?;
-        let xs = (xs + a)?;
-        let m = scaled(self.mlp.forward(&self.norm2.forward(&xs)?)?, &self.ls2)?;
-        xs + m
+        let xs = residual(xs, self.attn.forward(&self.norm1.forward(xs)?)?, &self.ls1)?;
+        residual(&xs, self.mlp.forward(&self.norm2.forward(&xs)?)?, &self.ls2)
     }
 }
 
@@ -322,9 +331,9 @@ impl TileEncoder {
         let cfg = Config::from_file(&dir.join("config.json"))?;
         let weights = find_file(dir, &["model.safetensors", "pytorch_model.bin"])?;
         let vb = var_builder(&weights, None, precision.dtype, &precision.device)?;
-        Self::new(&cfg, vb).map_err(|source| crate::Error::Weights {
+        Self::new(&cfg, vb).map_err(|cause| crate::Error::Weights {
             path: weights,
-            source,
+            cause,
         })
     }
 

@@ -12,7 +12,7 @@ pub(crate) fn find_file(dir: &Path, names: &[&str]) -> Result<PathBuf> {
     if !dir.is_dir() {
         return Err(Error::Io {
             path: dir.to_path_buf(),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "model folder not found"),
+            cause: std::io::Error::new(std::io::ErrorKind::NotFound, "model folder not found"),
         });
     }
     names
@@ -21,7 +21,7 @@ pub(crate) fn find_file(dir: &Path, names: &[&str]) -> Result<PathBuf> {
         .find(|p| p.is_file())
         .ok_or_else(|| Error::Io {
             path: dir.to_path_buf(),
-            source: std::io::Error::new(
+            cause: std::io::Error::new(
                 std::io::ErrorKind::NotFound,
                 format!("model folder has none of {}", names.join(", ")),
             ),
@@ -30,9 +30,9 @@ pub(crate) fn find_file(dir: &Path, names: &[&str]) -> Result<PathBuf> {
 
 /// Reads and parses a JSON config file.
 pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+    let text = std::fs::read_to_string(path).map_err(|cause| Error::Io {
         path: path.to_path_buf(),
-        source,
+        cause,
     })?;
     serde_json::from_str(&text).map_err(|e| Error::config(path, e.to_string()))
 }
@@ -47,9 +47,9 @@ pub(crate) fn var_builder(
     dtype: DType,
     device: &Device,
 ) -> Result<VarBuilder<'static>> {
-    let wrap = |source| Error::Weights {
+    let wrap = |cause| Error::Weights {
         path: path.to_path_buf(),
-        source,
+        cause,
     };
     if path.extension().is_some_and(|e| e == "safetensors") {
         // Safety: the mmap is only unsound if the file is modified while mapped, which a model

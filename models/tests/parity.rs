@@ -227,3 +227,39 @@ fn vocab_txt_tokenizer_matches_tokenizer_json() {
         assert_eq!(&g[..real.len()], &real[..]);
     }
 }
+
+/// With a `Var` input every op tracks gradients, so the encoders take their differentiable paths
+/// (basic-op LayerNorm and softmax, candle-op dilated attention): these must match too.
+#[test]
+fn differentiable_paths_match_the_references() {
+    let tile = fixtures().join("tile_encoder");
+    let expected = load(&tile.join("expected.safetensors"));
+    let model = TileEncoder::load(&tile, &Precision::cpu()).unwrap();
+    let pixels = candle_core::Var::from_tensor(&expected["pixel_values"]).unwrap();
+    let tokens = model.forward_tokens(pixels.as_tensor()).unwrap();
+    assert!(
+        tokens.track_op(),
+        "the tile encoder output depends on the Var"
+    );
+    assert_parity(
+        "tile_encoder/tokens (grad path)",
+        &tokens,
+        &expected["tokens"],
+    );
+
+    let slide = fixtures().join("slide_encoder");
+    let inputs = load(&slide.join("inputs.safetensors"));
+    let expected = load(&slide.join("expected.safetensors"));
+    let model = SlideEncoder::load(&slide, &Precision::cpu()).unwrap();
+    let features = candle_core::Var::from_tensor(&inputs["features"]).unwrap();
+    let out = model
+        .encode(features.as_tensor(), &inputs["coords"], 256.0)
+        .unwrap();
+    assert!(out.cls.track_op());
+    assert_parity("slide_encoder/cls (grad path)", &out.cls, &expected["cls"]);
+    assert_parity(
+        "slide_encoder/all_layers_pool (grad path)",
+        &out.all_layers_pool,
+        &expected["all_layers_pool"],
+    );
+}
