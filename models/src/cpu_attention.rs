@@ -23,9 +23,19 @@ use crate::dilated_attention::{Branch, UNCOVERED_LSE};
 /// Query rows per task: small enough to spread a head over threads, large enough for `gemm`.
 const QUERY_BLOCK: usize = 128;
 
+/// Per-thread buffers, reused across tasks: gathered q / k / v rows of one problem, one block of
+/// scores and of outputs.
+#[derive(Default)]
+struct Scratch {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    scores: Vec<f32>,
+    out: Vec<f32>,
+}
+
 thread_local! {
-    /// Per-thread scratch for one block of scores and outputs, reused across tasks.
-    static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
 /// A raw pointer that may cross threads: every task writes a disjoint set of rows.
@@ -125,20 +135,46 @@ unsafe fn attend_block(
 
 /// `row <- softmax(row)` over the row plus `zero_keys` implicit zero logits; returns the lse.
 fn softmax_in_place(row: &mut [f32], zero_keys: usize) -> f32 {
-    let mut max = row
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // Safety: the features were just detected.
+        return unsafe { softmax_in_place_avx2(row, zero_keys) };
+    }
+    softmax_in_place_portable(row, zero_keys)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_in_place_avx2(row: &mut [f32], zero_keys: usize) -> f32 {
+    softmax_in_place_portable(row, zero_keys)
+}
+
+#[inline(always)]
+fn softmax_in_place_portable(row: &mut [f32], zero_keys: usize) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let mut chunks = row.chunks_exact(8);
+    for c in &mut chunks {
+        for (m, &x) in lanes.iter_mut().zip(c) {
+            *m = if x > *m { x } else { *m };
+        }
+    }
+    let mut max = chunks
+        .remainder()
         .iter()
+        .chain(&lanes)
         .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
     if zero_keys > 0 && max < 0.0 {
         max = 0.0;
     }
-    let sum = exp_sub_sum(row, max) + zero_keys as f32 * (-max).exp();
+    let sum = exp_sub_sum_portable(row, max) + zero_keys as f32 * (-max).exp();
     let inv = 1.0 / sum;
     row.iter_mut().for_each(|x| *x *= inv);
     max + sum.ln()
 }
 
 /// `xs[i] <- exp(xs[i] - max)`, returning the sum; AVX2 + FMA when the CPU has them.
-pub(crate) fn exp_sub_sum(xs: &mut [f32], max: f32) -> f32 {
+#[cfg(test)]
+fn exp_sub_sum(xs: &mut [f32], max: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         // Safety: the features were just detected.
@@ -147,12 +183,14 @@ pub(crate) fn exp_sub_sum(xs: &mut [f32], max: f32) -> f32 {
     exp_sub_sum_portable(xs, max)
 }
 
-#[cfg(target_arch = "x86_64")]
+#[cfg(all(test, target_arch = "x86_64"))]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn exp_sub_sum_avx2(xs: &mut [f32], max: f32) -> f32 {
     exp_sub_sum_portable(xs, max)
 }
 
+/// `xs[i] <- exp(xs[i] - max)`, returning the sum (eight partial sums: vectorisable, and more
+/// accurate than one running sum).
 #[inline(always)]
 fn exp_sub_sum_portable(xs: &mut [f32], max: f32) -> f32 {
     let mut acc = [0f32; 8];
@@ -264,8 +302,8 @@ impl CustomOp1 for FusedQkvAttention {
                 zero_keys: 0,
             };
             let nq = QUERY_BLOCK.min(n - q0);
-            SCRATCH.with_borrow_mut(|(scores, o)| {
-                o.resize(nq * dh, 0.0);
+            SCRATCH.with_borrow_mut(|buf| {
+                buf.out.resize(nq * dh, 0.0);
                 let mut lse = [0f32; QUERY_BLOCK];
                 let base = base as *const f32;
                 // Safety: every row of this (batch, head) lies inside `qkv`.
@@ -277,12 +315,12 @@ impl CustomOp1 for FusedQkvAttention {
                         nq,
                         dh,
                         self.scale,
-                        scores,
-                        o,
+                        &mut buf.scores,
+                        &mut buf.out,
                         &mut lse,
                     )
                 };
-                for (i, row) in o.chunks_exact(dh).enumerate() {
+                for (i, row) in buf.out.chunks_exact(dh).enumerate() {
                     let at = (bi * n + q0 + i) * d + hi * dh;
                     // Safety: (batch, token, head) rows are written by this task only.
                     unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), dst.get().add(at), dh) };
@@ -337,55 +375,67 @@ impl CustomOp3 for DilatedAttentionCpu {
             SharedMut(max.as_mut_ptr()),
             SharedMut(weight.as_mut_ptr()),
         );
-        let ptrs = (q.as_ptr(), k.as_ptr(), v.as_ptr());
-        let ptrs = (ptrs.0 as usize, ptrs.1 as usize, ptrs.2 as usize);
         for branch in &self.branches {
             branch.check_len(l).map_err(candle_core::Error::msg)?;
             let r = branch.ratio;
             let (s, segments) = branch.segments(l);
             let tokens = s.div_ceil(r);
             let group = h.div_ceil(r);
-            let mut tasks = Vec::new();
-            for seg in 0..segments {
-                for head in 0..h {
-                    let p0 = seg * s + head / group;
-                    if p0 >= l {
-                        continue;
+            // One task per (segment, head) problem: its rows are gathered once into contiguous
+            // buffers (strided reads r * H * Dh apart would otherwise be re-packed by every
+            // query block's gemm), then attended block by block.
+            let problems: Vec<(usize, usize)> = (0..segments)
+                .flat_map(|seg| (0..h).map(move |head| (seg * s + head / group, head)))
+                .filter(|&(p0, _)| p0 < l)
+                .collect();
+            let scale = self.scale;
+            problems.into_par_iter().for_each(|(p0, head)| {
+                let rows = ((l - 1 - p0) / r + 1).min(tokens);
+                let first = p0 * h * dh + head * dh;
+                let stride = r * h * dh;
+                SCRATCH.with_borrow_mut(|buf| {
+                    for (src, dst) in [(q, &mut buf.q), (k, &mut buf.k), (v, &mut buf.v)] {
+                        dst.clear();
+                        for t in 0..rows {
+                            dst.extend_from_slice(&src[first + t * stride..][..dh]);
+                        }
                     }
-                    let rows = ((l - 1 - p0) / r + 1).min(tokens);
-                    let off = p0 * h * dh + head * dh;
                     let p = Problem {
-                        q: off,
-                        k: off,
-                        v: off,
-                        stride: r * h * dh,
+                        q: 0,
+                        k: 0,
+                        v: 0,
+                        stride: dh,
                         rows,
                         zero_keys: tokens - rows,
                     };
-                    for q0 in (0..rows).step_by(QUERY_BLOCK) {
-                        tasks.push((p, p0, head, q0));
-                    }
-                }
-            }
-            let scale = self.scale;
-            tasks.into_par_iter().for_each(|(p, p0, head, q0)| {
-                let nq = QUERY_BLOCK.min(p.rows - q0);
-                SCRATCH.with_borrow_mut(|(scores, o)| {
-                    o.resize(nq * dh, 0.0);
                     let mut lse = [0f32; QUERY_BLOCK];
-                    let ptrs = (
-                        ptrs.0 as *const f32,
-                        ptrs.1 as *const f32,
-                        ptrs.2 as *const f32,
-                    );
-                    // Safety: the problem's rows are positions < L of q, k, v.
-                    unsafe { attend_block(ptrs, &p, q0, nq, dh, scale, scores, o, &mut lse) };
-                    for (i, (row, &l_raw)) in o.chunks_exact(dh).zip(&lse[..nq]).enumerate() {
-                        let idx = (p0 + r * (q0 + i)) * h + head;
-                        // The reference replaces an lse of exactly 0.0 by -1e8 (its "not covered").
-                        let l_b = if l_raw == 0.0 { UNCOVERED_LSE } else { l_raw };
-                        // Safety: within a branch each (position, head) belongs to one task.
-                        unsafe { mix_in(acc_p, max_p, w_p, idx, dh, l_b, row) };
+                    for q0 in (0..rows).step_by(QUERY_BLOCK) {
+                        let nq = QUERY_BLOCK.min(rows - q0);
+                        buf.out.resize(nq * dh, 0.0);
+                        let src = (buf.q.as_ptr(), buf.k.as_ptr(), buf.v.as_ptr());
+                        // Safety: the buffers hold exactly `rows` rows of `dh` values.
+                        unsafe {
+                            attend_block(
+                                src,
+                                &p,
+                                q0,
+                                nq,
+                                dh,
+                                scale,
+                                &mut buf.scores,
+                                &mut buf.out,
+                                &mut lse,
+                            )
+                        };
+                        for (i, (row, &l_raw)) in
+                            buf.out.chunks_exact(dh).zip(&lse[..nq]).enumerate()
+                        {
+                            let idx = (p0 + r * (q0 + i)) * h + head;
+                            // The reference replaces an lse of exactly 0.0 by -1e8 (its "not covered").
+                            let l_b = if l_raw == 0.0 { UNCOVERED_LSE } else { l_raw };
+                            // Safety: within a branch each (position, head) belongs to one problem.
+                            unsafe { mix_in(acc_p, max_p, w_p, idx, dh, l_b, row) };
+                        }
                     }
                 });
             });

@@ -26,7 +26,7 @@ use crate::weights::{find_file, read_json, var_builder};
 
 /// Rows of the feed-forward block processed at once: keeps the [rows, 4D] activations small at
 /// 100k tiles (the FFN is position-wise, so chunking is exact).
-const FFN_CHUNK_ROWS: usize = 8192;
+const FFN_CHUNK_ROWS: usize = 4096;
 
 /// Slide encoder configuration (the schema of the reference fixture's `config.json`).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -237,15 +237,20 @@ impl SelfAttention {
         })
     }
 
-    /// [L, D] -> [L, D]
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    /// [L, D] -> [L, D]. Takes its input by value and drops every [L, D] buffer as soon as it is
+    /// used: at 100k tiles each one is 300 MB.
+    fn forward(&self, xs: Tensor) -> Result<Tensor> {
         let (l, d) = xs.dims2()?;
-        let heads = |t: Tensor| t.reshape((l, self.num_heads, d / self.num_heads));
-        let q = heads(self.q_proj.forward(xs)?)?;
-        let k = heads(self.k_proj.forward(xs)?)?;
-        let v = heads(self.v_proj.forward(xs)?)?;
-        let out = self.attention.forward(&q, &k, &v)?.reshape((l, d))?;
-        self.out_proj.forward(&self.inner_attn_ln.forward(&out)?)
+        let out = {
+            let heads = |t: Tensor| t.reshape((l, self.num_heads, d / self.num_heads));
+            let q = heads(self.q_proj.forward(&xs)?)?;
+            let k = heads(self.k_proj.forward(&xs)?)?;
+            let v = heads(self.v_proj.forward(&xs)?)?;
+            drop(xs);
+            self.attention.forward(&q, &k, &v)?.reshape((l, d))?
+        };
+        let out = self.inner_attn_ln.forward(&out)?;
+        self.out_proj.forward(&out)
     }
 }
 
@@ -298,10 +303,10 @@ impl EncoderLayer {
     }
 
     /// [L, D] -> [L, D]
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    fn forward(&self, xs: Tensor) -> Result<Tensor> {
         let a = self
             .self_attn
-            .forward(&self.self_attn_layer_norm.forward(xs)?)?;
+            .forward(self.self_attn_layer_norm.forward(&xs)?)?;
         let xs = (xs + a)?;
         let rows = xs.dim(0)?;
         if rows <= FFN_CHUNK_ROWS {
@@ -480,24 +485,36 @@ impl SlideEncoder {
             .attention()
             .and_then(|a| a.check_len(cells.len() + 1))
             .map_err(crate::Error::Input)?;
-        let pos = sincos_position_embedding(cells, self.cfg.embed_dim);
-        let pos = Tensor::from_vec(pos, (cells.len(), self.cfg.embed_dim), &self.device)?;
-        let features = features.to_device(&self.device)?;
-        Ok(self.forward(&features, &pos)?)
+        let tokens = {
+            let pos = sincos_position_embedding(cells, self.cfg.embed_dim);
+            let pos = Tensor::from_vec(pos, (cells.len(), self.cfg.embed_dim), &self.device)?;
+            self.embed(&features.to_device(&self.device)?, &pos)?
+        };
+        Ok(self.forward_tokens(tokens)?)
     }
 
     /// `features` [N, in_chans] and position embeddings [N, D] (f32) -> all outputs.
     pub fn forward(&self, features: &Tensor, pos: &Tensor) -> Result<SlideOutput> {
-        let h = self.patch_embed.forward(&features.to_dtype(self.dtype)?)?;
-        let h = (h + pos.to_dtype(self.dtype)?)?;
-        let mut xs = Tensor::cat(&[&self.cls_token, &h], 0)?; // [L, D]
-                                                              // Pool each hidden state as it goes by; keeping 13 states of 100k tokens would cost GBs.
+        self.forward_tokens(self.embed(features, pos)?)
+    }
+
+    /// The input sequence s0: `[cls_token; patch_embed(features) + pos]`, [N + 1, D].
+    pub fn embed(&self, features: &Tensor, pos: &Tensor) -> Result<Tensor> {
+        let h = (self.patch_embed.forward(&features.to_dtype(self.dtype)?)?
+            + pos.to_dtype(self.dtype)?)?;
+        Tensor::cat(&[&self.cls_token, &h], 0)
+    }
+
+    /// Runs the layers on s0 [L, D] and pools every output.
+    pub fn forward_tokens(&self, tokens: Tensor) -> Result<SlideOutput> {
+        let mut xs = tokens;
+        // Pool each hidden state as it goes by; keeping 13 states of 100k tokens would cost GBs.
         let (mut cls, mut mean) = (
             vec![pooled(&xs, SlidePool::Cls)?],
             vec![pooled(&xs, SlidePool::Mean)?],
         );
         for layer in &self.layers {
-            xs = layer.forward(&xs)?;
+            xs = layer.forward(xs)?;
             cls.push(pooled(&xs, SlidePool::Cls)?);
             mean.push(pooled(&xs, SlidePool::Mean)?);
         }
@@ -513,13 +530,22 @@ impl SlideEncoder {
 }
 
 /// [L, D] -> [D]: the CLS row, or the mean over the tile rows accumulated in f64 (a sum over
-/// 100k f32 rows would otherwise lose digits the parity tests can see).
+/// 100k f32 rows would otherwise lose digits the parity tests can see), a block of rows at a time
+/// so the f64 copy stays small.
 fn pooled(xs: &Tensor, pool: SlidePool) -> Result<Tensor> {
+    const ROWS: usize = 4096;
     match pool {
-        SlidePool::Cls => xs.get(0),
+        // A fresh one-row buffer: a view (and `Tensor::copy`, which clones the whole storage)
+        // would keep the whole hidden state alive.
+        SlidePool::Cls => xs.get(0)?.affine(1.0, 0.0),
         SlidePool::Mean => {
-            let tiles = xs.narrow(0, 1, xs.dim(0)? - 1)?;
-            tiles.to_dtype(DType::F64)?.mean(0)?.to_dtype(xs.dtype())
+            let n = xs.dim(0)? - 1;
+            let mut sum = Tensor::zeros(xs.dim(1)?, DType::F64, xs.device())?;
+            for start in (1..=n).step_by(ROWS) {
+                let rows = xs.narrow(0, start, ROWS.min(n + 1 - start))?;
+                sum = (sum + rows.to_dtype(DType::F64)?.sum(0)?)?;
+            }
+            (sum / n as f64)?.to_dtype(xs.dtype())
         }
     }
 }

@@ -263,3 +263,35 @@ fn differentiable_paths_match_the_references() {
         &expected["all_layers_pool"],
     );
 }
+
+#[test]
+fn long_texts_are_truncated_to_the_model_length() {
+    // The fixture model has a 128-row position table: longer inputs must be cut, not crash.
+    let dir = fixtures().join("text_bert_mlm");
+    let model = TextEncoder::load(&dir, &Precision::cpu()).unwrap();
+    let long = "carcinoma ".repeat(1000);
+    let batch = model.tokenize(&[long.as_str(), "short"]).unwrap();
+    assert_eq!(batch.input_ids.dims(), [2, 128]);
+    let mask: Vec<Vec<u32>> = batch.attention_mask.to_vec2().unwrap();
+    assert_eq!(mask[0].iter().sum::<u32>(), 128);
+    assert_eq!(
+        mask[1].iter().sum::<u32>(),
+        3,
+        "[CLS] short [SEP], then padding"
+    );
+    let ids: Vec<Vec<u32>> = batch.input_ids.to_vec2().unwrap();
+    assert_eq!(ids[0][127], 102, "truncation keeps the final [SEP]");
+    let emb = model
+        .encode(&[long.as_str()], TextPool::Mean, true)
+        .unwrap();
+    let norm: f32 = emb
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .sqrt()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!((norm - 1.0).abs() < 1e-5);
+}
