@@ -10,12 +10,14 @@
 //! - [`slide_encoder`]: [`SlideEncoder`], the LongNet ViT over tile features and grid positions.
 //! - [`dilated_attention`]: LongNet's dilated attention, segment by segment.
 //! - [`text_encoder`]: [`TextEncoder`], a BERT-family model with its tokenizer and pooling.
+//! - [`init`]: small seeded random model folders for tests and the demo.
 //! - [`device`]: `cpu` / `cuda:N` and `f32` / `bf16` / `f16` as strings from the command line.
 
 mod cpu_attention;
 pub mod device;
 pub mod dilated_attention;
 mod error;
+pub mod init;
 pub mod nn;
 pub mod slide_encoder;
 pub mod text_encoder;

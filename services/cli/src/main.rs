@@ -46,6 +46,19 @@ enum Command {
     /// Run one encoder (tile, slide or text) on tensors from a safetensors or JSON file.
     #[command(subcommand)]
     Encode(cmd::encode::EncodeCommand),
+    /// Embed slides (and reports) into the data dir: tiles, features, slide embeddings, vectors.
+    /// Resumable: re-running skips what is done with the same weights; interrupted work is redone.
+    Ingest(cmd::ingest::IngestArgs),
+    /// Process queued slide jobs (several workers on several machines can share a Postgres
+    /// catalog and a Qdrant server).
+    Worker(cmd::ingest::WorkerArgs),
+    /// Counts per state of slides, jobs, reports and stored points.
+    Status(cmd::ingest::StatusArgs),
+    /// The effective configuration: defaults, `DATA_DIR/gigapath.toml`, `--config`, environment.
+    Config(cmd::ingest::ConfigArgs),
+    /// Model folders: `gigapath models init` writes small random encoders for tests and demos.
+    #[command(subcommand)]
+    Models(cmd::models::ModelsCommand),
     /// Write synthetic slides or whole labelled cohorts with reports (for tests and demos).
     #[command(subcommand)]
     Synth(cmd::synth::SynthCommand),
@@ -63,6 +76,11 @@ fn main() -> ExitCode {
         Command::Slide(c) => cmd::slide::run(c),
         Command::Tile(a) => cmd::tile::run(a),
         Command::Encode(c) => cmd::encode::run(c),
+        Command::Ingest(a) => cmd::ingest::ingest(a),
+        Command::Worker(a) => cmd::ingest::worker(a),
+        Command::Status(a) => cmd::ingest::status(a),
+        Command::Config(a) => cmd::ingest::config(a),
+        Command::Models(c) => cmd::models::run(c),
         Command::Synth(c) => cmd::synth::run(c),
         Command::Bench(c) => cmd::bench::run(c),
         Command::Demo(a) => cmd::demo::run(a),
@@ -79,9 +97,16 @@ fn main() -> ExitCode {
 
 fn init_logging(default_filter: &str) {
     use tracing_subscriber::EnvFilter;
+    // qdrant-edge logs its internals (WAL opened, feature flags it cannot be given from outside)
+    // at info / warn; keep them out unless asked for by name.
+    let quiet = if default_filter.contains("qdrant_edge") {
+        default_filter.to_string()
+    } else {
+        format!("{default_filter},qdrant_edge=error")
+    };
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(default_filter))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+        .or_else(|_| EnvFilter::try_new(&quiet))
+        .unwrap_or_else(|_| EnvFilter::new("info,qdrant_edge=error"));
     use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)

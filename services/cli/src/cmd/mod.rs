@@ -3,6 +3,8 @@
 pub mod bench;
 pub mod demo;
 pub mod encode;
+pub mod ingest;
+pub mod models;
 pub mod slide;
 pub mod synth;
 pub mod tile;

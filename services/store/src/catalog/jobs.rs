@@ -335,6 +335,24 @@ impl Catalog {
         row.map(Job::try_from).transpose()
     }
 
+    /// Expires the lease of every running job (of `kind`), so the next claim takes them over.
+    /// For a store one process holds alone (the embedded vector store locks its data dir): at
+    /// start, any job still marked running belongs to a process that died. Attempts are kept,
+    /// so a slide that keeps killing its worker still fails after `max_attempts`.
+    pub async fn expire_running_leases(&self, kind: Option<&str>) -> Result<u64> {
+        let n = on_db!(self, |pool, d| {
+            sqlx::query(sql!(d,
+                "UPDATE jobs SET lease_expires_at = " NOW " - 1, updated_at = " NOW " \
+                 WHERE state = 'running' AND (CAST($1 AS TEXT) IS NULL OR kind = $1)"
+            ))
+            .bind(kind)
+            .execute(pool)
+            .await?
+            .rows_affected()
+        });
+        Ok(n)
+    }
+
     /// Extends the lease of a job this worker holds.
     pub async fn renew_lease(&self, job_id: i64, worker: &str, lease: Duration) -> Result<()> {
         let lease_ms = duration_ms(lease);

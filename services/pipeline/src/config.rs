@@ -1,0 +1,401 @@
+//! The one configuration of gigapath (TOML), with every default printable.
+//!
+//! Layers, later wins: built-in defaults, `DATA_DIR/gigapath.toml` (written by the first ingest
+//! so that workers and the service on that data dir use the same models), `--config FILE`,
+//! environment variables (`GIGAPATH_QDRANT_URL`, `GIGAPATH_QDRANT_API_KEY`,
+//! `GIGAPATH_CATALOG_URL`, `GIGAPATH_TILE_ENCODER`, `GIGAPATH_SLIDE_ENCODER`,
+//! `GIGAPATH_TEXT_ENCODER`, `GIGAPATH_DEVICE`, `GIGAPATH_DTYPE`), then
+//! flags. Tables merge key by key, so a file may set only what it changes. Relative paths are
+//! taken from the working directory.
+
+use std::path::{Path, PathBuf};
+
+use gigapath_store::{StoreConfig, VectorBackendConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{PipelineError, Result};
+
+/// Name of the config file kept in a data dir.
+pub const DATA_DIR_CONFIG: &str = "gigapath.toml";
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub store: StoreConfig,
+    pub models: ModelsConfig,
+    pub tiling: TilingConfig,
+    pub ingest: IngestConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            store: StoreConfig::default(),
+            models: ModelsConfig::default(),
+            tiling: TilingConfig::default(),
+            ingest: IngestConfig::default(),
+        }
+    }
+}
+
+/// Model folders and how to run them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelsConfig {
+    /// Tile encoder folder: timm `config.json` + `pytorch_model.bin` or `model.safetensors`.
+    pub tile_encoder: Option<PathBuf>,
+    /// Slide encoder folder: `slide_encoder.pth` (+ optional `config.json`).
+    pub slide_encoder: Option<PathBuf>,
+    /// Text encoder folder (Hugging Face BERT family). Default: the offline all-MiniLM-L6-v2.
+    pub text_encoder: Option<PathBuf>,
+    /// `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+    /// `f32` (CPU), `bf16` or `f16` (CUDA).
+    pub dtype: String,
+    /// Slide embedding: `mean` (the release's global_pool, as TRIDENT and fine-tuning use) or
+    /// `cls` (the release's default output; its CLS token was not trained in pretraining).
+    pub slide_pool: String,
+    /// Text embedding: `mean` (sentence-transformers) or `cls` (MI-Zero's PubMedBERT).
+    pub text_pool: String,
+    /// L2-normalise text embeddings.
+    pub text_normalize: bool,
+}
+
+impl Default for ModelsConfig {
+    fn default() -> Self {
+        ModelsConfig {
+            tile_encoder: None,
+            slide_encoder: None,
+            text_encoder: Some(default_text_encoder()),
+            device: "cpu".into(),
+            dtype: "f32".into(),
+            slide_pool: "mean".into(),
+            text_pool: "mean".into(),
+            text_normalize: true,
+        }
+    }
+}
+
+/// The offline all-MiniLM-L6-v2 that `scripts/fetch-minilm.sh` puts in `models/weights/`:
+/// `GIGAPATH_MINILM_DIR`, else that folder under the working directory, else under this checkout.
+pub fn default_text_encoder() -> PathBuf {
+    if let Some(dir) = std::env::var_os("GIGAPATH_MINILM_DIR") {
+        return PathBuf::from(dir);
+    }
+    let relative = PathBuf::from("models/weights/all-MiniLM-L6-v2");
+    if relative.is_dir() {
+        return relative;
+    }
+    let checkout =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/weights/all-MiniLM-L6-v2");
+    if checkout.is_dir() {
+        return checkout;
+    }
+    relative
+}
+
+/// Segmentation and tiling (see `gigapath tile --help`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TilingConfig {
+    /// `otsu` (the reference's) or `saturation` (CLAM-like).
+    pub method: String,
+    /// Keep tiles whose tissue fraction is above this.
+    pub tissue_threshold: f64,
+    /// Level-0 um/px for slides that record none.
+    pub mpp: Option<f64>,
+}
+
+impl Default for TilingConfig {
+    fn default() -> Self {
+        TilingConfig {
+            method: "otsu".into(),
+            tissue_threshold: 0.1,
+            mpp: None,
+        }
+    }
+}
+
+/// Batching, parallelism and job leases.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IngestConfig {
+    /// Tiles per tile-encoder batch (the release uses 128 on GPU).
+    pub batch_size: usize,
+    /// Tile reader threads (0 = all cores).
+    pub reader_threads: usize,
+    /// Reports per text-encoder batch.
+    pub text_batch_size: usize,
+    /// A claimed job is renewed every third of this; a dead worker's claim expires after it.
+    pub lease_seconds: u64,
+    /// Claims of a job before it is failed for good (a slide that kills its worker).
+    pub max_attempts: u32,
+    /// Cohort recorded for slides that do not name one.
+    pub cohort: Option<String>,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            batch_size: 32,
+            reader_threads: 0,
+            text_batch_size: 32,
+            lease_seconds: 600,
+            max_attempts: 3,
+            cohort: None,
+        }
+    }
+}
+
+impl Config {
+    /// Loads the layers for `data_dir` (if any) and `file` (if any), then the environment.
+    pub fn load(data_dir: Option<&Path>, file: Option<&Path>) -> Result<Config> {
+        let mut merged = toml::Table::new();
+        if let Some(dir) = data_dir {
+            let own = dir.join(DATA_DIR_CONFIG);
+            if own.is_file() {
+                merge(&mut merged, read_table(&own)?);
+            }
+        }
+        if let Some(f) = file {
+            merge(&mut merged, read_table(f)?);
+        }
+        let mut cfg: Config = toml::Value::Table(merged)
+            .try_into()
+            .map_err(|e| PipelineError::Config(format!("{e}")))?;
+        cfg.apply_env(|k| std::env::var(k).ok());
+        if let Some(dir) = data_dir {
+            cfg.store.data_dir = dir.to_path_buf();
+        }
+        cfg.absolutize();
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Model folders that exist become absolute paths, so that what is saved in the data dir
+    /// and recorded with jobs means the same from any working directory.
+    pub fn absolutize(&mut self) {
+        let m = &mut self.models;
+        for slot in [
+            &mut m.tile_encoder,
+            &mut m.slide_encoder,
+            &mut m.text_encoder,
+        ] {
+            if let Some(abs) = slot.as_deref().and_then(|p| std::fs::canonicalize(p).ok()) {
+                *slot = Some(abs);
+            }
+        }
+    }
+
+    fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) {
+        if let Some(url) = var("GIGAPATH_QDRANT_URL").filter(|v| !v.is_empty()) {
+            self.store.vectors = VectorBackendConfig::Qdrant {
+                url,
+                api_key: var("GIGAPATH_QDRANT_API_KEY").filter(|v| !v.is_empty()),
+            };
+        }
+        if let Some(url) = var("GIGAPATH_CATALOG_URL").filter(|v| !v.is_empty()) {
+            self.store.catalog_url = Some(url);
+        }
+        let m = &mut self.models;
+        for (name, slot) in [
+            ("GIGAPATH_TILE_ENCODER", &mut m.tile_encoder),
+            ("GIGAPATH_SLIDE_ENCODER", &mut m.slide_encoder),
+            ("GIGAPATH_TEXT_ENCODER", &mut m.text_encoder),
+        ] {
+            if let Some(v) = var(name).filter(|v| !v.is_empty()) {
+                *slot = Some(PathBuf::from(v));
+            }
+        }
+        if let Some(v) = var("GIGAPATH_DEVICE").filter(|v| !v.is_empty()) {
+            m.device = v;
+        }
+        if let Some(v) = var("GIGAPATH_DTYPE").filter(|v| !v.is_empty()) {
+            m.dtype = v;
+        }
+    }
+
+    /// Checks every value once, with messages that name the key.
+    pub fn validate(&self) -> Result<()> {
+        self.store.validate()?;
+        let bad = |key: &str, why: String| Err(PipelineError::Config(format!("{key}: {why}")));
+        if !["cls", "mean"].contains(&self.models.slide_pool.as_str()) {
+            return bad(
+                "models.slide_pool",
+                format!("`{}` is not cls or mean", self.models.slide_pool),
+            );
+        }
+        if !["cls", "mean"].contains(&self.models.text_pool.as_str()) {
+            return bad(
+                "models.text_pool",
+                format!("`{}` is not cls or mean", self.models.text_pool),
+            );
+        }
+        if self
+            .tiling
+            .method
+            .parse::<gigapath_wsi::TissueMethod>()
+            .is_err()
+        {
+            return bad(
+                "tiling.method",
+                format!("`{}` is not otsu or saturation", self.tiling.method),
+            );
+        }
+        let t = self.tiling.tissue_threshold;
+        if !(t.is_finite() && (0.0..1.0).contains(&t)) {
+            return bad("tiling.tissue_threshold", format!("{t} is not in [0, 1)"));
+        }
+        if let Some(mpp) = self.tiling.mpp {
+            gigapath_wsi::mpp::validate(mpp)
+                .map_err(|e| PipelineError::Config(format!("tiling.mpp: {e}")))?;
+        }
+        let i = &self.ingest;
+        if !(1..=4096).contains(&i.batch_size) {
+            return bad(
+                "ingest.batch_size",
+                format!("{} is not in 1..=4096", i.batch_size),
+            );
+        }
+        if !(1..=4096).contains(&i.text_batch_size) {
+            return bad(
+                "ingest.text_batch_size",
+                format!("{} is not in 1..=4096", i.text_batch_size),
+            );
+        }
+        if i.lease_seconds < 10 {
+            return bad(
+                "ingest.lease_seconds",
+                format!("{} is under 10 s", i.lease_seconds),
+            );
+        }
+        if i.max_attempts == 0 {
+            return bad("ingest.max_attempts", "must be at least 1".into());
+        }
+        gigapath_models::Precision::parse(&self.models.device, &self.models.dtype)
+            .map_err(|e| PipelineError::Config(format!("models.device / models.dtype: {e}")))?;
+        Ok(())
+    }
+
+    /// TOML with every field spelled out and secrets redacted (`gigapath config --show`).
+    pub fn to_toml(&self) -> String {
+        let mut shown = self.clone();
+        shown.store = toml::from_str(&self.store.to_toml()).unwrap_or_else(|_| self.store.clone());
+        toml::to_string_pretty(&shown).unwrap_or_default()
+    }
+
+    /// Saves this config as the data dir's own, unless one is there already.
+    pub fn save_to_data_dir_if_absent(&self) -> Result<()> {
+        let path = self.store.data_dir.join(DATA_DIR_CONFIG);
+        if path.exists() {
+            return Ok(());
+        }
+        std::fs::create_dir_all(&self.store.data_dir)
+            .map_err(|e| PipelineError::io(&self.store.data_dir, e))?;
+        let tmp = path.with_extension("toml.partial");
+        let text = format!(
+            "# Written by the first `gigapath ingest` on this data dir; edit freely.\n{}",
+            self.to_toml()
+        );
+        std::fs::write(&tmp, text).map_err(|e| PipelineError::io(&tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| PipelineError::io(&path, e))
+    }
+}
+
+fn read_table(path: &Path) -> Result<toml::Table> {
+    let text = std::fs::read_to_string(path).map_err(|e| PipelineError::io(path, e))?;
+    text.parse::<toml::Table>()
+        .map_err(|e| PipelineError::Config(format!("{}: {e}", path.display())))
+}
+
+/// Merges `over` into `base`: tables key by key, everything else replaced.
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_round_trip_and_validate() {
+        let cfg = Config::default();
+        cfg.validate().unwrap();
+        let back: Config = toml::from_str(&cfg.to_toml()).unwrap();
+        assert_eq!(back, cfg);
+    }
+
+    #[test]
+    fn layers_merge_key_by_key_and_env_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        std::fs::write(
+            data.join(DATA_DIR_CONFIG),
+            "[models]\ntile_encoder = \"/m/tile\"\nslide_pool = \"cls\"\n",
+        )
+        .unwrap();
+        let file = dir.path().join("run.toml");
+        std::fs::write(
+            &file,
+            "[models]\nslide_encoder = \"/m/slide\"\n[ingest]\nbatch_size = 8\n",
+        )
+        .unwrap();
+        let mut cfg = Config::load(Some(&data), Some(&file)).unwrap();
+        assert_eq!(
+            cfg.models.tile_encoder.as_deref(),
+            Some(Path::new("/m/tile"))
+        );
+        assert_eq!(
+            cfg.models.slide_encoder.as_deref(),
+            Some(Path::new("/m/slide"))
+        );
+        assert_eq!(cfg.models.slide_pool, "cls");
+        assert_eq!(cfg.ingest.batch_size, 8);
+        assert_eq!(
+            cfg.ingest.lease_seconds, 600,
+            "untouched keys keep their defaults"
+        );
+        assert_eq!(cfg.store.data_dir, data);
+        cfg.apply_env(|k| match k {
+            "GIGAPATH_QDRANT_URL" => Some("http://q:6334".into()),
+            "GIGAPATH_TILE_ENCODER" => Some("/env/tile".into()),
+            _ => None,
+        });
+        assert!(matches!(
+            cfg.store.vectors,
+            VectorBackendConfig::Qdrant { .. }
+        ));
+        assert_eq!(
+            cfg.models.tile_encoder.as_deref(),
+            Some(Path::new("/env/tile"))
+        );
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let dir = tempfile::tempdir().unwrap();
+        for (text, key) in [
+            ("[models]\nslide_pool = \"max\"\n", "models.slide_pool"),
+            (
+                "[tiling]\ntissue_threshold = 1.5\n",
+                "tiling.tissue_threshold",
+            ),
+            ("[ingest]\nbatch_size = 0\n", "ingest.batch_size"),
+            ("[models]\ndevice = \"tpu\"\n", "models.device"),
+            ("[ingest]\nbogus = 1\n", "bogus"),
+        ] {
+            let f = dir.path().join("c.toml");
+            std::fs::write(&f, text).unwrap();
+            let err = Config::load(None, Some(&f)).unwrap_err().to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! The encoders a run needs, loaded once from the configured folders, with their fingerprints.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Tensor};
+use gigapath_models::{Precision, SlideEncoder, SlidePool, TextEncoder, TextPool, TileEncoder};
+use gigapath_store::vector::combined_fingerprint;
+use half::f16;
+
+use crate::config::ModelsConfig;
+use crate::error::{PipelineError, Result};
+use crate::fingerprint::model_fingerprint;
+
+/// Side of the tile crops the pipeline feeds the tile encoder.
+const TILE_INPUT_PX: usize = 224;
+
+fn required<'a>(
+    path: &'a Option<PathBuf>,
+    what: &'static str,
+    key: &'static str,
+    env: &'static str,
+) -> Result<&'a Path> {
+    path.as_deref()
+        .ok_or(PipelineError::MissingModel { what, key, env })
+}
+
+/// Per-role fingerprints (`tile`, `slide`) of the configured slide models, without loading them.
+pub fn slide_fingerprints(cfg: &ModelsConfig) -> Result<BTreeMap<String, String>> {
+    let tile_dir = required(
+        &cfg.tile_encoder,
+        "the tile encoder",
+        "tile_encoder",
+        "GIGAPATH_TILE_ENCODER",
+    )?;
+    let slide_dir = required(
+        &cfg.slide_encoder,
+        "the slide encoder",
+        "slide_encoder",
+        "GIGAPATH_SLIDE_ENCODER",
+    )?;
+    Ok(BTreeMap::from([
+        ("tile".to_string(), model_fingerprint(tile_dir)?),
+        ("slide".to_string(), model_fingerprint(slide_dir)?),
+    ]))
+}
+
+/// Tile + slide encoder: pixels to tile features to a slide embedding.
+pub struct SlideModels {
+    pub tile: TileEncoder,
+    pub slide: SlideEncoder,
+    pub pool: SlidePool,
+    /// Per role: `tile`, `slide`.
+    pub fingerprints: BTreeMap<String, String>,
+    precision: Precision,
+}
+
+impl SlideModels {
+    pub fn load(cfg: &ModelsConfig) -> Result<SlideModels> {
+        let precision = Precision::parse(&cfg.device, &cfg.dtype)?;
+        let tile_dir = required(
+            &cfg.tile_encoder,
+            "the tile encoder",
+            "tile_encoder",
+            "GIGAPATH_TILE_ENCODER",
+        )?;
+        let slide_dir = required(
+            &cfg.slide_encoder,
+            "the slide encoder",
+            "slide_encoder",
+            "GIGAPATH_SLIDE_ENCODER",
+        )?;
+        let tile = TileEncoder::load(tile_dir, &precision)?;
+        if tile.img_size() != TILE_INPUT_PX {
+            return Err(PipelineError::Config(format!(
+                "tile encoder {} takes {} px inputs; the pipeline feeds {TILE_INPUT_PX} px crops of 256 px tiles",
+                tile_dir.display(),
+                tile.img_size()
+            )));
+        }
+        let slide = SlideEncoder::load(slide_dir, &precision)?;
+        if slide.config().in_chans != tile.embed_dim() {
+            return Err(PipelineError::Config(format!(
+                "the tile encoder ({}) gives {}-d features but the slide encoder ({}) takes {}-d",
+                tile_dir.display(),
+                tile.embed_dim(),
+                slide_dir.display(),
+                slide.config().in_chans
+            )));
+        }
+        let fingerprints = slide_fingerprints(cfg)?;
+        let pool = match cfg.slide_pool.as_str() {
+            "cls" => SlidePool::Cls,
+            _ => SlidePool::Mean,
+        };
+        Ok(SlideModels {
+            tile,
+            slide,
+            pool,
+            fingerprints,
+            precision,
+        })
+    }
+
+    pub fn tile_dim(&self) -> usize {
+        self.tile.embed_dim()
+    }
+
+    pub fn slide_dim(&self) -> usize {
+        self.slide.config().embed_dim
+    }
+
+    /// The guard fingerprint of slide points embedded by these weights.
+    pub fn fingerprint(&self) -> String {
+        combined_fingerprint(&self.fingerprints)
+    }
+
+    /// `n` normalised 224 px crops (CHW, concatenated) to `n` x D tile features.
+    pub fn encode_tiles(&self, pixels: Vec<f32>, n: usize) -> Result<Vec<f32>> {
+        let x = Tensor::from_vec(
+            pixels,
+            (n, 3, TILE_INPUT_PX, TILE_INPUT_PX),
+            &self.precision.device,
+        )?
+        .to_dtype(self.precision.dtype)?;
+        Ok(self.tile.embed(&x)?.flatten_all()?.to_vec1::<f32>()?)
+    }
+
+    /// The slide embedding of tile features (f16, row-major N x D) at grid cells (gx, gy).
+    pub fn encode_slide(&self, features: &[f16], cells: &[[u32; 2]]) -> Result<Vec<f32>> {
+        let d = self.tile_dim();
+        let x = Tensor::from_slice(features, (cells.len(), d), &self.precision.device)?
+            .to_dtype(DType::F32)?;
+        let out = self.slide.encode_cells(&x, cells)?;
+        Ok(out
+            .select(self.pool, false)
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?)
+    }
+}
+
+/// The text encoder with its pooling.
+pub struct TextModel {
+    pub encoder: TextEncoder,
+    pub pool: TextPool,
+    pub normalize: bool,
+    pub fingerprint: String,
+}
+
+impl TextModel {
+    pub fn load(cfg: &ModelsConfig) -> Result<TextModel> {
+        let precision = Precision::parse(&cfg.device, &cfg.dtype)?;
+        let dir = required(
+            &cfg.text_encoder,
+            "the text encoder",
+            "text_encoder",
+            "GIGAPATH_TEXT_ENCODER",
+        )?;
+        if !dir.join("config.json").is_file() {
+            return Err(PipelineError::Config(format!(
+                "text encoder folder {} has no config.json (the offline default is fetched by scripts/fetch-minilm.sh)",
+                dir.display()
+            )));
+        }
+        Ok(TextModel {
+            encoder: TextEncoder::load(dir, &precision)?,
+            pool: if cfg.text_pool == "cls" {
+                TextPool::Cls
+            } else {
+                TextPool::Mean
+            },
+            normalize: cfg.text_normalize,
+            fingerprint: model_fingerprint(dir)?,
+        })
+    }
+
+    pub fn dim(&self) -> usize {
+        self.encoder.hidden_size()
+    }
+
+    /// One embedding per text.
+    pub fn encode<S: AsRef<str>>(&self, texts: &[S]) -> Result<Vec<Vec<f32>>> {
+        if texts.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(self
+            .encoder
+            .encode(texts, self.pool, self.normalize)?
+            .to_vec2::<f32>()?)
+    }
+}

@@ -1,0 +1,449 @@
+//! Ingest runs and the worker loop.
+//!
+//! `ingest` registers slides (and reports), queues one `embed_slide` job per slide and weights
+//! (a slide already embedded with the same weights is skipped; a failed one is retried only when
+//! asked), then works the queue like any worker until it is empty, then embeds the reports.
+//! `work` is the loop of `gigapath worker`: claim a job with a lease, renew the lease while
+//! embedding, record the result, repeat.
+//!
+//! Exactly once, whatever is killed when: a point is upserted under an id derived from the slide
+//! id (a redo overwrites), the catalog marks job and slide done in one transaction after the
+//! upsert, feature files appear only complete, and a dead worker's lease expires so its job is
+//! claimed again.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gigapath_store::catalog::{
+    ClaimOptions, EmbeddedSlide, Job, NewJob, NewReport, NewSlide, QueueOutcome,
+};
+use gigapath_store::vector::{combined_fingerprint, ReportPoint, REPORTS, SLIDES};
+use gigapath_store::StoreError;
+use serde::Serialize;
+
+use crate::discover::find_slides;
+use crate::encoders::slide_fingerprints;
+use crate::error::{PipelineError, Result};
+use crate::pipeline::{Pipeline, Progress};
+use crate::reports::{read_reports, ReportRow, RowError};
+use crate::slide_job::{SlideJob, Timings};
+
+/// Job kind of slide embedding.
+pub const EMBED_SLIDE: &str = "embed_slide";
+
+/// What to ingest.
+#[derive(Debug, Clone, Default)]
+pub struct IngestRequest {
+    /// Slide files and folders (searched recursively).
+    pub inputs: Vec<PathBuf>,
+    /// A reports file (CSV or JSONL), see [`crate::reports`].
+    pub reports: Option<PathBuf>,
+    /// Queue slides that failed before again.
+    pub retry_failed: bool,
+    /// Level-0 um/px for slides that record none.
+    pub mpp: Option<f64>,
+}
+
+/// What a stretch of work did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RunSummary {
+    pub slides_ok: u64,
+    pub slides_failed: u64,
+    pub tiles: u64,
+    pub seconds: f64,
+    pub timings: Timings,
+    /// (slide id, reason) of every failure.
+    pub failures: Vec<(String, String)>,
+}
+
+/// Reports ingested and rejected.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReportsSummary {
+    pub ok: u64,
+    pub errors: Vec<RowError>,
+}
+
+/// What `ingest` did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct IngestSummary {
+    pub slides_found: u64,
+    pub queued: u64,
+    /// Already embedded with these weights: skipped.
+    pub already_done: u64,
+    /// Failed earlier and not retried (use `--retry-failed`).
+    pub previously_failed: u64,
+    pub run: RunSummary,
+    pub reports: ReportsSummary,
+}
+
+impl Pipeline {
+    /// Registers and embeds `req`'s slides and reports; see the module docs.
+    pub fn ingest(&self, req: &IngestRequest, progress: &dyn Progress) -> Result<IngestSummary> {
+        let slides = find_slides(&req.inputs)?;
+        if let Some(mpp) = req.mpp {
+            gigapath_wsi::mpp::validate(mpp)?;
+        }
+        // Read the reports first: a missing or unreadable file stops the run before any work.
+        let (rows, mut row_errors) = match &req.reports {
+            Some(path) => read_reports(path)?,
+            None => (Vec::new(), Vec::new()),
+        };
+        let fingerprint = if slides.is_empty() {
+            None
+        } else {
+            Some(combined_fingerprint(&slide_fingerprints(
+                &self.config.models,
+            )?))
+        };
+        self.config.save_to_data_dir_if_absent()?;
+        let mut summary = IngestSummary {
+            slides_found: slides.len() as u64,
+            ..IngestSummary::default()
+        };
+        let labels = labels_by_slide(&rows);
+        for (id, path) in &slides {
+            self.register_slide(id, path, req.mpp, labels.get(id.as_str()))?;
+        }
+        // Reports of slides registered earlier get their labels onto the slide too.
+        for (id, l) in &labels {
+            if !slides.contains_key(*id) {
+                if let Some(rec) = self.block_on(self.store.catalog.slide(id))? {
+                    self.register_slide(id, &PathBuf::from(&rec.path), rec.mpp, Some(l))?;
+                }
+            }
+        }
+        if let Some(fp) = &fingerprint {
+            for (id, path) in &slides {
+                let job = SlideJob {
+                    slide_id: id.clone(),
+                    path: path.clone(),
+                    mpp: req.mpp,
+                };
+                let outcome = self.block_on(self.store.catalog.queue_job(&NewJob {
+                    kind: EMBED_SLIDE.into(),
+                    subject: id.clone(),
+                    fingerprint: fp.clone(),
+                    payload: serde_json::to_value(&job).expect("job serialises"),
+                    retry_failed: req.retry_failed,
+                }))?;
+                match outcome {
+                    QueueOutcome::Queued { .. }
+                    | QueueOutcome::Requeued { .. }
+                    | QueueOutcome::Pending { .. } => summary.queued += 1,
+                    QueueOutcome::AlreadyDone { .. } => summary.already_done += 1,
+                    QueueOutcome::PreviouslyFailed { error, .. } => {
+                        summary.previously_failed += 1;
+                        tracing::warn!(
+                            "{id}: failed before ({}); not retried (pass --retry-failed)",
+                            error.as_deref().unwrap_or("no reason recorded")
+                        );
+                    }
+                }
+            }
+        }
+        let registered = self.register_reports(rows, &mut row_errors)?;
+        summary.run = self.work(progress, &AtomicBool::new(false), true)?;
+        summary.reports = ReportsSummary {
+            ok: self.embed_reports(&registered)?,
+            errors: row_errors,
+        };
+        Ok(summary)
+    }
+
+    fn register_slide(
+        &self,
+        id: &str,
+        path: &std::path::Path,
+        mpp: Option<f64>,
+        labels: Option<&BTreeMap<String, String>>,
+    ) -> Result<()> {
+        // Merge with what the catalog knows, so that re-registering never drops labels.
+        let old = self.block_on(self.store.catalog.slide(id))?;
+        let mut merged = old.as_ref().map(|r| r.labels.clone()).unwrap_or_default();
+        let mut cohort = old.as_ref().and_then(|r| r.cohort.clone());
+        let mut site = old.as_ref().and_then(|r| r.site.clone());
+        for (k, v) in labels.into_iter().flatten() {
+            match k.as_str() {
+                "cohort" => cohort = Some(v.clone()),
+                "site" => site = Some(v.clone()),
+                _ => {
+                    merged.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        self.block_on(self.store.catalog.upsert_slide(&NewSlide {
+            id: id.to_string(),
+            path: path.display().to_string(),
+            cohort: cohort.or_else(|| self.config.ingest.cohort.clone()),
+            site,
+            labels: merged,
+            mpp: mpp.or(old.and_then(|r| r.mpp)),
+        }))?;
+        Ok(())
+    }
+
+    /// Records valid report rows in the catalog; rows naming an unknown slide become row errors.
+    fn register_reports(
+        &self,
+        rows: Vec<ReportRow>,
+        errors: &mut Vec<RowError>,
+    ) -> Result<Vec<ReportRow>> {
+        let mut ok = Vec::with_capacity(rows.len());
+        for row in rows {
+            let report = NewReport {
+                id: row.report_id.clone(),
+                slide_id: row.slide_id.clone(),
+                text: row.text.clone(),
+                labels: row.labels.clone(),
+            };
+            match self.block_on(self.store.catalog.upsert_report(&report)) {
+                Ok(()) => ok.push(row),
+                Err(StoreError::UnknownSlide(id)) => errors.push(RowError {
+                    line: row.line,
+                    message: format!(
+                        "unknown slide id `{id}` (ingest the slide first, or in the same run)"
+                    ),
+                }),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        errors.sort_by_key(|e| e.line);
+        Ok(ok)
+    }
+
+    /// Text-encodes `rows` and upserts their points; returns how many were stored.
+    fn embed_reports(&self, rows: &[ReportRow]) -> Result<u64> {
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let model = self.text_model()?;
+        let fingerprint = combined_fingerprint(&BTreeMap::from([(
+            "text".to_string(),
+            model.fingerprint.clone(),
+        )]));
+        let mut stored = 0;
+        for chunk in rows.chunks(self.config.ingest.text_batch_size) {
+            let texts: Vec<&str> = chunk.iter().map(|r| r.text.as_str()).collect();
+            let embeddings = model.encode(&texts)?;
+            let points = chunk
+                .iter()
+                .zip(embeddings)
+                .map(|(r, e)| {
+                    ReportPoint {
+                        report_id: r.report_id.clone(),
+                        slide_id: r.slide_id.clone(),
+                        text: r.text.clone(),
+                        labels: r.labels.clone(),
+                        fingerprint: fingerprint.clone(),
+                        joint: None,
+                        text_embedding: e,
+                    }
+                    .into_point()
+                })
+                .collect();
+            self.block_on(self.store.vectors.upsert(REPORTS, points))?;
+            for r in chunk {
+                self.block_on(self.store.catalog.mark_report_embedded(
+                    &r.report_id,
+                    REPORTS,
+                    &fingerprint,
+                ))?;
+            }
+            stored += chunk.len() as u64;
+        }
+        Ok(stored)
+    }
+
+    /// Claims and runs slide jobs until none is left (`until_idle`) or `stop` is set; with
+    /// `until_idle` false it waits for new jobs instead.
+    pub fn work(
+        &self,
+        progress: &dyn Progress,
+        stop: &AtomicBool,
+        until_idle: bool,
+    ) -> Result<RunSummary> {
+        let exclusive = self.store.vectors.backend_name() == "embedded";
+        if exclusive {
+            // This process holds the data dir alone: jobs still marked running died with their
+            // process, and temporary files are nobody's.
+            let n = self.block_on(self.store.catalog.expire_running_leases(Some(EMBED_SLIDE)))?;
+            if n > 0 {
+                tracing::info!("{n} job(s) of an interrupted run will be redone");
+            }
+        }
+        self.clean_orphans(if exclusive {
+            Duration::ZERO
+        } else {
+            Duration::from_secs(self.config.ingest.lease_seconds)
+        });
+        let start = Instant::now();
+        let mut summary = RunSummary::default();
+        let lease = Duration::from_secs(self.config.ingest.lease_seconds);
+        let options = ClaimOptions {
+            lease,
+            kind: Some(EMBED_SLIDE.into()),
+            max_attempts: self.config.ingest.max_attempts,
+        };
+        let counts = self.block_on(self.store.catalog.job_counts())?;
+        progress.run_started((counts.queued + counts.stale) as usize);
+        while !stop.load(Ordering::Relaxed) {
+            let Some(job) =
+                self.block_on(self.store.catalog.claim_job(&self.worker_id, &options))?
+            else {
+                if until_idle {
+                    break;
+                }
+                std::thread::sleep(Duration::from_secs(2));
+                continue;
+            };
+            self.run_job(job, lease, progress, &mut summary)?;
+        }
+        summary.seconds = start.elapsed().as_secs_f64();
+        Ok(summary)
+    }
+
+    fn run_job(
+        &self,
+        job: Job,
+        lease: Duration,
+        progress: &dyn Progress,
+        summary: &mut RunSummary,
+    ) -> Result<()> {
+        let slide_job: SlideJob = match serde_json::from_value(job.payload.clone()) {
+            Ok(j) => j,
+            Err(e) => {
+                let reason = format!("malformed job payload: {e}");
+                self.block_on(
+                    self.store
+                        .catalog
+                        .fail_job(job.id, &self.worker_id, &reason),
+                )?;
+                return Ok(());
+            }
+        };
+        let id = slide_job.slide_id.clone();
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let renewer = {
+            let (catalog, worker, cancelled) = (
+                self.store.catalog.clone(),
+                self.worker_id.clone(),
+                cancelled.clone(),
+            );
+            self.rt.spawn(async move {
+                loop {
+                    tokio::time::sleep(lease / 3).await;
+                    if catalog.renew_lease(job.id, &worker, lease).await.is_err() {
+                        cancelled.store(true, Ordering::Relaxed);
+                        return;
+                    }
+                }
+            })
+        };
+        let result = self.embed_slide(&slide_job, &cancelled, progress);
+        renewer.abort();
+        match result {
+            Ok(r) => {
+                let embedded = EmbeddedSlide {
+                    slide_id: id.clone(),
+                    tile_count: r.tile_count,
+                    fingerprint: r.fingerprint,
+                    fingerprints: r.fingerprints,
+                    collection: SLIDES.into(),
+                };
+                match self.block_on(self.store.catalog.complete_slide_job(
+                    job.id,
+                    &self.worker_id,
+                    &embedded,
+                )) {
+                    Ok(()) => {
+                        summary.slides_ok += 1;
+                        summary.tiles += r.tile_count;
+                        summary.timings.add(&r.timings);
+                        progress.slide_finished(&id, None);
+                    }
+                    Err(StoreError::LeaseLost { .. }) => {
+                        tracing::warn!("{id}: lease lost; another worker owns the job now")
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(PipelineError::LeaseLost) => {
+                tracing::warn!("{id}: lease lost; stopped embedding it")
+            }
+            Err(e) => {
+                let reason = e.to_string();
+                tracing::error!("{id}: {reason}");
+                progress.slide_finished(&id, Some(&reason));
+                match self.block_on(
+                    self.store
+                        .catalog
+                        .fail_job(job.id, &self.worker_id, &reason),
+                ) {
+                    Ok(()) | Err(StoreError::LeaseLost { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                self.block_on(self.store.catalog.mark_slide_failed(&id, &reason))?;
+                summary.slides_failed += 1;
+                summary.failures.push((id, reason));
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes temporary files that a killed process left (feature files being written, tiling
+    /// outputs being staged) once they are `max_age` old: a lease when workers share the data,
+    /// zero when this process holds it alone.
+    fn clean_orphans(&self, max_age: Duration) {
+        let data = &self.config.store.data_dir;
+        for (dir, prefix) in [
+            (data.join("features"), ".features-"),
+            (data.join("tiles"), ".staging-"),
+        ] {
+            let Ok(subdirs) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for sub in subdirs
+                .filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| p.is_dir())
+            {
+                let Ok(entries) = std::fs::read_dir(&sub) else {
+                    continue;
+                };
+                for p in entries.filter_map(|e| e.ok()).map(|e| e.path()) {
+                    let name = p
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    let old = std::fs::metadata(&p)
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|m| m.elapsed().ok())
+                        .is_some_and(|age| age >= max_age);
+                    if name.starts_with(prefix) && old {
+                        tracing::info!("removing {} left by an interrupted run", p.display());
+                        let _ = if p.is_dir() {
+                            std::fs::remove_dir_all(&p)
+                        } else {
+                            std::fs::remove_file(&p)
+                        };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Labels of each slide from its report rows (later rows win).
+fn labels_by_slide(rows: &[ReportRow]) -> BTreeMap<&str, BTreeMap<String, String>> {
+    let mut out: BTreeMap<&str, BTreeMap<String, String>> = BTreeMap::new();
+    for r in rows {
+        out.entry(r.slide_id.as_str())
+            .or_default()
+            .extend(r.labels.clone());
+    }
+    out
+}

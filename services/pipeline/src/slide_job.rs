@@ -1,0 +1,237 @@
+//! One slide, end to end: tissue and tiles, tile features streamed into a feature file while the
+//! next batches are being read, the slide embedding, and its point in the vector store.
+//!
+//! Reader threads decode tiles ahead of the encoder (a bounded window of batches, see
+//! `gigapath_wsi::TileStream`), so decoding overlaps inference; the time the encoder waits for
+//! tiles is measured (`read_wait_s`) to show it.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use gigapath_store::vector::{SlidePoint, SLIDES};
+use gigapath_store::{FeatureFile, FeatureFileWriter, FeatureMetadata};
+use gigapath_wsi::{
+    outputs, tile_slide, BatchData, BatchFormat, Slide, StreamConfig, TileStream, TilingOptions,
+};
+use half::f16;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{PipelineError, Result};
+use crate::pipeline::{Pipeline, Progress};
+
+/// What an `embed_slide` job carries (its payload in the catalog).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SlideJob {
+    pub slide_id: String,
+    pub path: PathBuf,
+    /// Level-0 um/px for a slide that records none.
+    #[serde(default)]
+    pub mpp: Option<f64>,
+}
+
+/// Where the time of a slide (or a run) went, seconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Timings {
+    /// Opening, segmentation, grid, preview pictures.
+    pub tiling_s: f64,
+    /// The encoder waiting for decoded tiles (0 when decoding keeps ahead).
+    pub read_wait_s: f64,
+    /// Tile encoder.
+    pub encode_s: f64,
+    /// Feature file writes.
+    pub write_s: f64,
+    /// Slide encoder.
+    pub slide_encode_s: f64,
+    /// Vector store and catalog.
+    pub store_s: f64,
+}
+
+impl Timings {
+    pub fn add(&mut self, o: &Timings) {
+        self.tiling_s += o.tiling_s;
+        self.read_wait_s += o.read_wait_s;
+        self.encode_s += o.encode_s;
+        self.write_s += o.write_s;
+        self.slide_encode_s += o.slide_encode_s;
+        self.store_s += o.store_s;
+    }
+}
+
+/// What embedding a slide produced.
+#[derive(Debug, Clone)]
+pub struct SlideResult {
+    pub tile_count: u64,
+    /// Guard fingerprint of the stored point.
+    pub fingerprint: String,
+    pub fingerprints: BTreeMap<String, String>,
+    pub timings: Timings,
+    /// Whether the feature file was reused from an earlier, interrupted run.
+    pub reused_features: bool,
+}
+
+impl Pipeline {
+    /// Embeds `job`'s slide and upserts its point. `cancelled` aborts between batches (a lost
+    /// lease); an aborted or failed slide leaves no feature file and no point behind.
+    pub fn embed_slide(
+        &self,
+        job: &SlideJob,
+        cancelled: &AtomicBool,
+        progress: &dyn Progress,
+    ) -> Result<SlideResult> {
+        let mut t = Timings::default();
+        let start = Instant::now();
+        let slide = Slide::open(&job.path, job.mpp.or(self.config.tiling.mpp))?;
+        let opts = TilingOptions {
+            method: self
+                .config
+                .tiling
+                .method
+                .parse()
+                .map_err(PipelineError::Config)?,
+            tissue_threshold: self.config.tiling.tissue_threshold,
+        };
+        let tiling = tile_slide(&slide, &opts)?;
+        if tiling.tiles.is_empty() {
+            return Err(PipelineError::NoTissue(job.path.display().to_string()));
+        }
+        outputs::write_tiling(&self.tiles_dir(&job.slide_id), &slide, &tiling)?;
+        t.tiling_s = start.elapsed().as_secs_f64();
+
+        let models = self.slide_models()?;
+        let tile_fp = models.fingerprints["tile"].clone();
+        let n = tiling.tiles.len();
+        progress.slide_started(&job.slide_id, n);
+        let cells: Vec<[u32; 2]> = tiling.tiles.iter().map(|t| [t.gx, t.gy]).collect();
+        let feature_path = self.store.feature_path(&job.slide_id, &tile_fp);
+
+        // A feature file from an interrupted run with the same weights and tiles is reused.
+        let existing = FeatureFile::read(&feature_path)
+            .ok()
+            .filter(|f| f.metadata.fingerprints.get("tile") == Some(&tile_fp) && f.len() == n);
+        let reused = existing.is_some();
+        let (features, info) = match existing {
+            Some(f) => {
+                progress.tiles_done(n);
+                let info = gigapath_store::FeatureFileInfo {
+                    path: feature_path.clone(),
+                    size_bytes: std::fs::metadata(&feature_path).map_or(0, |m| m.len()),
+                    sha256: crate::fingerprint::file_sha256(&feature_path)?,
+                    tile_count: n as u64,
+                };
+                (f.features_f16().to_vec(), info)
+            }
+            None => self.encode_tiles(
+                job,
+                &slide,
+                &tiling,
+                &feature_path,
+                cancelled,
+                progress,
+                &mut t,
+            )?,
+        };
+
+        let s = Instant::now();
+        let embedding = models.encode_slide(&features, &cells)?;
+        t.slide_encode_s = s.elapsed().as_secs_f64();
+
+        let s = Instant::now();
+        let record = self.block_on(self.store.catalog.slide(&job.slide_id))?;
+        let (cohort, site, labels) = record
+            .map(|r| (r.cohort, r.site, r.labels))
+            .unwrap_or_default();
+        let point = SlidePoint {
+            slide_id: job.slide_id.clone(),
+            cohort: cohort.or_else(|| self.config.ingest.cohort.clone()),
+            site,
+            labels,
+            mpp: Some(tiling.plan.mpp),
+            tile_count: n as u64,
+            fingerprints: models.fingerprints.clone(),
+            fingerprint: models.fingerprint(),
+            joint: None,
+            slide: embedding,
+        };
+        self.block_on(self.store.vectors.upsert(SLIDES, vec![point.into_point()]))?;
+        self.block_on(
+            self.store
+                .catalog
+                .record_feature_file(&info.record(&job.slide_id, &tile_fp)),
+        )?;
+        t.store_s = s.elapsed().as_secs_f64();
+        Ok(SlideResult {
+            tile_count: n as u64,
+            fingerprint: models.fingerprint(),
+            fingerprints: models.fingerprints.clone(),
+            timings: t,
+            reused_features: reused,
+        })
+    }
+
+    /// Streams the kept tiles through the tile encoder into the feature file; returns the
+    /// features (f16, N x D) for the slide encoder.
+    #[allow(clippy::too_many_arguments)]
+    fn encode_tiles(
+        &self,
+        job: &SlideJob,
+        slide: &Slide,
+        tiling: &gigapath_wsi::Tiling,
+        feature_path: &std::path::Path,
+        cancelled: &AtomicBool,
+        progress: &dyn Progress,
+        t: &mut Timings,
+    ) -> Result<(Vec<f16>, gigapath_store::FeatureFileInfo)> {
+        let models = self.slide_models()?;
+        let d = models.tile_dim();
+        let n = tiling.tiles.len();
+        let metadata = FeatureMetadata {
+            slide_id: job.slide_id.clone(),
+            mpp: tiling.plan.tile_mpp,
+            level0_tile_px: tiling.plan.level0_tile_px,
+            fingerprints: BTreeMap::from([(
+                "tile".to_string(),
+                models.fingerprints["tile"].clone(),
+            )]),
+        };
+        let mut writer = FeatureFileWriter::create(feature_path, d, metadata)?;
+        let mut features: Vec<f16> = Vec::with_capacity(n * d);
+        let config = StreamConfig {
+            batch_size: self.config.ingest.batch_size,
+            threads: self.config.ingest.reader_threads,
+            format: BatchFormat::Normalized,
+            window: 0,
+        };
+        let tiles: Arc<[gigapath_wsi::TileRef]> = tiling.tiles.clone().into();
+        let mut stream = TileStream::start(slide.path(), &tiling.plan, tiles.clone(), &config)?;
+        loop {
+            let wait = Instant::now();
+            let Some(batch) = stream.next() else { break };
+            t.read_wait_s += wait.elapsed().as_secs_f64();
+            let batch = batch?;
+            if cancelled.load(Ordering::Relaxed) {
+                return Err(PipelineError::LeaseLost);
+            }
+            let BatchData::Normalized(px) = batch.data else {
+                unreachable!("the stream was asked for normalized batches")
+            };
+            let s = Instant::now();
+            let feats = models.encode_tiles(px, batch.len)?;
+            t.encode_s += s.elapsed().as_secs_f64();
+            let s = Instant::now();
+            let rows = &tiles[batch.start..batch.start + batch.len];
+            let grid: Vec<[i32; 2]> = rows.iter().map(|r| [r.gx as i32, r.gy as i32]).collect();
+            let origins: Vec<[i64; 2]> = rows.iter().map(|r| [r.x0 as i64, r.y0 as i64]).collect();
+            writer.append(&feats, &grid, &origins)?;
+            features.extend(feats.iter().map(|&x| f16::from_f32(x)));
+            t.write_s += s.elapsed().as_secs_f64();
+            progress.tiles_done(batch.len);
+        }
+        let s = Instant::now();
+        let info = writer.finish()?;
+        t.write_s += s.elapsed().as_secs_f64();
+        Ok((features, info))
+    }
+}

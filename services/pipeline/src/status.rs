@@ -1,0 +1,97 @@
+//! `gigapath status`: counts per state of slides, jobs, reports and stored points.
+
+use std::collections::BTreeMap;
+
+use gigapath_store::catalog::JobCounts;
+use gigapath_store::vector::{PayloadFilter, REPORTS, SLIDES};
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::pipeline::Pipeline;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub data_dir: String,
+    pub vector_backend: &'static str,
+    pub catalog_backend: &'static str,
+    /// Slides per state (`registered`, `embedded`, `failed`).
+    pub slides: BTreeMap<String, u64>,
+    pub jobs: JobCounts,
+    pub reports: u64,
+    /// Points per collection.
+    pub points: BTreeMap<String, u64>,
+    /// Stored embeddings per fingerprint, per collection (more than one: searches refuse).
+    pub fingerprints: BTreeMap<String, BTreeMap<String, u64>>,
+}
+
+impl Status {
+    pub fn to_text(&self) -> String {
+        let mut s = format!(
+            "data dir: {} (vectors: {}, catalog: {})\n",
+            self.data_dir, self.vector_backend, self.catalog_backend
+        );
+        let slides: Vec<String> = self
+            .slides
+            .iter()
+            .map(|(k, v)| format!("{v} {k}"))
+            .collect();
+        s += &format!("slides:   {}\n", slides.join(", "));
+        let j = &self.jobs;
+        s += &format!(
+            "jobs:     {} queued, {} running ({} with an expired lease), {} done, {} failed\n",
+            j.queued, j.running, j.stale, j.done, j.failed
+        );
+        s += &format!("reports:  {}\n", self.reports);
+        for (c, n) in &self.points {
+            let fps: Vec<String> = self
+                .fingerprints
+                .get(c)
+                .into_iter()
+                .flatten()
+                .map(|(f, n)| format!("{f} x{n}"))
+                .collect();
+            s += &format!(
+                "points:   {c} {n} (fingerprints: {})\n",
+                if fps.is_empty() {
+                    "-".into()
+                } else {
+                    fps.join(", ")
+                }
+            );
+        }
+        s.trim_end().to_string()
+    }
+}
+
+impl Pipeline {
+    pub fn status(&self) -> Result<Status> {
+        let catalog = &self.store.catalog;
+        let slides = self
+            .block_on(catalog.slide_counts())?
+            .into_iter()
+            .map(|(k, v)| (k.as_str().to_string(), v))
+            .collect();
+        let mut points = BTreeMap::new();
+        let mut fingerprints = BTreeMap::new();
+        for c in [SLIDES, REPORTS] {
+            points.insert(
+                c.to_string(),
+                self.block_on(self.store.vectors.count(c, &PayloadFilter::none()))?,
+            );
+            fingerprints.insert(
+                c.to_string(),
+                self.block_on(catalog.embedding_fingerprints(c))?,
+            );
+        }
+        Ok(Status {
+            data_dir: self.config.store.data_dir.display().to_string(),
+            vector_backend: self.store.vectors.backend_name(),
+            catalog_backend: catalog.backend_name(),
+            slides,
+            jobs: self.block_on(catalog.job_counts())?,
+            reports: self.block_on(catalog.list_reports(None))?.len() as u64,
+            points,
+            fingerprints,
+        })
+    }
+}
