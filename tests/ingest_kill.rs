@@ -1,0 +1,161 @@
+//! `kill -9` of a real `gigapath ingest` process at several moments, then a re-run: every slide
+//! ends embedded exactly once, no duplicate points, no orphan or partial files, and a catalog
+//! whose counts agree with the vector store.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+fn gigapath() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_gigapath"));
+    c.env("GIGAPATH_LOG", "warn");
+    c
+}
+
+fn run(args: &[&str]) -> Output {
+    let o = gigapath().args(args).output().unwrap();
+    assert!(
+        o.status.success(),
+        "gigapath {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+/// Completed feature files (temporary ones start with a dot).
+fn feature_files(data: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(dirs) = std::fs::read_dir(data.join("features")) else {
+        return out;
+    };
+    for d in dirs.flatten() {
+        for f in std::fs::read_dir(d.path()).into_iter().flatten().flatten() {
+            out.push(f.path());
+        }
+    }
+    out
+}
+
+fn ingest_cmd(root: &Path) -> Command {
+    let mut c = gigapath();
+    c.args(["ingest", "--data-dir"]).arg(root.join("data"));
+    c.arg("--config").arg(root.join("run.toml"));
+    c.arg("--reports").arg(root.join("cohort/reports.jsonl"));
+    c.arg(root.join("cohort/slides"));
+    c
+}
+
+/// Starts an ingest and SIGKILLs it once `ready` holds (or after `timeout`).
+fn kill_when(root: &Path, ready: impl Fn() -> bool, timeout: Duration) {
+    let mut child: Child = ingest_cmd(root).spawn().unwrap();
+    let start = Instant::now();
+    while !ready() && start.elapsed() < timeout {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("ingest ended ({status}) before it could be killed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+}
+
+#[test]
+fn kill_minus_nine_at_any_moment_then_rerun_embeds_each_slide_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let r = |p: &str| root.join(p).display().to_string();
+    run(&["models", "init", "-o", &r("models"), "--preset", "tiny"]);
+    run(&[
+        "synth",
+        "cohort",
+        "-o",
+        &r("cohort"),
+        "--slides-per-subtype",
+        "4",
+        "--slide-um",
+        "700",
+    ]);
+    let text =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/reference/text_bert_mlm");
+    std::fs::write(
+        root.join("run.toml"),
+        format!(
+            "[models]\ntile_encoder = \"{}\"\nslide_encoder = \"{}\"\ntext_encoder = \"{}\"\ntext_pool = \"cls\"\n\
+             [ingest]\nbatch_size = 4\nmax_attempts = 10\n",
+            r("models/tile"),
+            r("models/slide"),
+            text.display()
+        ),
+    )
+    .unwrap();
+    let data = root.join("data");
+    let n = 12;
+
+    // While starting up, in the middle of the slides, and late in the run.
+    kill_when(root, || false, Duration::from_millis(400));
+    kill_when(
+        root,
+        || feature_files(&data).len() >= 3,
+        Duration::from_secs(120),
+    );
+    kill_when(
+        root,
+        || feature_files(&data).len() >= 8,
+        Duration::from_secs(120),
+    );
+
+    let out = ingest_cmd(root).arg("--json").output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let redone = summary["run"]["slides_ok"].as_u64().unwrap();
+    let skipped = summary["already_done"].as_u64().unwrap();
+    assert!(
+        redone < n,
+        "the earlier runs did some of the work ({redone} redone)"
+    );
+    assert_eq!(redone + skipped, n, "{summary}");
+    assert_eq!(summary["run"]["slides_failed"], 0);
+
+    let status: serde_json::Value =
+        serde_json::from_slice(&run(&["status", "--json", "--data-dir", &r("data")]).stdout)
+            .unwrap();
+    assert_eq!(status["slides"]["embedded"], n, "{status}");
+    assert_eq!(status["jobs"]["done"], n, "{status}");
+    assert_eq!(status["jobs"]["queued"], 0);
+    assert_eq!(status["jobs"]["running"], 0);
+    // One point per slide and per report: a redo overwrote, never added.
+    assert_eq!(status["points"]["slides"], n, "{status}");
+    assert_eq!(status["points"]["reports"], n, "{status}");
+    assert_eq!(status["reports"], n);
+    assert_eq!(
+        status["fingerprints"]["slides"].as_object().unwrap().len(),
+        1
+    );
+
+    // Exactly one complete feature file per slide, nothing half-written anywhere.
+    let files = feature_files(&data);
+    assert_eq!(files.len(), n as usize, "{files:?}");
+    assert!(
+        files
+            .iter()
+            .all(|f| f.extension().is_some_and(|e| e == "safetensors")),
+        "{files:?}"
+    );
+    for slide in std::fs::read_dir(data.join("tiles")).unwrap().flatten() {
+        let names: Vec<String> = std::fs::read_dir(slide.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            names.iter().all(|n| !n.starts_with('.')),
+            "staging left in {:?}: {names:?}",
+            slide.path()
+        );
+        assert_eq!(names.len(), 6, "{names:?}");
+    }
+}
