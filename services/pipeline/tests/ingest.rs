@@ -322,3 +322,55 @@ fn new_weights_give_new_fingerprints_and_mixed_searches_are_refused() {
     }
     assert_eq!(files, 4);
 }
+
+/// The same run against a PostgreSQL catalog (when `GIGAPATH_TEST_POSTGRES_URL` is set, as CI
+/// does with `scripts/start-test-postgres.sh`), in a schema of its own.
+#[test]
+fn ingest_with_a_postgres_catalog() {
+    let Ok(url) = std::env::var("GIGAPATH_TEST_POSTGRES_URL") else {
+        eprintln!(
+            "SKIPPED: set GIGAPATH_TEST_POSTGRES_URL (scripts/start-test-postgres.sh prints it)"
+        );
+        return;
+    };
+    let schema = format!("pipeline_{}", std::process::id());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let admin = sqlx::PgPool::connect(&url)
+            .await
+            .expect("postgres reachable");
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "CREATE SCHEMA IF NOT EXISTS {schema}"
+        )))
+        .execute(&admin)
+        .await
+        .unwrap();
+        admin.close().await;
+    });
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let fx = Fixture::new(1);
+    let mut cfg = fx.config("models");
+    cfg.store.catalog_url = Some(format!("{url}{sep}options=-c%20search_path%3D{schema}"));
+    let pipeline = Pipeline::open(cfg).unwrap();
+    assert_eq!(pipeline.store.catalog.backend_name(), "postgres");
+    let req = IngestRequest {
+        inputs: vec![fx.cohort.join("slides")],
+        reports: Some(fx.cohort.join("reports.jsonl")),
+        ..IngestRequest::default()
+    };
+    let summary = pipeline.ingest(&req, &Quiet).unwrap();
+    assert_eq!((summary.run.slides_ok, summary.reports.ok), (3, 3));
+    let again = pipeline.ingest(&req, &Quiet).unwrap();
+    assert_eq!(again.already_done, 3);
+    let status = pipeline.status().unwrap();
+    assert_eq!(status.catalog_backend, "postgres");
+    assert_eq!(status.jobs.done, 3);
+    drop(pipeline);
+    rt.block_on(async {
+        let admin = sqlx::PgPool::connect(&url).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+            .execute(&admin)
+            .await
+            .unwrap();
+    });
+}
