@@ -61,9 +61,19 @@ impl Pipeline {
         })
     }
 
-    /// Runs a store future to completion from synchronous code.
+    /// Runs a store future to completion from synchronous code (not from an async task).
     pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
         self.rt.block_on(f)
+    }
+
+    /// Runs a store future on the pipeline's runtime; await the handle from any other runtime
+    /// (the HTTP service's handlers do: every store call happens on this one runtime).
+    pub fn spawn<F>(&self, f: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.rt.spawn(f)
     }
 
     /// The tile and slide encoders, loaded on first use.
