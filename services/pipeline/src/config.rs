@@ -25,6 +25,7 @@ pub struct Config {
     pub models: ModelsConfig,
     pub tiling: TilingConfig,
     pub ingest: IngestConfig,
+    pub serve: ServeConfig,
 }
 
 impl Default for Config {
@@ -34,7 +35,72 @@ impl Default for Config {
             models: ModelsConfig::default(),
             tiling: TilingConfig::default(),
             ingest: IngestConfig::default(),
+            serve: ServeConfig::default(),
         }
+    }
+}
+
+/// The HTTP service (`gigapath serve`).
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServeConfig {
+    /// Address to listen on.
+    pub bind: String,
+    /// Keys accepted on ingest, delete and admin endpoints (`Authorization: Bearer KEY` or
+    /// `X-Api-Key: KEY`); also `GIGAPATH_API_KEYS` (comma-separated). None: those endpoints
+    /// answer 403.
+    pub api_keys: Vec<String>,
+    /// Require a key on read endpoints (search, zero-shot, slides) too.
+    pub require_key_for_reads: bool,
+    /// Largest request body, bytes.
+    pub max_body_bytes: usize,
+    /// Largest `k` of a search.
+    pub max_k: usize,
+    /// Longest query or prompt text, characters.
+    pub max_text_chars: usize,
+    /// Most slide ids in one zero-shot request.
+    pub max_slide_ids: usize,
+    /// Work per request (model + store) is cut off after this.
+    pub request_timeout_seconds: u64,
+    /// Slide paths in ingest requests must resolve (symlinks followed) under one of these.
+    /// None: ingest over HTTP is refused.
+    pub slide_roots: Vec<PathBuf>,
+    /// Prompt sets folder.
+    pub prompts_dir: PathBuf,
+    /// Run an ingest worker inside the service (required with the embedded vector store, which
+    /// one process holds alone).
+    pub run_worker: bool,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            bind: "127.0.0.1:8080".into(),
+            api_keys: Vec::new(),
+            require_key_for_reads: false,
+            max_body_bytes: 256 * 1024,
+            max_k: 100,
+            max_text_chars: 2000,
+            max_slide_ids: 1000,
+            request_timeout_seconds: 30,
+            slide_roots: Vec::new(),
+            prompts_dir: PathBuf::from("prompts"),
+            run_worker: true,
+        }
+    }
+}
+
+/// Keys never reach logs through `Debug`.
+impl std::fmt::Debug for ServeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeConfig")
+            .field("bind", &self.bind)
+            .field("api_keys", &format!("<{} keys>", self.api_keys.len()))
+            .field("require_key_for_reads", &self.require_key_for_reads)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("slide_roots", &self.slide_roots)
+            .field("prompts_dir", &self.prompts_dir)
+            .finish_non_exhaustive()
     }
 }
 
@@ -207,6 +273,13 @@ impl Config {
                 *slot = Some(PathBuf::from(v));
             }
         }
+        if let Some(keys) = var("GIGAPATH_API_KEYS").filter(|v| !v.is_empty()) {
+            self.serve.api_keys = keys
+                .split(',')
+                .map(|k| k.trim().to_string())
+                .filter(|k| !k.is_empty())
+                .collect();
+        }
         if let Some(v) = var("GIGAPATH_DEVICE").filter(|v| !v.is_empty()) {
             m.device = v;
         }
@@ -272,6 +345,32 @@ impl Config {
         if i.max_attempts == 0 {
             return bad("ingest.max_attempts", "must be at least 1".into());
         }
+        let sv = &self.serve;
+        if sv.bind.parse::<std::net::SocketAddr>().is_err() {
+            return bad(
+                "serve.bind",
+                format!("`{}` is not HOST:PORT (e.g. 127.0.0.1:8080)", sv.bind),
+            );
+        }
+        if sv.api_keys.iter().any(|k| k.len() < 16) {
+            return bad(
+                "serve.api_keys",
+                "keys must be at least 16 characters".into(),
+            );
+        }
+        for (key, v, max) in [
+            ("serve.max_body_bytes", sv.max_body_bytes, 64 << 20),
+            ("serve.max_k", sv.max_k, 10_000),
+            ("serve.max_text_chars", sv.max_text_chars, 1_000_000),
+            ("serve.max_slide_ids", sv.max_slide_ids, 1_000_000),
+        ] {
+            if v == 0 || v > max {
+                return bad(key, format!("{v} is not in 1..={max}"));
+            }
+        }
+        if sv.request_timeout_seconds == 0 {
+            return bad("serve.request_timeout_seconds", "must be at least 1".into());
+        }
         gigapath_models::Precision::parse(&self.models.device, &self.models.dtype)
             .map_err(|e| PipelineError::Config(format!("models.device / models.dtype: {e}")))?;
         Ok(())
@@ -280,6 +379,12 @@ impl Config {
     /// TOML with every field spelled out and secrets redacted (`gigapath config --show`).
     pub fn to_toml(&self) -> String {
         let mut shown = self.clone();
+        shown.serve.api_keys = shown
+            .serve
+            .api_keys
+            .iter()
+            .map(|_| "<redacted>".to_string())
+            .collect();
         shown.store = toml::from_str(&self.store.to_toml()).unwrap_or_else(|_| self.store.clone());
         toml::to_string_pretty(&shown).unwrap_or_default()
     }
