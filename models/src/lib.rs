@@ -13,6 +13,7 @@
 //! - [`init`]: small seeded random model folders for tests and the demo.
 //! - [`device`]: `cpu` / `cuda:N` and `f32` / `bf16` / `f16` as strings from the command line.
 
+pub mod align;
 mod cpu_attention;
 pub mod device;
 pub mod dilated_attention;

@@ -17,7 +17,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::device::Precision;
 use crate::dilated_attention::DilatedAttention;
@@ -29,7 +29,7 @@ use crate::weights::{find_file, read_json, var_builder};
 const FFN_CHUNK_ROWS: usize = 4096;
 
 /// Slide encoder configuration (the schema of the reference fixture's `config.json`).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Tile embedding width (1536 for the Prov-GigaPath tile encoder).
@@ -454,6 +454,33 @@ impl SlideEncoder {
         features: &Tensor,
         cells: &[[u32; 2]],
     ) -> crate::Result<SlideOutput> {
+        let tokens = self.input_tokens(features, cells)?;
+        Ok(self.forward_tokens(tokens)?)
+    }
+
+    /// The hidden state s_`layers` after the first `layers` layers, [N + 1, D] (CLS first): the
+    /// input of a [`SlideTail`] that fine-tunes the remaining layers.
+    pub fn hidden_state(
+        &self,
+        features: &Tensor,
+        cells: &[[u32; 2]],
+        layers: usize,
+    ) -> crate::Result<Tensor> {
+        if layers > self.layers.len() {
+            return Err(crate::Error::input(format!(
+                "hidden state after {layers} layers asked of a {}-layer slide encoder",
+                self.layers.len()
+            )));
+        }
+        let mut xs = self.input_tokens(features, cells)?;
+        for layer in &self.layers[..layers] {
+            xs = layer.forward(xs)?;
+        }
+        Ok(xs)
+    }
+
+    /// Checks a slide's inputs and builds s0, `[cls_token; patch_embed(features) + pos]`.
+    fn input_tokens(&self, features: &Tensor, cells: &[[u32; 2]]) -> crate::Result<Tensor> {
         let dims = features.dims();
         if dims.len() != 2 || dims[1] != self.cfg.in_chans || dims[0] != cells.len() {
             return Err(crate::Error::input(format!(
@@ -485,12 +512,9 @@ impl SlideEncoder {
             .attention()
             .and_then(|a| a.check_len(cells.len() + 1))
             .map_err(crate::Error::Input)?;
-        let tokens = {
-            let pos = sincos_position_embedding(cells, self.cfg.embed_dim);
-            let pos = Tensor::from_vec(pos, (cells.len(), self.cfg.embed_dim), &self.device)?;
-            self.embed(&features.to_device(&self.device)?, &pos)?
-        };
-        Ok(self.forward_tokens(tokens)?)
+        let pos = sincos_position_embedding(cells, self.cfg.embed_dim);
+        let pos = Tensor::from_vec(pos, (cells.len(), self.cfg.embed_dim), &self.device)?;
+        Ok(self.embed(&features.to_device(&self.device)?, &pos)?)
     }
 
     /// `features` [N, in_chans] and position embeddings [N, D] (f32) -> all outputs.
@@ -526,6 +550,71 @@ impl SlideEncoder {
             all_layers_cls: norm(&Tensor::stack(&cls, 0)?)?,
             all_layers_pool: norm(&Tensor::stack(&mean, 0)?)?,
         })
+    }
+}
+
+/// The last layers of a slide encoder and its output norms, owned apart from the encoder so that
+/// they can be fine-tuned (CLIP alignment, `crate::align`) while the first layers stay frozen.
+///
+/// Built from a `VarBuilder` at the model root over the release's key names
+/// (`encoder.layers.{i}.*`, `encoder.layer_norm.*`, `norm.*`), so a fine-tuned tail saves and
+/// loads under the same keys. Every op on the way has a backward (see [`crate::nn`]).
+#[derive(Debug, Clone)]
+pub struct SlideTail {
+    first_layer: usize,
+    layers: Vec<EncoderLayer>,
+    encoder_layer_norm: LayerNorm,
+    norm: LayerNorm,
+}
+
+impl SlideTail {
+    /// Layers `first_layer..depth` plus `encoder.layer_norm` and `norm`.
+    pub fn new(cfg: &Config, first_layer: usize, vb: VarBuilder) -> Result<Self> {
+        cfg.validate().map_err(candle_core::Error::msg)?;
+        if first_layer >= cfg.depth {
+            candle_core::bail!(
+                "a slide tail from layer {first_layer} of a {}-layer encoder is empty",
+                cfg.depth
+            )
+        }
+        let d = cfg.embed_dim;
+        let enc = vb.pp("encoder");
+        let layers = (first_layer..cfg.depth)
+            .map(|i| EncoderLayer::new(cfg, enc.pp("layers").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            first_layer,
+            layers,
+            encoder_layer_norm: LayerNorm::load(d, cfg.layernorm_eps, enc.pp("layer_norm"))?,
+            norm: LayerNorm::load(d, cfg.norm_eps, vb.pp("norm"))?,
+        })
+    }
+
+    /// Index of the first layer this tail runs.
+    pub fn first_layer(&self) -> usize {
+        self.first_layer
+    }
+
+    /// s_`first_layer` [L, D] (from [`SlideEncoder::hidden_state`]) -> the pooled slide
+    /// embedding [D] in f32, as [`SlideOutput::cls`] / [`SlideOutput::pool`] define it. The mean
+    /// is a plain f32 mean here (differentiable), not the f64 accumulation of inference.
+    pub fn forward(&self, hidden: &Tensor, pool: SlidePool) -> Result<Tensor> {
+        let mut xs = hidden.clone();
+        for layer in &self.layers {
+            xs = layer.forward(xs)?;
+        }
+        let out = self.encoder_layer_norm.forward(&xs)?;
+        let pooled = match pool {
+            SlidePool::Cls => out.get(0)?,
+            SlidePool::Mean => {
+                let n = out.dim(0)? - 1;
+                if n == 0 {
+                    candle_core::bail!("mean pooling needs at least one tile token")
+                }
+                out.narrow(0, 1, n)?.mean(0)?
+            }
+        };
+        self.norm.forward(&pooled)?.to_dtype(DType::F32)
     }
 }
 

@@ -14,7 +14,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Embedding, Linear, VarBuilder};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
 use crate::device::Precision;
@@ -26,7 +26,7 @@ use crate::Error;
 pub const MAX_TOKENS: usize = 512;
 
 /// Hugging Face `BertConfig` (only the fields that shape the network; others are ignored).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Config {
     /// Vocabulary size.
     pub vocab_size: usize,
@@ -239,15 +239,89 @@ impl Bert {
 
     /// `input_ids`, `attention_mask` [B, T] (u32) -> last hidden state [B, T, D].
     pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
-        let (b, t) = input_ids.dims2()?;
-        // -1e4 rather than the dtype's minimum: exp() of it is exactly 0 in f32, bf16 and f16 alike.
-        let mask_bias =
-            ((attention_mask.to_dtype(self.dtype)? - 1.0)? * 1e4)?.reshape((b, 1, 1, t))?;
+        self.forward_layers(input_ids, attention_mask, self.layers.len())
+    }
+
+    /// Number of transformer layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// The hidden state after the embeddings and the first `layers` layers, [B, T, D]: the input
+    /// of a [`BertTail`] that fine-tunes the remaining layers.
+    pub fn forward_layers(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        layers: usize,
+    ) -> Result<Tensor> {
+        if layers > self.layers.len() {
+            candle_core::bail!(
+                "hidden state after {layers} layers asked of a {}-layer BERT",
+                self.layers.len()
+            )
+        }
+        let mask_bias = attention_mask_bias(attention_mask, self.dtype)?;
         let mut xs = self.embeddings.forward(input_ids)?.to_dtype(self.dtype)?;
-        for layer in &self.layers {
+        for layer in &self.layers[..layers] {
             xs = layer.forward(&xs, &mask_bias)?;
         }
         Ok(xs)
+    }
+}
+
+/// `attention_mask` [B, T] (1 = token, 0 = padding) -> additive attention bias [B, 1, 1, T].
+fn attention_mask_bias(attention_mask: &Tensor, dtype: DType) -> Result<Tensor> {
+    let (b, t) = attention_mask.dims2()?;
+    // -1e4 rather than the dtype's minimum: exp() of it is exactly 0 in f32, bf16 and f16 alike.
+    ((attention_mask.to_dtype(dtype)? - 1.0)? * 1e4)?.reshape((b, 1, 1, t))
+}
+
+/// The top layers of a BERT, owned apart from the model so that they can be fine-tuned (CLIP
+/// alignment, `crate::align`) while the embeddings and lower layers stay frozen.
+///
+/// Built from a `VarBuilder` positioned where `encoder.layer.{i}.*` live (no `bert.` prefix), so a
+/// fine-tuned tail saves and loads under the original key names. LayerNorm and softmax take their
+/// differentiable paths whenever a weight is a `Var` (see [`crate::nn`]).
+pub struct BertTail {
+    first_layer: usize,
+    layers: Vec<Layer>,
+    dtype: DType,
+}
+
+impl BertTail {
+    /// Layers `first_layer..num_hidden_layers`.
+    pub fn new(cfg: &Config, first_layer: usize, vb: VarBuilder) -> Result<Self> {
+        if first_layer >= cfg.num_hidden_layers {
+            candle_core::bail!(
+                "a BERT tail from layer {first_layer} of a {}-layer model is empty",
+                cfg.num_hidden_layers
+            )
+        }
+        let layers = (first_layer..cfg.num_hidden_layers)
+            .map(|i| Layer::new(cfg, vb.pp("encoder").pp("layer").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            first_layer,
+            layers,
+            dtype: vb.dtype(),
+        })
+    }
+
+    /// Index of the first layer this tail runs.
+    pub fn first_layer(&self) -> usize {
+        self.first_layer
+    }
+
+    /// Hidden state [B, T, D] after layer `first_layer - 1` (from [`Bert::forward_layers`]) and
+    /// its attention mask [B, T] -> last hidden state [B, T, D] (f32).
+    pub fn forward(&self, hidden: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        let mask_bias = attention_mask_bias(attention_mask, self.dtype)?;
+        let mut xs = hidden.to_dtype(self.dtype)?;
+        for layer in &self.layers {
+            xs = layer.forward(&xs, &mask_bias)?;
+        }
+        xs.to_dtype(DType::F32)
     }
 }
 
@@ -274,7 +348,7 @@ pub struct TextEncoder {
     model: Bert,
     tokenizer: Tokenizer,
     device: Device,
-    hidden_size: usize,
+    config: Config,
 }
 
 impl TextEncoder {
@@ -293,13 +367,18 @@ impl TextEncoder {
             model,
             tokenizer,
             device: precision.device.clone(),
-            hidden_size: cfg.hidden_size,
+            config: cfg,
         })
     }
 
     /// Embedding width D.
     pub fn hidden_size(&self) -> usize {
-        self.hidden_size
+        self.config.hidden_size
+    }
+
+    /// The model's `config.json`.
+    pub fn config(&self) -> &Config {
+        &self.config
     }
 
     /// The tokenizer (truncation and batch padding already configured).
