@@ -1,0 +1,44 @@
+//! The crate's one error type.
+
+use std::path::PathBuf;
+
+/// What can go wrong loading prompt sets or scoring with them.
+#[derive(Debug, thiserror::Error)]
+pub enum ZeroShotError {
+    /// A prompt file could not be read.
+    #[error("{}: {msg}", path.display())]
+    Io { path: PathBuf, msg: String },
+    /// A prompt file is malformed or inconsistent; `key` is the offending key path.
+    #[error("{}: {key}: {msg}", file.display())]
+    Prompt {
+        file: PathBuf,
+        key: String,
+        msg: String,
+    },
+    /// No prompt set of that name (the message lists the known ones).
+    #[error("unknown prompt set `{name}` (known: {known})")]
+    UnknownSet { name: String, known: String },
+    /// Inputs that do not fit (empty, mismatched dims, non-finite values, ...).
+    #[error("{0}")]
+    Input(String),
+    /// The text-embedding function failed.
+    #[error("embedding prompts: {0}")]
+    Embed(String),
+}
+
+/// Result with the crate's [`ZeroShotError`].
+pub type Result<T, E = ZeroShotError> = std::result::Result<T, E>;
+
+impl ZeroShotError {
+    pub(crate) fn prompt(
+        file: &std::path::Path,
+        key: impl Into<String>,
+        msg: impl Into<String>,
+    ) -> Self {
+        ZeroShotError::Prompt {
+            file: file.to_path_buf(),
+            key: key.into(),
+            msg: msg.into(),
+        }
+    }
+}
