@@ -56,6 +56,8 @@ enum Command {
     Status(cmd::ingest::StatusArgs),
     /// The effective configuration: defaults, `DATA_DIR/gigapath.toml`, `--config`, environment.
     Config(cmd::ingest::ConfigArgs),
+    /// The HTTP service: search, zero-shot, slides, ingest endpoints (OpenAPI at /v1/openapi.json).
+    Serve(cmd::serve::ServeArgs),
     /// Model folders: `gigapath models init` writes small random encoders for tests and demos.
     #[command(subcommand)]
     Models(cmd::models::ModelsCommand),
@@ -80,6 +82,7 @@ fn main() -> ExitCode {
         Command::Worker(a) => cmd::ingest::worker(a),
         Command::Status(a) => cmd::ingest::status(a),
         Command::Config(a) => cmd::ingest::config(a),
+        Command::Serve(a) => cmd::serve::run(a),
         Command::Models(c) => cmd::models::run(c),
         Command::Synth(c) => cmd::synth::run(c),
         Command::Bench(c) => cmd::bench::run(c),

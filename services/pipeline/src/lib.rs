@@ -16,6 +16,7 @@ pub mod error;
 pub mod fingerprint;
 pub mod ingest;
 pub mod pipeline;
+pub mod queue;
 pub mod reports;
 pub mod slide_job;
 pub mod status;

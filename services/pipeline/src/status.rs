@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use gigapath_store::catalog::JobCounts;
 use gigapath_store::vector::{PayloadFilter, REPORTS, SLIDES};
+use gigapath_store::Store;
 use serde::Serialize;
 
 use crate::error::Result;
@@ -65,33 +66,36 @@ impl Status {
 
 impl Pipeline {
     pub fn status(&self) -> Result<Status> {
-        let catalog = &self.store.catalog;
-        let slides = self
-            .block_on(catalog.slide_counts())?
-            .into_iter()
-            .map(|(k, v)| (k.as_str().to_string(), v))
-            .collect();
-        let mut points = BTreeMap::new();
-        let mut fingerprints = BTreeMap::new();
-        for c in [SLIDES, REPORTS] {
-            points.insert(
-                c.to_string(),
-                self.block_on(self.store.vectors.count(c, &PayloadFilter::none()))?,
-            );
-            fingerprints.insert(
-                c.to_string(),
-                self.block_on(catalog.embedding_fingerprints(c))?,
-            );
-        }
-        Ok(Status {
-            data_dir: self.config.store.data_dir.display().to_string(),
-            vector_backend: self.store.vectors.backend_name(),
-            catalog_backend: catalog.backend_name(),
-            slides,
-            jobs: self.block_on(catalog.job_counts())?,
-            reports: self.block_on(catalog.list_reports(None))?.len() as u64,
-            points,
-            fingerprints,
-        })
+        self.block_on(status(&self.store))
     }
+}
+
+/// Counts of `store`, as an async function (the HTTP service awaits it).
+pub async fn status(store: &Store) -> Result<Status> {
+    let catalog = &store.catalog;
+    let slides = catalog
+        .slide_counts()
+        .await?
+        .into_iter()
+        .map(|(k, v)| (k.as_str().to_string(), v))
+        .collect();
+    let mut points = BTreeMap::new();
+    let mut fingerprints = BTreeMap::new();
+    for c in [SLIDES, REPORTS] {
+        points.insert(
+            c.to_string(),
+            store.vectors.count(c, &PayloadFilter::none()).await?,
+        );
+        fingerprints.insert(c.to_string(), catalog.embedding_fingerprints(c).await?);
+    }
+    Ok(Status {
+        data_dir: store.config.data_dir.display().to_string(),
+        vector_backend: store.vectors.backend_name(),
+        catalog_backend: catalog.backend_name(),
+        slides,
+        jobs: catalog.job_counts().await?,
+        reports: catalog.list_reports(None).await?.len() as u64,
+        points,
+        fingerprints,
+    })
 }

@@ -5,6 +5,7 @@ pub mod demo;
 pub mod encode;
 pub mod ingest;
 pub mod models;
+pub mod serve;
 pub mod slide;
 pub mod synth;
 pub mod tile;

@@ -1,0 +1,142 @@
+//! The service's one error type, and the one place errors become HTTP status codes and the
+//! `{ "error": { "code", "message" } }` body.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+use gigapath_pipeline::PipelineError;
+use gigapath_store::StoreError;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// Every failure a request can meet, by what the client can do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Malformed or invalid input (400).
+    #[error("{0}")]
+    BadRequest(String),
+    /// Missing or wrong API key (401).
+    #[error("{0}")]
+    Unauthorized(String),
+    /// The endpoint is disabled by configuration (403).
+    #[error("{0}")]
+    Forbidden(String),
+    /// An unknown slide, report, prompt set or route (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// The store holds embeddings that do not match the loaded models, or the service lacks
+    /// what the request needs (e.g. an alignment checkpoint) (409).
+    #[error("{0}")]
+    Conflict(String),
+    /// The body is over the configured limit (413).
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    /// The work did not finish within the request timeout (503).
+    #[error("{0}")]
+    Unavailable(String),
+    /// A fault of ours (500): logged with details, answered without them.
+    #[error("internal error")]
+    Internal(String),
+}
+
+/// The error body.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable machine-readable code, e.g. `bad_request`, `not_found`, `fingerprint_mismatch`.
+    pub code: String,
+    /// What went wrong, for people.
+    pub message: String,
+}
+
+impl ApiError {
+    fn code(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::Conflict(_) => "conflict",
+            ApiError::PayloadTooLarge(_) => "payload_too_large",
+            ApiError::Unavailable(_) => "unavailable",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        if let ApiError::Internal(detail) = self {
+            tracing::error!("internal error: {detail}");
+        }
+        HttpResponse::build(self.status_code()).json(ErrorBody {
+            error: ErrorDetail {
+                code: self.code().to_string(),
+                message: self.to_string(),
+            },
+        })
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        let msg = e.to_string();
+        match e {
+            StoreError::FingerprintMismatch { .. } => ApiError::Conflict(format!(
+                "{msg}: the stored embeddings come from other weights than the service's models; \
+                 re-embed them (gigapath reembed) or serve with the models that made them"
+            )),
+            StoreError::UnknownSlide(_) => ApiError::NotFound(msg),
+            StoreError::InvalidRequest(_)
+            | StoreError::InvalidPoint { .. }
+            | StoreError::UnknownVector { .. } => ApiError::BadRequest(msg),
+            StoreError::DimensionMismatch { .. } | StoreError::SchemaMismatch { .. } => {
+                ApiError::Conflict(msg)
+            }
+            _ => ApiError::Internal(msg),
+        }
+    }
+}
+
+impl From<PipelineError> for ApiError {
+    fn from(e: PipelineError) -> Self {
+        match e {
+            PipelineError::Store(s) => s.into(),
+            PipelineError::Input(m) => ApiError::BadRequest(m),
+            PipelineError::MissingModel { .. } | PipelineError::Config(_) => {
+                ApiError::Conflict(e.to_string())
+            }
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<tokio::task::JoinError> for ApiError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        ApiError::Internal(format!("background task failed: {e}"))
+    }
+}
+
+impl From<actix_web::error::BlockingError> for ApiError {
+    fn from(e: actix_web::error::BlockingError) -> Self {
+        ApiError::Internal(format!("blocking task failed: {e}"))
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;

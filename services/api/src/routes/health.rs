@@ -1,0 +1,98 @@
+//! Liveness, readiness and metrics.
+
+use actix_web::{get, web, HttpResponse};
+use gigapath_store::vector::{PayloadFilter, REPORTS, SLIDES};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::error::{ApiError, ApiResult};
+use crate::state::AppState;
+
+#[derive(Serialize, ToSchema)]
+pub struct Health {
+    pub status: &'static str,
+}
+
+/// The process is up.
+#[utoipa::path(responses((status = 200, body = Health)))]
+#[get("/healthz")]
+pub async fn healthz() -> web::Json<Health> {
+    web::Json(Health { status: "ok" })
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Ready {
+    pub status: &'static str,
+    pub vector_backend: &'static str,
+    pub catalog_backend: &'static str,
+}
+
+/// The store answers (vectors and catalog): ready for traffic.
+#[utoipa::path(responses((status = 200, body = Ready), (status = 503, body = crate::error::ErrorBody)))]
+#[get("/readyz")]
+pub async fn readyz(state: web::Data<AppState>) -> ApiResult<web::Json<Ready>> {
+    let store = state.pipeline.store.clone();
+    state
+        .store(async move {
+            store.vectors.health().await?;
+            store.catalog.health().await
+        })
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("not ready: {e}")))?;
+    Ok(web::Json(Ready {
+        status: "ready",
+        vector_backend: state.pipeline.store.vectors.backend_name(),
+        catalog_backend: state.pipeline.store.catalog.backend_name(),
+    }))
+}
+
+/// Prometheus metrics (text exposition format).
+#[utoipa::path(responses((status = 200, content_type = "text/plain", body = String)))]
+#[get("/metrics")]
+pub async fn metrics(state: web::Data<AppState>) -> ApiResult<HttpResponse> {
+    let store = state.pipeline.store.clone();
+    let (slides, reports, jobs) = state
+        .store(async move {
+            let slides = store.vectors.count(SLIDES, &PayloadFilter::none()).await?;
+            let reports = store.vectors.count(REPORTS, &PayloadFilter::none()).await?;
+            Ok((slides, reports, store.catalog.job_counts().await?))
+        })
+        .await?;
+    let m = &state.metrics;
+    let text = m.render(&[
+        (
+            "gigapath_slide_points",
+            "Points in the slides collection.",
+            slides as f64,
+        ),
+        (
+            "gigapath_report_points",
+            "Points in the reports collection.",
+            reports as f64,
+        ),
+        (
+            "gigapath_jobs_queued",
+            "Ingest jobs waiting.",
+            jobs.queued as f64,
+        ),
+        (
+            "gigapath_jobs_running",
+            "Ingest jobs being worked on.",
+            jobs.running as f64,
+        ),
+        (
+            "gigapath_jobs_failed",
+            "Ingest jobs that failed.",
+            jobs.failed as f64,
+        ),
+        (
+            "gigapath_worker_slides_embedded",
+            "Slides this process's worker embedded.",
+            m.slides_embedded_by_worker
+                .load(std::sync::atomic::Ordering::Relaxed) as f64,
+        ),
+    ]);
+    Ok(HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(text))
+}

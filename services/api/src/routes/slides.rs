@@ -1,0 +1,187 @@
+//! `/v1/slides/{id}`: what is known of a slide, its pictures, and deleting its embeddings.
+
+use std::collections::BTreeMap;
+
+use actix_web::{delete, get, web, HttpResponse};
+use gigapath_store::vector::{REPORTS, SLIDES};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::auth::{AdminKey, ReadAccess};
+use crate::error::{ApiError, ApiResult};
+use crate::state::AppState;
+
+/// A slide: catalog record, stored point, reports.
+#[derive(Serialize, ToSchema)]
+pub struct SlideDetail {
+    pub id: String,
+    /// File name of the slide (the full path stays on the server).
+    pub file_name: String,
+    pub cohort: Option<String>,
+    pub site: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub mpp: Option<f64>,
+    pub tile_count: Option<u64>,
+    /// `registered`, `embedded` or `failed`.
+    pub state: String,
+    pub error: Option<String>,
+    /// Guard fingerprint of its stored point.
+    pub fingerprint: Option<String>,
+    /// Per role: tile, slide (, alignment).
+    pub fingerprints: BTreeMap<String, String>,
+    /// Whether a point is stored, and which vectors it has (`slide`, `joint`).
+    pub vectors: Vec<String>,
+    pub report_ids: Vec<String>,
+    /// Pictures of its tiling, when available (`thumbnail.png`, `overlay.png`, `mask.png`).
+    pub pictures: Vec<String>,
+}
+
+/// Slide ids become folder names: refuse anything that could leave the tiles folder.
+pub fn check_id(id: &str) -> ApiResult<&str> {
+    if id.is_empty() || id.len() > 512 || id == "." || id == ".." || id.contains(['/', '\\', '\0'])
+    {
+        return Err(ApiError::BadRequest(format!(
+            "invalid slide id `{}`",
+            id.escape_debug()
+        )));
+    }
+    Ok(id)
+}
+
+const PICTURES: [&str; 3] = ["thumbnail.png", "overlay.png", "mask.png"];
+
+/// Everything known about one slide.
+#[utoipa::path(
+    params(("id" = String, Path, description = "Slide id")),
+    responses((status = 200, body = SlideDetail), (status = 404, body = crate::error::ErrorBody))
+)]
+#[get("/v1/slides/{id}")]
+pub async fn get_slide(
+    _r: ReadAccess,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> ApiResult<web::Json<SlideDetail>> {
+    let id = check_id(&id)?.to_string();
+    let store = state.pipeline.store.clone();
+    let key = id.clone();
+    let (record, points, reports) = state
+        .store(async move {
+            let record = store.catalog.slide(&key).await?;
+            let points = store.vectors.retrieve(SLIDES, &[key.clone()], true).await?;
+            let reports = store.catalog.list_reports(Some(&key)).await?;
+            Ok((record, points, reports))
+        })
+        .await?;
+    let Some(r) = record else {
+        return Err(ApiError::NotFound(format!("unknown slide `{id}`")));
+    };
+    let tiles = state.pipeline.tiles_dir(&id);
+    Ok(web::Json(SlideDetail {
+        file_name: std::path::Path::new(&r.path)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        id: r.id,
+        cohort: r.cohort,
+        site: r.site,
+        labels: r.labels,
+        mpp: r.mpp,
+        tile_count: r.tile_count,
+        state: r.state.as_str().to_string(),
+        error: r.error,
+        fingerprint: r.fingerprint,
+        fingerprints: r.fingerprints,
+        vectors: points
+            .first()
+            .map(|p| p.vectors.keys().cloned().collect())
+            .unwrap_or_default(),
+        report_ids: reports.into_iter().map(|r| r.id).collect(),
+        pictures: PICTURES
+            .iter()
+            .filter(|p| tiles.join(p).is_file())
+            .map(|p| p.to_string())
+            .collect(),
+    }))
+}
+
+/// A picture of the slide's tiling: `thumbnail.png`, `overlay.png` (tissue and kept tiles) or
+/// `mask.png`.
+#[utoipa::path(
+    params(("id" = String, Path, description = "Slide id"), ("picture" = String, Path, description = "thumbnail.png, overlay.png or mask.png")),
+    responses((status = 200, content_type = "image/png", body = Vec<u8>), (status = 404, body = crate::error::ErrorBody))
+)]
+#[get("/v1/slides/{id}/{picture}")]
+pub async fn picture(
+    _r: ReadAccess,
+    state: web::Data<AppState>,
+    path: web::Path<(String, String)>,
+) -> ApiResult<HttpResponse> {
+    let (id, name) = path.into_inner();
+    let id = check_id(&id)?;
+    let Some(name) = PICTURES.iter().find(|p| **p == name) else {
+        return Err(ApiError::NotFound(format!(
+            "no picture `{name}` (thumbnail.png, overlay.png, mask.png)"
+        )));
+    };
+    let file = state.pipeline.tiles_dir(id).join(name);
+    let bytes = web::block(move || std::fs::read(file))
+        .await?
+        .map_err(|_| ApiError::NotFound(format!("slide `{id}` has no {name} (not tiled yet)")))?;
+    Ok(HttpResponse::Ok()
+        .content_type("image/png")
+        .insert_header(("Cache-Control", "max-age=300"))
+        .body(bytes))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Deleted {
+    pub slide_id: String,
+    /// Report points removed with it.
+    pub reports: usize,
+}
+
+/// Removes a slide's point and its reports' points from the vector store (admin key needed).
+/// The catalog keeps the slide's record; ingesting it again re-embeds it.
+#[utoipa::path(
+    params(("id" = String, Path, description = "Slide id")),
+    responses((status = 200, body = Deleted), (status = 401, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody)),
+    security(("api_key" = []))
+)]
+#[delete("/v1/slides/{id}")]
+pub async fn delete_slide(
+    _k: AdminKey,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> ApiResult<web::Json<Deleted>> {
+    let id = check_id(&id)?.to_string();
+    let store = state.pipeline.store.clone();
+    let key = id.clone();
+    let removed = state
+        .store(async move {
+            if store.catalog.slide(&key).await?.is_none() {
+                return Ok(None);
+            }
+            let reports: Vec<String> = store
+                .catalog
+                .list_reports(Some(&key))
+                .await?
+                .into_iter()
+                .map(|r| r.id)
+                .collect();
+            store.vectors.delete(SLIDES, &[key.clone()]).await?;
+            store.vectors.delete(REPORTS, &reports).await?;
+            store.catalog.forget_embedding(SLIDES, &key).await?;
+            for r in &reports {
+                store.catalog.forget_embedding(REPORTS, r).await?;
+            }
+            Ok(Some(reports.len()))
+        })
+        .await?;
+    match removed {
+        Some(reports) => Ok(web::Json(Deleted {
+            slide_id: id,
+            reports,
+        })),
+        None => Err(ApiError::NotFound(format!("unknown slide `{id}`"))),
+    }
+}

@@ -1,0 +1,105 @@
+//! Registering slides and queueing their embedding jobs, as an async function over the store, so
+//! that the HTTP service's ingest endpoint queues work for the workers without running it.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use gigapath_store::catalog::{NewJob, NewSlide, QueueOutcome};
+use gigapath_store::Store;
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::error::Result;
+use crate::ingest::EMBED_SLIDE;
+use crate::slide_job::SlideJob;
+
+/// What queueing did, slide by slide.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct QueueSummary {
+    /// New, re-queued or already pending jobs.
+    pub queued: Vec<String>,
+    /// Already embedded with these weights.
+    pub already_done: Vec<String>,
+    /// Failed before and not retried, with the reason.
+    pub previously_failed: Vec<(String, String)>,
+}
+
+/// Registers `slides` (id -> path) in the catalog, merging `labels` into what it knows, and
+/// queues one `embed_slide` job per slide for the weights `fingerprint`.
+pub async fn queue_slides(
+    store: &Store,
+    config: &Config,
+    slides: &BTreeMap<String, std::path::PathBuf>,
+    labels: &BTreeMap<String, BTreeMap<String, String>>,
+    fingerprint: &str,
+    mpp: Option<f64>,
+    retry_failed: bool,
+) -> Result<QueueSummary> {
+    let mut summary = QueueSummary::default();
+    for (id, path) in slides {
+        register_slide(store, config, id, path, mpp, labels.get(id)).await?;
+        let job = SlideJob {
+            slide_id: id.clone(),
+            path: path.clone(),
+            mpp,
+        };
+        let outcome = store
+            .catalog
+            .queue_job(&NewJob {
+                kind: EMBED_SLIDE.into(),
+                subject: id.clone(),
+                fingerprint: fingerprint.to_string(),
+                payload: serde_json::to_value(&job).expect("job serialises"),
+                retry_failed,
+            })
+            .await?;
+        match outcome {
+            QueueOutcome::Queued { .. }
+            | QueueOutcome::Requeued { .. }
+            | QueueOutcome::Pending { .. } => summary.queued.push(id.clone()),
+            QueueOutcome::AlreadyDone { .. } => summary.already_done.push(id.clone()),
+            QueueOutcome::PreviouslyFailed { error, .. } => summary.previously_failed.push((
+                id.clone(),
+                error.unwrap_or_else(|| "no reason recorded".into()),
+            )),
+        }
+    }
+    Ok(summary)
+}
+
+/// Inserts or updates a slide, merging `labels` (`cohort` and `site` are columns of their own)
+/// with what the catalog already knows, so that re-registering never drops labels.
+pub async fn register_slide(
+    store: &Store,
+    config: &Config,
+    id: &str,
+    path: &Path,
+    mpp: Option<f64>,
+    labels: Option<&BTreeMap<String, String>>,
+) -> Result<()> {
+    let old = store.catalog.slide(id).await?;
+    let mut merged = old.as_ref().map(|r| r.labels.clone()).unwrap_or_default();
+    let mut cohort = old.as_ref().and_then(|r| r.cohort.clone());
+    let mut site = old.as_ref().and_then(|r| r.site.clone());
+    for (k, v) in labels.into_iter().flatten() {
+        match k.as_str() {
+            "cohort" => cohort = Some(v.clone()),
+            "site" => site = Some(v.clone()),
+            _ => {
+                merged.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    store
+        .catalog
+        .upsert_slide(&NewSlide {
+            id: id.to_string(),
+            path: path.display().to_string(),
+            cohort: cohort.or_else(|| config.ingest.cohort.clone()),
+            site,
+            labels: merged,
+            mpp: mpp.or(old.and_then(|r| r.mpp)),
+        })
+        .await?;
+    Ok(())
+}
