@@ -148,7 +148,8 @@ def main():
     threads = os.cpu_count()
     torch.set_num_threads(threads)
     print(f"machine: {threads} CPU threads; torch {torch.__version__} ({torch.get_num_threads()} threads), timm {timm.__version__}")
-    print(f"candle: RAYON_NUM_THREADS={os.environ.get('RAYON_NUM_THREADS', 'default (all cores)')}\n")
+    print(f"candle: RAYON_NUM_THREADS={os.environ.get('RAYON_NUM_THREADS', 'default (all cores)')}")
+    print(f"load average at start: {os.getloadavg()[0]:.2f} (other processes share these cores: compare ratios, not absolutes)\n")
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -182,13 +183,14 @@ def main():
     slide_ns = [int(n) for n in args.slide_tiles.split(",") if n]
     if slide_ns:
         print("Slide encoder, full size (768-d, 12 layers, 16 heads, 5 dilated branches), random weights, CPU f32")
-        print("| tiles | wall time (s) | peak RSS (MiB) |")
-        print("| ---: | ---: | ---: |")
+        print("| tiles | wall time (s) | CPU time, user + sys (s) | peak RSS (MiB) |")
+        print("| ---: | ---: | ---: | ---: |")
         for n in slide_ns:
             res, stderr = run_json(["/usr/bin/time", "-v", args.bin, "slide", "--tiles", str(n)])
             m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr)
             rss = int(m.group(1)) / 1024 if m else res["peak_rss_mib"]
-            print(f"| {n} | {res['seconds']:.1f} | {rss:.0f} |")
+            cpu = sum(float(x) for x in re.findall(r"(?:User|System) time \(seconds\): ([\d.]+)", stderr))
+            print(f"| {n} | {res['seconds']:.1f} | {cpu:.1f} | {rss:.0f} |")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,16 @@
 //! Encoder benchmarks, run by `scripts/bench-encoders.sh` next to PyTorch (not a timed test).
 //!
 //! ```text
-//! bench_encoders tile  --model DIR --input pixels.safetensors [--iters N]
-//! bench_encoders slide --tiles N [--layers 12]
-//! bench_encoders ops   [--batch 16] [--dim 1536] [--heads 24] [--hidden 8192]
+//! bench_encoders tile   --model DIR --input pixels.safetensors [--iters N]
+//! bench_encoders tile   --random [--depth 40 --dim 1536 --heads 24] --batch B [--iters N]
+//! bench_encoders slide  --tiles N [--layers 12]
+//! bench_encoders ops    [--batch 16] [--dim 1536] [--heads 24] [--hidden 8192]
+//! bench_encoders parity --fixtures DIR
 //! ```
+//! `tile`, `slide` and `parity` take `--device cpu|cuda[:N]` and `--dtype f32|bf16|f16` (half
+//! precision on CUDA only); `scripts/gpu_check.py` runs them on a lent GPU next to PyTorch.
+//! `parity` runs the tile and slide fixtures of `tests/fixtures/reference` at that precision and
+//! prints the relative error and max-abs difference of every output.
 //! `ops` times each operation of one tile-encoder block with the giant block's shapes, for the
 //! per-op comparison with PyTorch (`scripts/bench_encoders.py` prints both).
 //! Each prints one JSON line on stdout: tiles/s for the tile encoder (same weights and input as the
@@ -61,20 +67,63 @@ impl SimpleBackend for RandomWeights {
     }
 }
 
+/// `--device` / `--dtype` (default: f32 on CPU).
+fn precision(args: &[String]) -> anyhow::Result<Precision> {
+    let device = arg(args, "--device").unwrap_or_else(|| "cpu".into());
+    let dtype = arg(args, "--dtype").unwrap_or_else(|| "f32".into());
+    Ok(Precision::parse(&device, &dtype)?)
+}
+
+/// A tile encoder with random weights: the Prov-GigaPath ViT-g unless overridden.
+fn random_tile_encoder(args: &[String], precision: &Precision) -> anyhow::Result<TileEncoder> {
+    let get = |name: &str, default: usize| arg(args, name).map_or(default, |s| s.parse().unwrap());
+    let config = serde_json::json!({
+        "architecture": "vit_giant_patch14_dinov2",
+        "num_features": get("--dim", 1536),
+        "global_pool": "token",
+        "model_args": {
+            "img_size": 224, "in_chans": 3, "patch_size": 16, "embed_dim": get("--dim", 1536),
+            "depth": get("--depth", 40), "num_heads": get("--heads", 24), "init_values": 1e-5,
+            "mlp_ratio": 5.33334, "num_classes": 0
+        }
+    });
+    let cfg: gigapath_models::tile_encoder::Config = serde_json::from_value(config)?;
+    let vb = VarBuilder::from_backend(
+        Box::new(RandomWeights),
+        precision.dtype,
+        precision.device.clone(),
+    );
+    Ok(TileEncoder::new(&cfg, vb)?)
+}
+
 fn tile(args: &[String]) -> anyhow::Result<()> {
-    let model_dir = arg(args, "--model").expect("--model DIR");
-    let input = arg(args, "--input").expect("--input FILE");
     let iters: usize = arg(args, "--iters").map_or(3, |s| s.parse().unwrap());
-    let model = TileEncoder::load(model_dir.as_ref(), &Precision::cpu())?;
-    let pixels = candle_core::safetensors::load(&input, &Device::Cpu)?
-        .remove("pixel_values")
-        .expect("pixel_values");
+    let precision = precision(args)?;
+    let (model, pixels) = if args.iter().any(|a| a == "--random") {
+        let batch: usize = arg(args, "--batch").map_or(16, |s| s.parse().unwrap());
+        let model = random_tile_encoder(args, &precision)?;
+        let pixels = Tensor::randn(0f32, 1.0, (batch, 3, 224, 224), &precision.device)?
+            .to_dtype(precision.dtype)?;
+        (model, pixels)
+    } else {
+        let model_dir = arg(args, "--model").expect("--model DIR");
+        let input = arg(args, "--input").expect("--input FILE");
+        let model = TileEncoder::load(model_dir.as_ref(), &precision)?;
+        let pixels = candle_core::safetensors::load(&input, &Device::Cpu)?
+            .remove("pixel_values")
+            .expect("pixel_values")
+            .to_device(&precision.device)?
+            .to_dtype(precision.dtype)?;
+        (model, pixels)
+    };
     let batch = pixels.dim(0)?;
-    let out = model.embed(&pixels)?; // warm-up, also the output the caller compares
+    // Warm-up (and CUDA kernel JIT), also the output the caller compares; `embed` returns f32 and
+    // copying it to the host waits for the device.
+    let out = model.embed(&pixels)?.to_device(&Device::Cpu)?;
     let mut times = Vec::new();
     for _ in 0..iters {
         let t = Instant::now();
-        model.embed(&pixels)?;
+        model.embed(&pixels)?.to_device(&Device::Cpu)?;
         times.push(t.elapsed().as_secs_f64());
     }
     times.sort_by(f64::total_cmp);
@@ -85,7 +134,10 @@ fn tile(args: &[String]) -> anyhow::Result<()> {
     }
     println!(
         "{}",
-        serde_json::json!({"batch": batch, "seconds": median, "tiles_per_s": batch as f64 / median})
+        serde_json::json!({
+            "side": "candle", "model": "tile", "batch": batch, "dtype": dtype_name(&precision),
+            "seconds": median, "tiles_per_s": batch as f64 / median,
+        })
     );
     Ok(())
 }
@@ -96,20 +148,36 @@ fn slide(args: &[String]) -> anyhow::Result<()> {
     if let Some(layers) = arg(args, "--layers") {
         cfg.depth = layers.parse()?;
     }
-    let vb = VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, Device::Cpu);
+    let precision = precision(args)?;
+    let vb = VarBuilder::from_backend(
+        Box::new(RandomWeights),
+        precision.dtype,
+        precision.device.clone(),
+    );
     let model = SlideEncoder::new(&cfg, vb)?;
-    let features = Tensor::randn(0f32, 1.0, (tiles, cfg.in_chans), &Device::Cpu)?;
     // Row-major tiles of a square-ish slide, as the tiler emits them.
-    let side = (tiles as f64).sqrt().ceil() as u32;
-    let cells: Vec<[u32; 2]> = (0..tiles as u32).map(|i| [i % side, i / side]).collect();
+    let cells = |n: usize| -> Vec<[u32; 2]> {
+        let side = (n as f64).sqrt().ceil() as u32;
+        (0..n as u32).map(|i| [i % side, i / side]).collect()
+    };
+    let features = |n: usize| Tensor::randn(0f32, 1.0, (n, cfg.in_chans), &precision.device);
+    if !precision.device.is_cpu() {
+        // Pays the CUDA kernel JIT and cuBLAS set-up outside the timed run.
+        model.encode_cells(&features(2000)?, &cells(2000))?;
+        precision.device.synchronize()?;
+    }
+    let (features, cells) = (features(tiles)?, cells(tiles));
+    precision.device.synchronize()?;
     let rss_before = peak_rss_mib();
     let t = Instant::now();
     let out = model.encode_cells(&features, &cells)?;
+    let cls = out.cls.to_device(&Device::Cpu)?;
     let seconds = t.elapsed().as_secs_f64();
-    let norm: f32 = out.cls.sqr()?.sum_all()?.sqrt()?.to_scalar()?;
+    let norm: f32 = cls.sqr()?.sum_all()?.sqrt()?.to_scalar()?;
     println!(
         "{}",
         serde_json::json!({
+            "side": "candle", "model": "slide", "dtype": dtype_name(&precision),
             "tiles": tiles, "layers": cfg.depth, "seconds": seconds,
             "peak_rss_mib": peak_rss_mib(), "rss_before_mib": rss_before,
             "cls_norm": norm,
@@ -191,12 +259,95 @@ fn ops(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn dtype_name(precision: &Precision) -> &'static str {
+    match precision.dtype {
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        _ => "f32",
+    }
+}
+
+/// (relative error ||got - want|| / ||want||, max-abs difference), in f64 on the host.
+fn errors(got: &Tensor, want: &Tensor) -> anyhow::Result<(f64, f64)> {
+    anyhow::ensure!(
+        got.dims() == want.dims(),
+        "shape {:?} vs {:?}",
+        got.dims(),
+        want.dims()
+    );
+    let g = got
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F64)?
+        .flatten_all()?;
+    let w = want.to_dtype(DType::F64)?.flatten_all()?;
+    let diff = (&g - &w)?;
+    let norm = |t: &Tensor| -> candle_core::Result<f64> { t.sqr()?.sum_all()?.sqrt()?.to_scalar() };
+    let max_abs: f64 = diff.abs()?.max(0)?.to_scalar()?;
+    Ok((norm(&diff)? / norm(&w)?, max_abs))
+}
+
+/// The tile and slide fixtures at `--device` / `--dtype`: one JSON line of errors per output.
+fn parity(args: &[String]) -> anyhow::Result<()> {
+    let dir = std::path::PathBuf::from(arg(args, "--fixtures").expect("--fixtures DIR"));
+    let precision = precision(args)?;
+    let load = |p: std::path::PathBuf| candle_core::safetensors::load(p, &Device::Cpu);
+    let mut rows = serde_json::Map::new();
+    let mut put = |name: &str, got: &Tensor, want: &Tensor| -> anyhow::Result<()> {
+        let (rel, max_abs) = errors(got, want)?;
+        rows.insert(
+            name.into(),
+            serde_json::json!({"rel_err": rel, "max_abs": max_abs}),
+        );
+        Ok(())
+    };
+
+    let tile_dir = dir.join("tile_encoder");
+    let expected = load(tile_dir.join("expected.safetensors"))?;
+    let model = TileEncoder::load(&tile_dir, &precision)?;
+    let pixels = expected["pixel_values"]
+        .to_device(&precision.device)?
+        .to_dtype(precision.dtype)?;
+    put(
+        "tile/tokens",
+        &model.forward_tokens(&pixels)?,
+        &expected["tokens"],
+    )?;
+    put("tile/cls", &model.embed(&pixels)?, &expected["cls"])?;
+
+    let slide_dir = dir.join("slide_encoder");
+    let inputs = load(slide_dir.join("inputs.safetensors"))?;
+    let expected = load(slide_dir.join("expected.safetensors"))?;
+    let model = SlideEncoder::load(&slide_dir, &precision)?;
+    let out = model.encode(&inputs["features"], &inputs["coords"], 256.0)?;
+    put("slide/cls", &out.cls, &expected["cls"])?;
+    put("slide/pool", &out.pool, &expected["pool"])?;
+    put(
+        "slide/all_layers_cls",
+        &out.all_layers_cls,
+        &expected["all_layers_cls"],
+    )?;
+    put(
+        "slide/all_layers_pool",
+        &out.all_layers_pool,
+        &expected["all_layers_pool"],
+    )?;
+    println!(
+        "{}",
+        serde_json::json!({"side": "candle", "model": "parity", "dtype": dtype_name(&precision),
+                           "outputs": rows})
+    );
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("tile") => tile(&args),
         Some("slide") => slide(&args),
         Some("ops") => ops(&args),
-        _ => anyhow::bail!("usage: bench_encoders tile --model DIR --input FILE | slide --tiles N"),
+        Some("parity") => parity(&args),
+        _ => {
+            anyhow::bail!("usage: bench_encoders tile|slide|ops|parity ... (see the source header)")
+        }
     }
 }

@@ -308,12 +308,28 @@ pub fn softmax_with_lse(scores: &Tensor, scale: f64) -> Result<(Tensor, Tensor)>
         let lse = packed.narrow(D::Minus1, n, 1)?.squeeze(D::Minus1)?;
         return Ok((p, lse));
     }
+    if !needs_grad(scores) {
+        return softmax_with_lse_fused(scores, scale);
+    }
     let x = (scores.to_dtype(DType::F32)? * scale)?;
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     let sum = e.sum_keepdim(D::Minus1)?;
     let p = e.broadcast_div(&sum)?;
     let lse = (max + sum.log()?)?.squeeze(D::Minus1)?;
+    Ok((p, lse))
+}
+
+/// Inference off the CPU kernel (CUDA, f64, half precision): candle's fused softmax, and the lse
+/// from the two row maxima, `lse = max(x) - ln(max(p))` (the largest probability is `1 / sum`, so
+/// this is `max + ln(sum(exp(x - max)))` without another pass over `exp`). Five kernels instead of
+/// nine; the fused softmax has no backward, so training never comes here.
+pub fn softmax_with_lse_fused(scores: &Tensor, scale: f64) -> Result<(Tensor, Tensor)> {
+    let x = scores.to_dtype(DType::F32)?.affine(scale, 0.0)?;
+    let p = candle_nn::ops::softmax_last_dim(&x)?;
+    let max_x = x.max_keepdim(D::Minus1)?;
+    let max_p = p.max_keepdim(D::Minus1)?;
+    let lse = (max_x - max_p.log()?)?.squeeze(D::Minus1)?;
     Ok((p, lse))
 }
 
@@ -701,5 +717,19 @@ mod tests {
         };
         assert!(diff(&p, &p_ref) < 1e-6);
         assert!(diff(&lse, &lse_ref) < 1e-5);
+        // The GPU inference path (fused softmax, lse from the row maxima), run here on CPU.
+        let (p2, lse2) = softmax_with_lse_fused(&x, 0.3).unwrap();
+        assert!(diff(&p2, &p_ref) < 1e-6);
+        assert!(diff(&lse2, &lse_ref) < 1e-5);
+        // Large logits: the max-shift keeps it finite where exp() alone overflows.
+        let big = (Tensor::randn(0f32, 1., (2, 9), &Device::Cpu).unwrap() + 500.0).unwrap();
+        let (_, lse_big) = softmax_with_lse_fused(&big, 1.0).unwrap();
+        let max: Vec<f32> = big.max(D::Minus1).unwrap().to_vec1().unwrap();
+        for (l, m) in lse_big.to_vec1::<f32>().unwrap().iter().zip(&max) {
+            assert!(
+                l.is_finite() && *l >= *m && *l <= m + (9f32).ln() + 1e-3,
+                "{l} vs {m}"
+            );
+        }
     }
 }

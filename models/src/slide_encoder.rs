@@ -27,6 +27,8 @@ use crate::weights::{find_file, read_json, var_builder};
 /// Rows of the feed-forward block processed at once: keeps the [rows, 4D] activations small at
 /// 100k tiles (the FFN is position-wise, so chunking is exact).
 const FFN_CHUNK_ROWS: usize = 4096;
+/// Attention scores held at once on a GPU (f32 elements: 256 MiB).
+const GPU_CHUNK_SCORES: usize = 1 << 26;
 
 /// Slide encoder configuration (the schema of the reference fixture's `config.json`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -232,7 +234,16 @@ impl SelfAttention {
             v_proj: linear(d, d, vb.pp("v_proj"))?,
             out_proj: linear(d, d, vb.pp("out_proj"))?,
             inner_attn_ln: LayerNorm::load(d, cfg.layernorm_eps, vb.pp("inner_attn_ln"))?,
-            attention: cfg.attention().map_err(candle_core::Error::msg)?,
+            attention: {
+                let attention = cfg.attention().map_err(candle_core::Error::msg)?;
+                // GPUs want fewer, larger attention chunks (256 MiB of f32 scores at a time);
+                // the CPU kernel's default keeps a chunk near the cache sizes.
+                if vb.device().is_cpu() {
+                    attention
+                } else {
+                    attention.with_chunk_scores(GPU_CHUNK_SCORES)
+                }
+            },
             num_heads: cfg.num_heads,
         })
     }
@@ -477,6 +488,15 @@ impl SlideEncoder {
             xs = layer.forward(xs)?;
         }
         Ok(xs)
+    }
+
+    /// Contextualised tile embeddings, `norm(encoder.layer_norm(s_depth))[1:]`: [N, D] in f32,
+    /// each tile's output after attending over the whole slide. Prompt heatmaps project these
+    /// through the alignment's slide head, as the pooled slide embedding is.
+    pub fn tile_tokens(&self, features: &Tensor, cells: &[[u32; 2]]) -> crate::Result<Tensor> {
+        let xs = self.hidden_state(features, cells, self.layers.len())?;
+        let out = self.norm.forward(&self.encoder_layer_norm.forward(&xs)?)?;
+        Ok(out.narrow(0, 1, cells.len())?.to_dtype(DType::F32)?)
     }
 
     /// Checks a slide's inputs and builds s0, `[cls_token; patch_embed(features) + pos]`.
