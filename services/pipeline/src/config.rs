@@ -4,7 +4,7 @@
 //! so that workers and the service on that data dir use the same models), `--config FILE`,
 //! environment variables (`GIGAPATH_QDRANT_URL`, `GIGAPATH_QDRANT_API_KEY`,
 //! `GIGAPATH_CATALOG_URL`, `GIGAPATH_TILE_ENCODER`, `GIGAPATH_SLIDE_ENCODER`,
-//! `GIGAPATH_TEXT_ENCODER`, `GIGAPATH_DEVICE`, `GIGAPATH_DTYPE`), then
+//! `GIGAPATH_TEXT_ENCODER`, `GIGAPATH_ALIGNMENT`, `GIGAPATH_DEVICE`, `GIGAPATH_DTYPE`), then
 //! flags. Tables merge key by key, so a file may set only what it changes. Relative paths are
 //! taken from the working directory.
 
@@ -125,6 +125,10 @@ pub struct ModelsConfig {
     pub text_pool: String,
     /// L2-normalise text embeddings.
     pub text_normalize: bool,
+    /// Alignment checkpoint folder (`alignment.json` + `alignment.safetensors`, written by
+    /// `gigapath train`). When set, ingest also writes `joint` vectors and every fingerprint
+    /// includes the checkpoint's; `gigapath reembed` sets it for the data dir.
+    pub alignment: Option<PathBuf>,
 }
 
 impl Default for ModelsConfig {
@@ -138,6 +142,7 @@ impl Default for ModelsConfig {
             slide_pool: "mean".into(),
             text_pool: "mean".into(),
             text_normalize: true,
+            alignment: None,
         }
     }
 }
@@ -246,6 +251,7 @@ impl Config {
             &mut m.tile_encoder,
             &mut m.slide_encoder,
             &mut m.text_encoder,
+            &mut m.alignment,
         ] {
             if let Some(abs) = slot.as_deref().and_then(|p| std::fs::canonicalize(p).ok()) {
                 *slot = Some(abs);
@@ -268,6 +274,7 @@ impl Config {
             ("GIGAPATH_TILE_ENCODER", &mut m.tile_encoder),
             ("GIGAPATH_SLIDE_ENCODER", &mut m.slide_encoder),
             ("GIGAPATH_TEXT_ENCODER", &mut m.text_encoder),
+            ("GIGAPATH_ALIGNMENT", &mut m.alignment),
         ] {
             if let Some(v) = var(name).filter(|v| !v.is_empty()) {
                 *slot = Some(PathBuf::from(v));
@@ -405,6 +412,38 @@ impl Config {
         std::fs::write(&tmp, text).map_err(|e| PipelineError::io(&tmp, e))?;
         std::fs::rename(&tmp, &path).map_err(|e| PipelineError::io(&path, e))
     }
+}
+
+/// Points the data dir's own config at an alignment checkpoint (`models.alignment`), keeping
+/// its other keys, so that later ingests and the service embed with the same weights as the
+/// re-embedded collections.
+pub fn set_data_dir_alignment(data_dir: &Path, alignment: &Path) -> Result<()> {
+    let path = data_dir.join(DATA_DIR_CONFIG);
+    let mut table = if path.is_file() {
+        read_table(&path)?
+    } else {
+        toml::Table::new()
+    };
+    let models = table
+        .entry("models")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let Some(models) = models.as_table_mut() else {
+        return Err(PipelineError::Config(format!(
+            "{}: `models` is not a table",
+            path.display()
+        )));
+    };
+    models.insert(
+        "alignment".into(),
+        toml::Value::String(alignment.display().to_string()),
+    );
+    let text = format!(
+        "# Written by `gigapath ingest` / `gigapath reembed` on this data dir; edit freely.\n{}",
+        toml::to_string_pretty(&table).unwrap_or_default()
+    );
+    let tmp = path.with_extension("toml.partial");
+    std::fs::write(&tmp, text).map_err(|e| PipelineError::io(&tmp, e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| PipelineError::io(&path, e))
 }
 
 fn read_table(path: &Path) -> Result<toml::Table> {

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor};
+use gigapath_models::align::Alignment;
 use gigapath_models::{Precision, SlideEncoder, SlidePool, TextEncoder, TextPool, TileEncoder};
 use gigapath_store::vector::combined_fingerprint;
 use half::f16;
@@ -25,7 +26,8 @@ fn required<'a>(
         .ok_or(PipelineError::MissingModel { what, key, env })
 }
 
-/// Per-role fingerprints (`tile`, `slide`) of the configured slide models, without loading them.
+/// Per-role fingerprints (`tile`, `slide`, and `alignment` when one is configured) of the
+/// configured slide models, without loading them.
 pub fn slide_fingerprints(cfg: &ModelsConfig) -> Result<BTreeMap<String, String>> {
     let tile_dir = required(
         &cfg.tile_encoder,
@@ -39,10 +41,71 @@ pub fn slide_fingerprints(cfg: &ModelsConfig) -> Result<BTreeMap<String, String>
         "slide_encoder",
         "GIGAPATH_SLIDE_ENCODER",
     )?;
-    Ok(BTreeMap::from([
+    let mut fps = BTreeMap::from([
         ("tile".to_string(), model_fingerprint(tile_dir)?),
         ("slide".to_string(), model_fingerprint(slide_dir)?),
-    ]))
+    ]);
+    if let Some(dir) = &cfg.alignment {
+        fps.insert("alignment".to_string(), model_fingerprint(dir)?);
+    }
+    Ok(fps)
+}
+
+/// Per-role fingerprints of report points: `text`, and `alignment` when one is configured.
+pub fn text_fingerprints(cfg: &ModelsConfig) -> Result<BTreeMap<String, String>> {
+    let dir = required(
+        &cfg.text_encoder,
+        "the text encoder",
+        "text_encoder",
+        "GIGAPATH_TEXT_ENCODER",
+    )?;
+    let mut fps = BTreeMap::from([("text".to_string(), model_fingerprint(dir)?)]);
+    if let Some(dir) = &cfg.alignment {
+        fps.insert("alignment".to_string(), model_fingerprint(dir)?);
+    }
+    Ok(fps)
+}
+
+/// An alignment checkpoint (`models.alignment`), with its fingerprint.
+pub struct AlignmentModel {
+    pub alignment: Alignment,
+    pub dir: PathBuf,
+    pub fingerprint: String,
+}
+
+impl AlignmentModel {
+    /// Loads the configured checkpoint, `None` when none is configured.
+    pub fn load(cfg: &ModelsConfig) -> Result<Option<AlignmentModel>> {
+        let Some(dir) = &cfg.alignment else {
+            return Ok(None);
+        };
+        let precision = Precision::parse(&cfg.device, &cfg.dtype)?;
+        Ok(Some(AlignmentModel {
+            alignment: Alignment::load(dir, &precision)?,
+            fingerprint: model_fingerprint(dir)?,
+            dir: dir.clone(),
+        }))
+    }
+
+    /// Errors unless the checkpoint was trained on the weights `actual` (role -> fingerprint)
+    /// for every role in `roles`: embeddings from other base weights would not be aligned.
+    pub fn check_base(&self, actual: &BTreeMap<String, String>, roles: &[&str]) -> Result<()> {
+        let trained = self.alignment.base_fingerprints();
+        for role in roles {
+            let (Some(want), Some(have)) = (trained.get(*role), actual.get(*role)) else {
+                continue;
+            };
+            if want != have {
+                return Err(PipelineError::Config(format!(
+                    "alignment {} was trained on {role} weights {want}, but the configured {role} \
+                     encoder is {have}: re-train the alignment on these weights or configure the \
+                     ones it was trained on",
+                    self.dir.display()
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Tile + slide encoder: pixels to tile features to a slide embedding.
@@ -124,6 +187,20 @@ impl SlideModels {
         )?
         .to_dtype(self.precision.dtype)?;
         Ok(self.tile.embed(&x)?.flatten_all()?.to_vec1::<f32>()?)
+    }
+
+    /// The slide embedding (after any layers the alignment fine-tuned) and the joint embedding
+    /// of tile features (f16, row-major N x D) at grid cells (gx, gy).
+    pub fn encode_slide_joint(
+        &self,
+        alignment: &Alignment,
+        features: &[f16],
+        cells: &[[u32; 2]],
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let d = self.tile_dim();
+        let x = Tensor::from_slice(features, (cells.len(), d), &self.precision.device)?
+            .to_dtype(DType::F32)?;
+        Ok(alignment.slide_joint(&self.slide, &x, cells)?)
     }
 
     /// The slide embedding of tile features (f16, row-major N x D) at grid cells (gx, gy).

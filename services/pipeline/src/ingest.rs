@@ -25,7 +25,7 @@ use gigapath_store::StoreError;
 use serde::Serialize;
 
 use crate::discover::find_slides;
-use crate::encoders::slide_fingerprints;
+use crate::encoders::{slide_fingerprints, text_fingerprints};
 use crate::error::{PipelineError, Result};
 use crate::pipeline::{Pipeline, Progress};
 use crate::reports::{read_reports, ReportRow, RowError};
@@ -220,25 +220,38 @@ impl Pipeline {
             return Ok(0);
         }
         let model = self.text_model()?;
-        let fingerprint = combined_fingerprint(&BTreeMap::from([(
-            "text".to_string(),
-            model.fingerprint.clone(),
-        )]));
+        let fingerprints = text_fingerprints(&self.config.models)?;
+        let fingerprint = combined_fingerprint(&fingerprints);
+        let alignment = self.alignment()?;
+        if let Some(a) = alignment {
+            a.check_base(&fingerprints, &["text"])?;
+        }
         let mut stored = 0;
         for chunk in rows.chunks(self.config.ingest.text_batch_size) {
             let texts: Vec<&str> = chunk.iter().map(|r| r.text.as_str()).collect();
             let embeddings = model.encode(&texts)?;
+            let joints: Vec<Option<Vec<f32>>> = match alignment {
+                None => vec![None; chunk.len()],
+                Some(a) => a
+                    .alignment
+                    .text_joint(&model.encoder, &texts)?
+                    .to_vec2::<f32>()?
+                    .into_iter()
+                    .map(Some)
+                    .collect(),
+            };
             let points = chunk
                 .iter()
                 .zip(embeddings)
-                .map(|(r, e)| {
+                .zip(joints)
+                .map(|((r, e), joint)| {
                     ReportPoint {
                         report_id: r.report_id.clone(),
                         slide_id: r.slide_id.clone(),
                         text: r.text.clone(),
                         labels: r.labels.clone(),
                         fingerprint: fingerprint.clone(),
-                        joint: None,
+                        joint,
                         text_embedding: e,
                     }
                     .into_point()

@@ -8,7 +8,7 @@ use gigapath_store::{Dims, Store};
 use serde_json::Value;
 
 use crate::config::Config;
-use crate::encoders::{SlideModels, TextModel};
+use crate::encoders::{AlignmentModel, SlideModels, TextModel};
 use crate::error::{PipelineError, Result};
 
 /// Callbacks for long work; the CLI draws progress bars with them.
@@ -34,6 +34,7 @@ pub struct Pipeline {
     pub(crate) rt: tokio::runtime::Runtime,
     slide_models: OnceLock<SlideModels>,
     text_model: OnceLock<TextModel>,
+    alignment: OnceLock<Option<AlignmentModel>>,
     load_lock: Mutex<()>,
     /// This process's name in job claims: host, pid and a random suffix.
     pub worker_id: String,
@@ -56,6 +57,7 @@ impl Pipeline {
             rt,
             slide_models: OnceLock::new(),
             text_model: OnceLock::new(),
+            alignment: OnceLock::new(),
             load_lock: Mutex::new(()),
             worker_id: worker_id(),
         })
@@ -111,6 +113,28 @@ impl Pipeline {
         Ok(self.text_model.get().expect("set above"))
     }
 
+    /// The configured alignment checkpoint (`models.alignment`), loaded on first use; `None`
+    /// when none is configured.
+    pub fn alignment(&self) -> Result<Option<&AlignmentModel>> {
+        if let Some(m) = self.alignment.get() {
+            return Ok(m.as_ref());
+        }
+        let _guard = self.load_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if self.alignment.get().is_none() {
+            let m = AlignmentModel::load(&self.config.models)?;
+            if let Some(a) = &m {
+                tracing::info!(
+                    "alignment: {} ({}, {}-d joint)",
+                    a.dir.display(),
+                    a.fingerprint,
+                    a.alignment.joint_dim()
+                );
+            }
+            let _ = self.alignment.set(m);
+        }
+        Ok(self.alignment.get().expect("set above").as_ref())
+    }
+
     /// Where the tiling pictures and grid of a slide go (`DATA_DIR/tiles/<slide_id>/`).
     pub fn tiles_dir(&self, slide_id: &str) -> std::path::PathBuf {
         self.config.store.data_dir.join("tiles").join(slide_id)
@@ -140,6 +164,11 @@ fn dims_from_models(config: &Config) -> Result<Dims> {
         } else {
             768 // the official gigapath_slide_enc12l768d
         };
+    }
+    if let Some(dir) = &m.alignment {
+        let cfg = dir.join(gigapath_models::align::CONFIG_FILE);
+        dims.joint = json_usize(&cfg, "joint_dim")?
+            .ok_or_else(|| PipelineError::io(&cfg, "no joint_dim (not an alignment checkpoint)"))?;
     }
     if let Some(dir) = &m.text_encoder {
         let cfg = dir.join("config.json");

@@ -135,7 +135,14 @@ impl Pipeline {
         };
 
         let s = Instant::now();
-        let embedding = models.encode_slide(&features, &cells)?;
+        let (embedding, joint) = match self.alignment()? {
+            None => (models.encode_slide(&features, &cells)?, None),
+            Some(a) => {
+                a.check_base(&models.fingerprints, &["tile", "slide"])?;
+                let (slide, joint) = models.encode_slide_joint(&a.alignment, &features, &cells)?;
+                (slide, Some(joint))
+            }
+        };
         t.slide_encode_s = s.elapsed().as_secs_f64();
 
         let s = Instant::now();
@@ -152,7 +159,7 @@ impl Pipeline {
             tile_count: n as u64,
             fingerprints: models.fingerprints.clone(),
             fingerprint: models.fingerprint(),
-            joint: None,
+            joint,
             slide: embedding,
         };
         self.block_on(self.store.vectors.upsert(SLIDES, vec![point.into_point()]))?;

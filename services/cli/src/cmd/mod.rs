@@ -9,3 +9,4 @@ pub mod serve;
 pub mod slide;
 pub mod synth;
 pub mod tile;
+pub mod train;
