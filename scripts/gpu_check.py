@@ -90,6 +90,8 @@ def main():
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--timeout", type=int, default=120, help="seconds per case")
     ap.add_argument("--skip-torch", action="store_true")
+    ap.add_argument("--device", default="cuda", help="cpu: a dry run of this script's plumbing")
+    ap.add_argument("--tile-depth", type=int, default=40, help="tile encoder blocks (40: ViT-g)")
     args = ap.parse_args()
     py = sys.executable
     ref = os.path.join(ROOT, "scripts", "gpu_torch_ref.py")
@@ -101,14 +103,17 @@ def main():
     missing = [l.strip() for l in ldd.splitlines() if "not found" in l]
     if missing:
         failures.append("ldd: " + "; ".join(missing))
-    smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
-                          "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
+                              "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
+    except FileNotFoundError:
+        smi = "no nvidia-smi (CPU dry run)"
     log("GPU: " + smi)
 
     # 2. Parity.
     parity = {}
     for dtype, bound in (("f32", 1e-5), ("bf16", 1e-2)):
-        res, _, _, err = run_case([args.bin, "parity", "--fixtures", args.fixtures, "--device", "cuda",
+        res, _, _, err = run_case([args.bin, "parity", "--fixtures", args.fixtures, "--device", args.device,
                                    "--dtype", dtype], args.timeout)
         if err or res is None:
             failures.append(f"parity {dtype}: {err}")
@@ -121,12 +126,14 @@ def main():
     # 3. Tile encoder.
     tile_rows = []
     for batch in [int(b) for b in args.tile_batches.split(",") if b]:
-        c, _, c_mem, c_err = run_case([args.bin, "tile", "--random", "--batch", str(batch), "--device", "cuda",
-                                       "--dtype", args.dtype, "--iters", str(args.iters)], args.timeout)
+        c, _, c_mem, c_err = run_case([args.bin, "tile", "--random", "--batch", str(batch), "--device", args.device,
+                                       "--dtype", args.dtype, "--iters", str(args.iters),
+                                       "--depth", str(args.tile_depth)], args.timeout)
         t, t_mem, t_err = None, None, None
         if not args.skip_torch:
             t, _, t_mem, t_err = run_case([py, ref, "tile", "--batch", str(batch), "--dtype", args.dtype,
-                                           "--device", "cuda", "--iters", str(args.iters)], args.timeout)
+                                           "--device", args.device, "--iters", str(args.iters),
+                                           "--depth", str(args.tile_depth)], args.timeout)
         tile_rows.append((batch, c, c_mem, c_err, t, t_mem, t_err))
         if c_err:
             failures.append(f"tile batch {batch}: {c_err}")
@@ -134,12 +141,12 @@ def main():
     # 4. Slide encoder.
     slide_rows = []
     for n in [int(x) for x in args.slide_tiles.split(",") if x]:
-        c, _, c_mem, c_err = run_case([args.bin, "slide", "--tiles", str(n), "--device", "cuda",
+        c, _, c_mem, c_err = run_case([args.bin, "slide", "--tiles", str(n), "--device", args.device,
                                        "--dtype", args.dtype], args.timeout)
         t, t_mem, t_err = None, None, None
         if not args.skip_torch:
             t, _, t_mem, t_err = run_case([py, ref, "slide", "--tiles", str(n), "--dtype", args.dtype,
-                                           "--device", "cuda"], args.timeout)
+                                           "--device", args.device], args.timeout)
         slide_rows.append((n, c, c_mem, c_err, t, t_mem, t_err))
         if c_err:
             failures.append(f"slide {n}: {c_err}")
@@ -157,7 +164,7 @@ def main():
             e = parity.get(dtype, {}).get(name)
             cells += [f(e and e["rel_err"], ".2e"), f(e and e["max_abs"], ".2e")]
         print(f"| {name} | " + " | ".join(cells) + " |")
-    print(f"\n### Tile encoder, ViT-g (1536-d, 40 blocks), random weights, {args.dtype}\n")
+    print(f"\n### Tile encoder, ViT-g (1536-d, {args.tile_depth} blocks), random weights, {args.dtype}\n")
     print("| batch | candle tiles/s | PyTorch tiles/s | ratio | candle peak MiB | PyTorch peak MiB (allocator) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for batch, c, c_mem, c_err, t, t_mem, t_err in tile_rows:

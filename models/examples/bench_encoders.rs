@@ -186,6 +186,11 @@ fn slide(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
+thread_local! {
+    /// The device `time` waits for after each run (CUDA work is asynchronous).
+    static SYNC: std::cell::RefCell<Device> = const { std::cell::RefCell::new(Device::Cpu) };
+}
+
 /// Median seconds of `f` over `iters` runs after one warm-up.
 fn time<T>(iters: usize, mut f: impl FnMut() -> candle_core::Result<T>) -> anyhow::Result<f64> {
     f()?;
@@ -193,6 +198,7 @@ fn time<T>(iters: usize, mut f: impl FnMut() -> candle_core::Result<T>) -> anyho
     for _ in 0..iters {
         let t = Instant::now();
         std::hint::black_box(f()?);
+        SYNC.with(|d| d.borrow().synchronize())?;
         times.push(t.elapsed().as_secs_f64());
     }
     times.sort_by(f64::total_cmp);
@@ -214,12 +220,15 @@ fn ops(args: &[String]) -> anyhow::Result<()> {
     );
     let iters = get("--iters", 5);
     let n = 197;
-    let dev = Device::Cpu;
-    let rand = |shape: &[usize]| Tensor::randn(0f32, 0.02, shape, &dev);
+    let precision = precision(args)?;
+    let dev = precision.device.clone();
+    let dtype = precision.dtype;
+    let rand = |shape: &[usize]| Tensor::randn(0f32, 0.02, shape, &dev)?.to_dtype(dtype);
     let linear = |i: usize, o: usize| -> candle_core::Result<Linear> {
         Ok(Linear::new(rand(&[o, i])?, Some(rand(&[o])?)))
     };
     let x = rand(&[b, n, d])?;
+    SYNC.with(|s| *s.borrow_mut() = dev.clone());
     let ln = LayerNorm::new(
         Tensor::ones(d, DType::F32, &dev)?,
         Tensor::zeros(d, DType::F32, &dev)?,
@@ -251,6 +260,32 @@ fn ops(args: &[String]) -> anyhow::Result<()> {
         ("SwiGLU gate", time(iters, || swiglu_packed(&h))?),
         ("fc2 linear", time(iters, || fc2.forward(&gated))?),
     ];
+    // Where a linear layer's time goes: the product alone on the flattened rows, the bias add,
+    // and (CUDA) the product with cuBLAS's reduced-precision bf16 compute type.
+    let x2 = x.reshape((b * n, d))?;
+    let w1t = fc1.weight().t()?;
+    let y2 = x2.matmul(&w1t)?;
+    let b1 = fc1.bias().expect("bias").clone();
+    let mut rows = rows;
+    rows.push((
+        "fc1 matmul only, [B*N, D] rows",
+        time(iters, || x2.matmul(&w1t))?,
+    ));
+    rows.push((
+        "fc1 bias add (broadcast)",
+        time(iters, || y2.broadcast_add(&b1))?,
+    ));
+    rows.push(("silu(h) contiguous", time(iters, || y2.silu())?));
+    rows.push(("mul contiguous", time(iters, || &y2 * &y2)?));
+    #[cfg(feature = "cuda")]
+    {
+        candle_core::cuda::set_gemm_reduced_precision_bf16(true);
+        rows.push((
+            "fc1 matmul only, reduced-precision bf16 gemm",
+            time(iters, || x2.matmul(&w1t))?,
+        ));
+        candle_core::cuda::set_gemm_reduced_precision_bf16(false);
+    }
     let map: serde_json::Map<String, serde_json::Value> = rows
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.into()))
@@ -341,6 +376,11 @@ fn parity(args: &[String]) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--reduced-gemm") {
+        // cuBLAS CUBLAS_COMPUTE_32F_FAST_16BF for bf16 products (CUDA builds only).
+        #[cfg(feature = "cuda")]
+        candle_core::cuda::set_gemm_reduced_precision_bf16(true);
+    }
     match args.get(1).map(String::as_str) {
         Some("tile") => tile(&args),
         Some("slide") => slide(&args),

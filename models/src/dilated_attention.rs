@@ -198,21 +198,34 @@ impl DilatedAttention {
             Tensor::cat(&[&t.reshape((grid, dh))?, &zero], 0)
         };
         let (q, k, v) = (with_sink(q)?, with_sink(k)?, with_sink(v)?);
-        let mut sparse = Vec::with_capacity(self.branches.len());
+        // Per branch: its outputs and lses gathered back to the dense grid. The scatter is a
+        // gather through the inverse of the branch's layout (each grid row is covered at most
+        // once per branch): candle's `index_add` on CUDA walks the indices serially, a gather is
+        // one thread per element.
+        let mut dense_out = Vec::with_capacity(self.branches.len());
         let mut lses = Vec::with_capacity(self.branches.len());
         for branch in &self.branches {
             let layout = branch.layout(l, h)?;
-            let rows = Tensor::from_vec(layout.rows, layout.problems * layout.tokens, q.device())?;
+            let sparse_rows = layout.problems * layout.tokens;
+            let rows = Tensor::from_vec(layout.rows.clone(), sparse_rows, q.device())?;
             let (out, lse) = self.branch(&q, &k, &v, &rows, layout.problems, layout.tokens)?;
-            // Dense lse over the grid: zero-initialised scatter, then the reference's
+            // inverse[g] = the sparse row holding grid row g, or `sparse_rows` (a zero row).
+            let mut inverse = vec![sparse_rows as u32; grid];
+            for (i, &r) in layout.rows.iter().enumerate() {
+                if (r as usize) < grid {
+                    inverse[r as usize] = i as u32;
+                }
+            }
+            let inverse = Tensor::from_vec(inverse, grid, q.device())?;
+            // Dense lse: zero where the branch does not reach, then the reference's
             // `masked_fill(lse == 0, -1e8)`, which also catches genuinely zero lses.
-            let dense = Tensor::zeros(grid + 1, DType::F32, q.device())?
-                .index_add(&rows, &lse, 0)?
-                .narrow(0, 0, grid)?;
+            let zero = Tensor::zeros(1, DType::F32, q.device())?;
+            let dense = Tensor::cat(&[&lse, &zero], 0)?.index_select(&inverse, 0)?;
             let uncovered = dense.eq(0f32)?;
             let filler = Tensor::full(UNCOVERED_LSE, grid, q.device())?;
             lses.push(uncovered.where_cond(&filler, &dense)?);
-            sparse.push((rows, out));
+            let zero_row = Tensor::zeros((1, dh), out.dtype(), q.device())?;
+            dense_out.push(Tensor::cat(&[&out, &zero_row], 0)?.index_select(&inverse, 0)?);
         }
         // Branch weights: softmax over branches of the lse, in f32 and without gradient (the
         // reference computes them under `torch.no_grad()`).
@@ -220,14 +233,17 @@ impl DilatedAttention {
         let max = lse.max_keepdim(0)?;
         let e = lse.broadcast_sub(&max)?.exp()?;
         let weights = e.broadcast_div(&e.sum_keepdim(0)?)?;
-        let zero = Tensor::zeros(1, DType::F32, q.device())?;
-        let mut out = Tensor::zeros((grid + 1, dh), DType::F32, q.device())?;
-        for (b, (rows, o)) in sparse.into_iter().enumerate() {
-            let w = Tensor::cat(&[&weights.get(b)?, &zero], 0)?.index_select(&rows, 0)?;
-            let weighted = o.to_dtype(DType::F32)?.broadcast_mul(&w.unsqueeze(1)?)?;
-            out = out.index_add(&rows, &weighted, 0)?;
+        let mut out: Option<Tensor> = None;
+        for (b, o) in dense_out.into_iter().enumerate() {
+            let weighted = o
+                .to_dtype(DType::F32)?
+                .broadcast_mul(&weights.get(b)?.unsqueeze(1)?)?;
+            out = Some(match out {
+                Some(acc) => (acc + weighted)?,
+                None => weighted,
+            });
         }
-        out.narrow(0, 0, grid)?
+        out.expect("at least one branch")
             .to_dtype(q.dtype())?
             .reshape((l, h, dh))
     }
@@ -515,6 +531,19 @@ mod tests {
             .unwrap()
             .with_chunk_scores(chunk);
         let got = attn.forward(&t(&q), &t(&k), &t(&v)).unwrap();
+        // The ops path (CUDA, half precision, training) must agree with the fused CPU kernel.
+        let ops = attn.forward_ops(&t(&q), &t(&k), &t(&v)).unwrap();
+        let diff: f32 = (&got - &ops)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(diff < 1e-5, "fused kernel and ops path differ by {diff}");
         (expected, got.flatten_all().unwrap().to_vec1().unwrap())
     }
 

@@ -16,7 +16,9 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
+
+use crate::nn::Linear;
 use serde::{Deserialize, Serialize};
 
 use crate::device::Precision;

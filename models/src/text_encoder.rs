@@ -13,7 +13,9 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
+
+use crate::nn::Linear;
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 

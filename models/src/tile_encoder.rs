@@ -9,7 +9,9 @@
 use std::path::Path;
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
+
+use crate::nn::Linear;
 use serde::Deserialize;
 
 use crate::cpu_attention::FusedQkvAttention;
@@ -233,24 +235,56 @@ pub fn attention_from_qkv(qkv: &Tensor, heads: usize) -> Result<Tensor> {
 }
 
 /// timm `GluMlp` as `SwiGLUPacked`: `fc2(silu(x1) * x2)` with `fc1`'s output split gate-first.
+///
+/// On CPU `fc1` stays packed and one fused pass gates it. On a GPU `fc1` is split at load into
+/// its gate and value halves, two products with contiguous outputs: gating the two strided halves
+/// of the packed output cost 2.5x the products themselves on an H200.
 #[derive(Debug, Clone)]
 struct SwiGluPacked {
-    fc1: Linear,
+    fc1: Fc1,
     fc2: Linear,
+}
+
+#[derive(Debug, Clone)]
+enum Fc1 {
+    Packed(Linear),
+    Split { gate: Linear, value: Linear },
 }
 
 impl SwiGluPacked {
     fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         let d = cfg.model_args.embed_dim;
         let hidden = cfg.mlp_hidden();
+        let packed = linear(d, hidden, vb.pp("fc1"))?;
+        let fc1 = if vb.device().is_cpu() {
+            Fc1::Packed(packed)
+        } else {
+            let half = hidden / 2;
+            let part = |start: usize| -> Result<Linear> {
+                let w = packed.weight().narrow(0, start, half)?.contiguous()?;
+                let b = match packed.bias() {
+                    Some(b) => Some(b.narrow(0, start, half)?.contiguous()?),
+                    None => None,
+                };
+                Ok(Linear::new(w, b))
+            };
+            Fc1::Split {
+                gate: part(0)?,
+                value: part(half)?,
+            }
+        };
         Ok(Self {
-            fc1: linear(d, hidden, vb.pp("fc1"))?,
+            fc1,
             fc2: linear(hidden / 2, d, vb.pp("fc2"))?,
         })
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&swiglu_packed(&self.fc1.forward(xs)?)?)
+        let gated = match &self.fc1 {
+            Fc1::Packed(fc1) => swiglu_packed(&fc1.forward(xs)?)?,
+            Fc1::Split { gate, value } => (gate.forward(xs)?.silu()? * value.forward(xs)?)?,
+        };
+        self.fc2.forward(&gated)
     }
 }
 
