@@ -58,6 +58,12 @@ enum Command {
     Config(cmd::ingest::ConfigArgs),
     /// The HTTP service: search, zero-shot, slides, ingest endpoints (OpenAPI at /v1/openapi.json).
     Serve(cmd::serve::ServeArgs),
+    /// Train the slide-report alignment (CLIP loss) on the data dir's pairs; resumes after a kill.
+    Train(cmd::train::TrainArgs),
+    /// Re-embed every stored slide and report with an alignment checkpoint (joint vectors).
+    Reembed(cmd::train::ReembedArgs),
+    /// Evaluate an alignment: cross-modal retrieval, zero-shot classification, MI-Zero robustness.
+    Eval(cmd::train::EvalArgs),
     /// Model folders: `gigapath models init` writes small random encoders for tests and demos.
     #[command(subcommand)]
     Models(cmd::models::ModelsCommand),
@@ -74,7 +80,25 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log);
-    let result = match cli.command {
+    match dispatch(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // One line, the whole cause chain: "reading slide x.svs: not a slide OpenSlide knows".
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs one command line in this process (`args` without the program name), as if typed: the
+/// demo chains the real commands through this.
+pub(crate) fn run_argv(args: &[&str]) -> anyhow::Result<()> {
+    let cli = Cli::try_parse_from(std::iter::once("gigapath").chain(args.iter().copied()))?;
+    dispatch(cli.command)
+}
+
+fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Slide(c) => cmd::slide::run(c),
         Command::Tile(a) => cmd::tile::run(a),
         Command::Encode(c) => cmd::encode::run(c),
@@ -83,18 +107,13 @@ fn main() -> ExitCode {
         Command::Status(a) => cmd::ingest::status(a),
         Command::Config(a) => cmd::ingest::config(a),
         Command::Serve(a) => cmd::serve::run(a),
+        Command::Train(a) => cmd::train::train(a),
+        Command::Reembed(a) => cmd::train::reembed(a),
+        Command::Eval(a) => cmd::train::eval(a),
         Command::Models(c) => cmd::models::run(c),
         Command::Synth(c) => cmd::synth::run(c),
         Command::Bench(c) => cmd::bench::run(c),
         Command::Demo(a) => cmd::demo::run(a),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            // One line, the whole cause chain: "reading slide x.svs: not a slide OpenSlide knows".
-            eprintln!("error: {err:#}");
-            ExitCode::FAILURE
-        }
     }
 }
 
