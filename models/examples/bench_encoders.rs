@@ -208,7 +208,7 @@ fn time<T>(iters: usize, mut f: impl FnMut() -> candle_core::Result<T>) -> anyho
 /// One tile-encoder block, op by op, through the same functions the model uses.
 fn ops(args: &[String]) -> anyhow::Result<()> {
     use candle_core::Module;
-    use candle_nn::Linear;
+    use gigapath_models::nn::Linear; // the layer the models use (one flattened product)
     use gigapath_models::nn::{scaled_residual, swiglu_packed, LayerNorm};
     use gigapath_models::tile_encoder::attention_from_qkv;
     let get = |name: &str, default: usize| arg(args, name).map_or(default, |s| s.parse().unwrap());
