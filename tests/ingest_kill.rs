@@ -159,3 +159,30 @@ fn kill_minus_nine_at_any_moment_then_rerun_embeds_each_slide_exactly_once() {
         assert_eq!(names.len(), 6, "{names:?}");
     }
 }
+
+#[test]
+fn an_unusable_data_dir_is_a_clear_error_and_nothing_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    // A data dir that is a regular file, and one below a regular file: no catalog can go there.
+    let file = root.join("not-a-dir");
+    std::fs::write(&file, b"keep me").unwrap();
+    let slide = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/default.svs");
+    for data in [file.clone(), file.join("data")] {
+        let out = gigapath()
+            .args(["ingest", "--data-dir"])
+            .arg(&data)
+            .arg(&slide)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "ingest into {} succeeded", data.display());
+        assert!(
+            stderr.contains("not-a-dir"),
+            "the error names the data dir: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+    assert_eq!(std::fs::read_dir(root).unwrap().count(), 1, "nothing else written");
+}
