@@ -176,7 +176,11 @@ fn an_unusable_data_dir_is_a_clear_error_and_nothing_is_written() {
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "ingest into {} succeeded", data.display());
+        assert!(
+            !out.status.success(),
+            "ingest into {} succeeded",
+            data.display()
+        );
         assert!(
             stderr.contains("not-a-dir"),
             "the error names the data dir: {stderr}"
@@ -184,5 +188,9 @@ fn an_unusable_data_dir_is_a_clear_error_and_nothing_is_written() {
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
     assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
-    assert_eq!(std::fs::read_dir(root).unwrap().count(), 1, "nothing else written");
+    assert_eq!(
+        std::fs::read_dir(root).unwrap().count(),
+        1,
+        "nothing else written"
+    );
 }

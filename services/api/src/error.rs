@@ -23,6 +23,9 @@ pub enum ApiError {
     /// An unknown slide, report, prompt set or route (404).
     #[error("{0}")]
     NotFound(String),
+    /// A known route asked with a method it does not serve (405, with `Allow`).
+    #[error("{message}")]
+    MethodNotAllowed { message: String, allow: String },
     /// The store holds embeddings that do not match the loaded models, or the service lacks
     /// what the request needs (e.g. an alignment checkpoint) (409).
     #[error("{0}")]
@@ -59,6 +62,7 @@ impl ApiError {
             ApiError::Unauthorized(_) => "unauthorized",
             ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound(_) => "not_found",
+            ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::Conflict(_) => "conflict",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::Unavailable(_) => "unavailable",
@@ -74,6 +78,7 @@ impl ResponseError for ApiError {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -85,7 +90,11 @@ impl ResponseError for ApiError {
         if let ApiError::Internal(detail) = self {
             tracing::error!("internal error: {detail}");
         }
-        HttpResponse::build(self.status_code()).json(ErrorBody {
+        let mut response = HttpResponse::build(self.status_code());
+        if let ApiError::MethodNotAllowed { allow, .. } = self {
+            response.insert_header((actix_web::http::header::ALLOW, allow.as_str()));
+        }
+        response.json(ErrorBody {
             error: ErrorDetail {
                 code: self.code().to_string(),
                 message: self.to_string(),

@@ -13,6 +13,7 @@
 pub mod auth;
 pub mod error;
 pub mod metrics;
+pub mod openapi;
 pub mod routes;
 pub mod state;
 
@@ -26,6 +27,7 @@ use actix_web::dev::{ServerHandle, ServiceRequest, ServiceResponse};
 use actix_web::middleware::{from_fn, Next};
 use actix_web::{get, web, App, HttpRequest, HttpResponse, HttpServer};
 use gigapath_pipeline::{Config, Pipeline, Progress};
+use gigapath_zeroshot::PromptLibrary;
 use utoipa::OpenApi;
 
 use crate::error::ApiError;
@@ -38,9 +40,10 @@ use crate::state::AppState;
     info(title = "gigapath", description = "Whole-slide pathology search and zero-shot prediction over Prov-GigaPath embeddings."),
     paths(
         routes::health::healthz, routes::health::readyz, routes::health::metrics,
-        routes::slides::get_slide, routes::slides::picture, routes::slides::delete_slide,
+        routes::slides::get_slide, routes::slides::picture, routes::slides::delete_slide, routes::slides::heatmap,
         routes::search::search_slides, routes::search::search_reports,
         routes::ingest::ingest, routes::ingest::status,
+        routes::zeroshot::prompt_sets, routes::zeroshot::subtype, routes::zeroshot::mutation,
         openapi_json,
     ),
     modifiers(&SecurityAddon)
@@ -60,11 +63,20 @@ impl utoipa::Modify for SecurityAddon {
     }
 }
 
-/// This document.
+/// The web page: search, results with thumbnails, a slide view with its tissue overlay,
+/// zero-shot probabilities and a prompt heatmap. Self-contained (no external scripts or fonts).
+#[get("/")]
+pub async fn index() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        .body(include_str!("../static/index.html"))
+}
+
+/// This document, with this server's limits (see [`openapi`]).
 #[utoipa::path(responses((status = 200, body = Object)))]
 #[get("/v1/openapi.json")]
-pub async fn openapi_json() -> HttpResponse {
-    HttpResponse::Ok().json(ApiDoc::openapi())
+pub async fn openapi_json(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok().json(openapi::document(&state.config.serve))
 }
 
 /// Registers every route, the JSON limits and error mapping, on an actix app.
@@ -93,6 +105,11 @@ pub fn configure(state: web::Data<AppState>) -> impl FnOnce(&mut web::ServiceCon
             .service(routes::slides::get_slide)
             .service(routes::slides::picture)
             .service(routes::slides::delete_slide)
+            .service(routes::slides::heatmap)
+            .service(routes::zeroshot::prompt_sets)
+            .service(routes::zeroshot::subtype)
+            .service(routes::zeroshot::mutation)
+            .service(index)
             .default_service(web::to(not_found));
     }
 }
@@ -111,7 +128,20 @@ fn json_error(err: actix_web::error::JsonPayloadError, _req: &HttpRequest) -> ac
     }
 }
 
+/// Unknown paths are 404; known paths asked with another method 405, with `Allow`.
 async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let allowed = openapi::allowed_methods(req.path());
+    if !allowed.is_empty() && !allowed.contains(req.method().as_str()) {
+        let allow = allowed.into_iter().collect::<Vec<_>>().join(", ");
+        return Err(ApiError::MethodNotAllowed {
+            message: format!(
+                "{} {} is not served; allowed: {allow}",
+                req.method(),
+                req.path()
+            ),
+            allow,
+        });
+    }
     Err(ApiError::NotFound(format!(
         "no route for {} {}",
         req.method(),
@@ -167,13 +197,30 @@ impl Service {
     /// Opens the data dir of `config`, starts the worker (if configured) and the HTTP server on
     /// `config.serve.bind` (port 0: any free port; see `addr`). Call from a plain thread.
     pub fn start(config: Config) -> Result<Service, ApiError> {
-        let pipeline = Arc::new(Pipeline::open(config.clone())?);
+        // Prompt sets are validated before anything else starts: a bad file is a startup error.
+        // The default `prompts` means "the usual place" (GIGAPATH_PROMPTS_DIR, ./prompts, the
+        // checkout's), as for `gigapath eval`; any other folder is taken as given.
+        let dir = if config.serve.prompts_dir == std::path::Path::new("prompts") {
+            PromptLibrary::default_dir()
+        } else {
+            config.serve.prompts_dir.clone()
+        };
+        let prompts = PromptLibrary::load(&dir)
+            .map_err(|e| ApiError::BadRequest(format!("prompt sets: {e}")))?;
+        // Startup errors keep their detail (an `Internal` error would print as "internal error").
+        let pipeline = Arc::new(Pipeline::open(config.clone()).map_err(|e| {
+            ApiError::Unavailable(format!(
+                "cannot open the data dir {}: {e}",
+                config.store.data_dir.display()
+            ))
+        })?);
         let metrics = Arc::new(Metrics::default());
-        let state = web::Data::new(AppState {
-            config: config.clone(),
-            pipeline: pipeline.clone(),
-            metrics: metrics.clone(),
-        });
+        let state = web::Data::new(AppState::new(
+            config.clone(),
+            pipeline.clone(),
+            metrics.clone(),
+            prompts,
+        ));
         let stop = Arc::new(AtomicBool::new(false));
         let worker = config.serve.run_worker.then(|| {
             let (pipeline, stop, metrics) = (pipeline.clone(), stop.clone(), metrics.clone());

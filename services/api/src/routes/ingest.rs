@@ -34,7 +34,8 @@ pub struct IngestRequest {
 pub struct IngestResponse {
     pub queued: Vec<String>,
     pub already_done: Vec<String>,
-    /// (slide id, reason) of slides that failed before and were not retried.
+    /// `[slide id, reason]` of slides that failed before and were not retried.
+    #[schema(value_type = Vec<Vec<String>>)]
     pub previously_failed: Vec<(String, String)>,
 }
 
@@ -59,8 +60,14 @@ pub fn confine(requested: &str, roots: &[PathBuf]) -> ApiResult<PathBuf> {
     if requested.is_empty() || requested.contains('\0') {
         return Err(ApiError::BadRequest("empty or invalid slide path".into()));
     }
-    let resolved = std::fs::canonicalize(requested)
-        .map_err(|e| ApiError::BadRequest(format!("slide path `{requested}`: {e}")))?;
+    // A path that does not resolve is an unknown resource (404); one we may not read, 403.
+    let resolved = std::fs::canonicalize(requested).map_err(|e| {
+        let msg = format!("slide path `{requested}`: {e}");
+        match e.kind() {
+            std::io::ErrorKind::PermissionDenied => ApiError::Forbidden(msg),
+            _ => ApiError::NotFound(msg),
+        }
+    })?;
     let inside = roots
         .iter()
         .filter_map(|r| std::fs::canonicalize(r).ok())
@@ -79,14 +86,15 @@ pub fn confine(requested: &str, roots: &[PathBuf]) -> ApiResult<PathBuf> {
 #[utoipa::path(
     request_body = IngestRequest,
     responses((status = 202, body = IngestResponse), (status = 400, body = crate::error::ErrorBody),
-              (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody)),
+              (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody),
+              (status = 404, body = crate::error::ErrorBody, description = "A path does not exist, or holds no slide files")),
     security(("api_key" = []))
 )]
 #[post("/v1/ingest")]
 pub async fn ingest(
     _k: AdminKey,
     state: web::Data<AppState>,
-    req: web::Json<IngestRequest>,
+    req: super::Body<IngestRequest>,
 ) -> ApiResult<HttpResponse> {
     let req = req.into_inner();
     if req.slides.is_empty() {
@@ -113,7 +121,7 @@ pub async fn ingest(
                 .collect::<ApiResult<Vec<_>>>()?;
             let slides = find_slides(&confined)?;
             if slides.is_empty() {
-                return Err(ApiError::BadRequest(
+                return Err(ApiError::NotFound(
                     "no slide files found at the given paths".into(),
                 ));
             }
@@ -180,7 +188,7 @@ mod tests {
         ));
         assert!(matches!(
             confine(root.join("nope.svs").to_str().unwrap(), &roots),
-            Err(ApiError::BadRequest(_))
+            Err(ApiError::NotFound(_))
         ));
         assert!(matches!(confine("x", &[]), Err(ApiError::Forbidden(_))));
     }

@@ -4,15 +4,60 @@ pub mod health;
 pub mod ingest;
 pub mod search;
 pub mod slides;
+pub mod zeroshot;
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
 
+use actix_web::{dev::Payload, web, FromRequest, HttpRequest};
+use gigapath_pipeline::config::ServeConfig;
 use gigapath_store::vector::PayloadFilter;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::error::{ApiError, ApiResult};
-use gigapath_pipeline::config::ServeConfig;
+
+/// A JSON request body that must be an object, deserialized into `T`. Like `web::Json<T>` (same
+/// limits, content type and errors), but a top-level array is refused: serde would otherwise
+/// fill a struct's fields from it by position, accepting bodies the OpenAPI document calls
+/// invalid.
+pub struct Body<T>(pub T);
+
+impl<T> Body<T> {
+    pub fn into_inner(self) -> T {
+        self.0
+    }
+}
+
+impl<T> std::ops::Deref for Body<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T: DeserializeOwned + 'static> FromRequest for Body<T> {
+    type Error = actix_web::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self, Self::Error>>>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let json = web::Json::<serde_json::Value>::from_request(req, payload);
+        Box::pin(async move {
+            let value = json.await?.into_inner();
+            if !value.is_object() {
+                return Err(ApiError::BadRequest(
+                    "invalid JSON body: expected a JSON object".into(),
+                )
+                .into());
+            }
+            serde_json::from_value(value)
+                .map(Body)
+                .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")).into())
+        })
+    }
+}
 
 /// One value or several (any of them matches).
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
@@ -35,24 +80,39 @@ impl OneOrMany {
 #[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Filter {
+    /// Cohort name(s) (on reports: the report's `cohort` label).
     pub cohort: Option<OneOrMany>,
+    /// Site(s), e.g. `kidney` (on reports: the report's `site` label).
     pub site: Option<OneOrMany>,
+    /// Slide id(s) (on reports: the slide the report describes).
     pub slide_id: Option<OneOrMany>,
     /// Label filters, e.g. `{"subtype": "LUAD"}`.
     #[serde(default)]
     pub labels: BTreeMap<String, OneOrMany>,
 }
 
+/// Which collection a filter applies to: slide points carry `cohort` and `site` at the top of
+/// their payload, report points carry them among their labels (`labels.cohort`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FilterTarget {
+    Slides,
+    Reports,
+}
+
 impl Filter {
-    pub fn to_payload_filter(&self) -> ApiResult<PayloadFilter> {
+    pub fn to_payload_filter(&self, target: FilterTarget) -> ApiResult<PayloadFilter> {
         let mut f = PayloadFilter::none();
-        for (key, v) in [
-            ("cohort", &self.cohort),
-            ("site", &self.site),
-            ("slide_id", &self.slide_id),
+        let (cohort, site) = match target {
+            FilterTarget::Slides => ("cohort", "site"),
+            FilterTarget::Reports => ("labels.cohort", "labels.site"),
+        };
+        for (name, key, v) in [
+            ("cohort", cohort, &self.cohort),
+            ("site", site, &self.site),
+            ("slide_id", "slide_id", &self.slide_id),
         ] {
             if let Some(v) = v {
-                f = f.any_of(key, nonempty(key, v.values())?);
+                f = f.any_of(key, nonempty(name, v.values())?);
             }
         }
         for (k, v) in &self.labels {
@@ -109,6 +169,22 @@ pub fn check_text(what: &str, text: &str, cfg: &ServeConfig) -> ApiResult<String
 
 pub fn default_k() -> usize {
     10
+}
+
+/// A count such as `k`: a whole number, also when written `10.0` (JSON Schema counts 10.0 as an
+/// integer, so clients may send it).
+pub fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let n = serde_json::Number::deserialize(d)?;
+    if let Some(u) = n.as_u64() {
+        return usize::try_from(u)
+            .map_err(|_| serde::de::Error::custom(format!("invalid value: {n} is too large")));
+    }
+    match n.as_f64() {
+        Some(f) if f >= 0.0 && f.fract() == 0.0 && f <= u32::MAX as f64 => Ok(f as usize),
+        _ => Err(serde::de::Error::custom(format!(
+            "invalid value: {n}, expected a whole number"
+        ))),
+    }
 }
 
 /// One search result.

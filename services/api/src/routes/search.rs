@@ -1,18 +1,16 @@
 //! `/v1/search/slides` and `/v1/search/reports`.
 
-use std::collections::BTreeMap;
-
 use actix_web::{post, web};
-use gigapath_store::vector::{combined_fingerprint, SearchRequest, JOINT, REPORTS, SLIDES, TEXT};
+use gigapath_store::vector::{PayloadFilter, SearchRequest, JOINT, REPORTS, SLIDES, TEXT};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{check_k, check_text, default_k, Filter, Hit};
+use super::{check_k, check_text, default_k, Filter, FilterTarget, Hit};
 use crate::auth::ReadAccess;
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 
-/// Text to slides (needs an alignment checkpoint), or a report's slides (cross-modal).
+/// Text to slides, or a report's slides (cross-modal). Both need an alignment checkpoint.
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SlideSearch {
@@ -20,20 +18,21 @@ pub struct SlideSearch {
     pub query: Option<String>,
     /// Or: the slides nearest to this report's aligned embedding.
     pub report_id: Option<String>,
-    #[serde(default = "default_k")]
+    #[serde(default = "default_k", deserialize_with = "super::whole_number")]
     pub k: usize,
     #[serde(default)]
     pub filter: Filter,
 }
 
-/// Text to reports (by text embedding), or a slide's reports (cross-modal, needs alignment).
+/// Text to reports (by the text encoder's embedding, no alignment needed), or a slide's
+/// reports (cross-modal, needs an alignment checkpoint).
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReportSearch {
     pub query: Option<String>,
     /// Or: the reports nearest to this slide's aligned embedding.
     pub slide_id: Option<String>,
-    #[serde(default = "default_k")]
+    #[serde(default = "default_k", deserialize_with = "super::whole_number")]
     pub k: usize,
     #[serde(default)]
     pub filter: Filter,
@@ -42,13 +41,13 @@ pub struct ReportSearch {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct SearchResponse {
     pub results: Vec<Hit>,
-    /// Which stored vector was searched (`joint`, `text`).
+    /// Which stored vector was searched (`joint` or `text`).
     pub vector: String,
     /// Fingerprint of the weights behind the query and the results.
     pub fingerprint: String,
 }
 
-fn exactly_one<'a>(a: (&str, &'a Option<String>), b: (&str, &'a Option<String>)) -> ApiResult<()> {
+fn exactly_one(a: (&str, &Option<String>), b: (&str, &Option<String>)) -> ApiResult<()> {
     match (a.1, b.1) {
         (Some(_), Some(_)) => Err(ApiError::BadRequest(format!(
             "give `{}` or `{}`, not both",
@@ -57,6 +56,56 @@ fn exactly_one<'a>(a: (&str, &'a Option<String>), b: (&str, &'a Option<String>))
         (None, None) => Err(ApiError::BadRequest(format!("give `{}` or `{}`", a.0, b.0))),
         _ => Ok(()),
     }
+}
+
+/// The stored `joint` vector of a point, or why there is none.
+async fn stored_joint(state: &AppState, collection: &'static str, id: &str) -> ApiResult<Vec<f32>> {
+    let store = state.pipeline.store.clone();
+    let key = id.to_string();
+    let mut points = state
+        .store(async move { store.vectors.retrieve(collection, &[key], true).await })
+        .await?;
+    let what = if collection == SLIDES {
+        "slide"
+    } else {
+        "report"
+    };
+    let Some(p) = points.pop() else {
+        return Err(ApiError::NotFound(format!("unknown {what} `{id}`")));
+    };
+    p.vectors.get(JOINT).cloned().ok_or_else(|| {
+        ApiError::Conflict(format!(
+            "{what} `{id}` has no aligned embedding yet (re-embed with an alignment checkpoint: gigapath reembed)"
+        ))
+    })
+}
+
+async fn search(
+    state: &AppState,
+    collection: &'static str,
+    vector: &'static str,
+    query: Vec<f32>,
+    k: usize,
+    filter: PayloadFilter,
+    fingerprint: String,
+) -> ApiResult<web::Json<SearchResponse>> {
+    let store = state.pipeline.store.clone();
+    let request = SearchRequest {
+        collection: collection.into(),
+        vector: vector.into(),
+        query,
+        k,
+        filter,
+        fingerprint: fingerprint.clone(),
+    };
+    let hits = state
+        .store(async move { store.vectors.search(&request).await })
+        .await?;
+    Ok(web::Json(SearchResponse {
+        results: hits.into_iter().map(Hit::from).collect(),
+        vector: vector.into(),
+        fingerprint,
+    }))
 }
 
 /// Top-k slides for a text query or a report.
@@ -69,17 +118,25 @@ fn exactly_one<'a>(a: (&str, &'a Option<String>), b: (&str, &'a Option<String>))
 pub async fn search_slides(
     _r: ReadAccess,
     state: web::Data<AppState>,
-    req: web::Json<SlideSearch>,
+    req: super::Body<SlideSearch>,
 ) -> ApiResult<web::Json<SearchResponse>> {
     let cfg = &state.config.serve;
     exactly_one(("query", &req.query), ("report_id", &req.report_id))?;
     let k = check_k(req.k, cfg)?;
-    let filter = req.filter.to_payload_filter()?;
-    if let Some(q) = &req.query {
-        check_text("query", q, cfg)?;
-    }
-    let _ = (k, filter);
-    Err(no_alignment("text-to-slide search"))
+    let filter = req.filter.to_payload_filter(FilterTarget::Slides)?;
+    let query = match (&req.query, &req.report_id) {
+        (Some(q), _) => {
+            let q = check_text("query", q, cfg)?;
+            state
+                .joint_texts(vec![q], "text-to-slide search")
+                .await?
+                .remove(0)
+        }
+        (None, Some(id)) => stored_joint(&state, REPORTS, id).await?,
+        (None, None) => unreachable!("checked above"),
+    };
+    let fingerprint = state.fingerprints().await?.slides;
+    search(&state, SLIDES, JOINT, query, k, filter, fingerprint).await
 }
 
 /// Top-k reports for a text query or a slide.
@@ -92,43 +149,23 @@ pub async fn search_slides(
 pub async fn search_reports(
     _r: ReadAccess,
     state: web::Data<AppState>,
-    req: web::Json<ReportSearch>,
+    req: super::Body<ReportSearch>,
 ) -> ApiResult<web::Json<SearchResponse>> {
     let cfg = &state.config.serve;
     exactly_one(("query", &req.query), ("slide_id", &req.slide_id))?;
     let k = check_k(req.k, cfg)?;
-    let filter = req.filter.to_payload_filter()?;
-    if req.slide_id.is_some() {
-        return Err(no_alignment("slide-to-report search"));
+    let filter = req.filter.to_payload_filter(FilterTarget::Reports)?;
+    let fingerprint = state.fingerprints().await?.reports;
+    match (&req.query, &req.slide_id) {
+        (Some(q), _) => {
+            let q = check_text("query", q, cfg)?;
+            let query = state.embed_texts(vec![q]).await?.remove(0);
+            search(&state, REPORTS, TEXT, query, k, filter, fingerprint).await
+        }
+        (None, Some(id)) => {
+            let query = stored_joint(&state, SLIDES, id).await?;
+            search(&state, REPORTS, JOINT, query, k, filter, fingerprint).await
+        }
+        (None, None) => unreachable!("checked above"),
     }
-    let query = check_text("query", req.query.as_deref().unwrap_or_default(), cfg)?;
-    let text_fp = state
-        .compute(|p| Ok(p.text_model()?.fingerprint.clone()))
-        .await?;
-    let fingerprint = combined_fingerprint(&BTreeMap::from([("text".to_string(), text_fp)]));
-    let vector = state.embed_texts(vec![query]).await?.remove(0);
-    let store = state.pipeline.store.clone();
-    let request = SearchRequest {
-        collection: REPORTS.into(),
-        vector: TEXT.into(),
-        query: vector,
-        k,
-        filter,
-        fingerprint: fingerprint.clone(),
-    };
-    let hits = state
-        .store(async move { store.vectors.search(&request).await })
-        .await?;
-    Ok(web::Json(SearchResponse {
-        results: hits.into_iter().map(Hit::from).collect(),
-        vector: TEXT.into(),
-        fingerprint,
-    }))
-}
-
-fn no_alignment(what: &str) -> ApiError {
-    let _ = (JOINT, SLIDES);
-    ApiError::Conflict(format!(
-        "{what} needs an alignment checkpoint: train one (gigapath train) and serve with models.alignment set"
-    ))
 }

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use actix_web::{delete, get, web, HttpResponse};
+use actix_web::{delete, get, post, web, HttpResponse};
 use gigapath_store::vector::{REPORTS, SLIDES};
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -38,7 +38,11 @@ pub struct SlideDetail {
 
 /// Slide ids become folder names: refuse anything that could leave the tiles folder.
 pub fn check_id(id: &str) -> ApiResult<&str> {
-    if id.is_empty() || id.len() > 512 || id == "." || id == ".." || id.contains(['/', '\\', '\0'])
+    if id.is_empty()
+        || id.chars().count() > crate::openapi::MAX_ID_CHARS
+        || id == "."
+        || id == ".."
+        || id.contains(['/', '\\', '\0'])
     {
         return Err(ApiError::BadRequest(format!(
             "invalid slide id `{}`",
@@ -48,7 +52,7 @@ pub fn check_id(id: &str) -> ApiResult<&str> {
     Ok(id)
 }
 
-const PICTURES: [&str; 3] = ["thumbnail.png", "overlay.png", "mask.png"];
+pub const PICTURES: [&str; 3] = ["thumbnail.png", "overlay.png", "mask.png"];
 
 /// Everything known about one slide.
 #[utoipa::path(
@@ -67,7 +71,10 @@ pub async fn get_slide(
     let (record, points, reports) = state
         .store(async move {
             let record = store.catalog.slide(&key).await?;
-            let points = store.vectors.retrieve(SLIDES, &[key.clone()], true).await?;
+            let points = store
+                .vectors
+                .retrieve(SLIDES, std::slice::from_ref(&key), true)
+                .await?;
             let reports = store.catalog.list_reports(Some(&key)).await?;
             Ok((record, points, reports))
         })
@@ -168,7 +175,10 @@ pub async fn delete_slide(
                 .into_iter()
                 .map(|r| r.id)
                 .collect();
-            store.vectors.delete(SLIDES, &[key.clone()]).await?;
+            store
+                .vectors
+                .delete(SLIDES, std::slice::from_ref(&key))
+                .await?;
             store.vectors.delete(REPORTS, &reports).await?;
             store.catalog.forget_embedding(SLIDES, &key).await?;
             for r in &reports {
@@ -184,4 +194,104 @@ pub async fn delete_slide(
         })),
         None => Err(ApiError::NotFound(format!("unknown slide `{id}`"))),
     }
+}
+
+#[derive(Debug, serde::Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HeatmapRequest {
+    /// The prompt, e.g. "papillary architecture".
+    pub query: String,
+}
+
+/// Per-tile similarity of a prompt with the slide's contextualised tile embeddings.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Heatmap {
+    pub slide_id: String,
+    /// Level-0 size and tile side: tile (gx, gy) covers level-0 pixels
+    /// [gx L, (gx+1) L) x [gy L, (gy+1) L) of a W0 x H0 slide.
+    pub level0_width: u64,
+    pub level0_height: u64,
+    pub level0_tile_px: u32,
+    /// `[gx, gy, cosine]` per kept tile.
+    #[schema(value_type = Vec<Vec<f64>>)]
+    pub tiles: Vec<(u32, u32, f32)>,
+    /// True when the alignment fine-tuned slide-encoder layers: the tile tokens then come from
+    /// the base encoder and the map is an approximation.
+    pub approximate: bool,
+}
+
+/// A prompt heatmap: the slide encoder's token output of every tile (each after attending over
+/// the whole slide) through the alignment's slide head, compared with the prompt's joint
+/// embedding. Recomputed from the slide's feature file.
+#[utoipa::path(
+    params(("id" = String, Path, description = "Slide id")),
+    request_body = HeatmapRequest,
+    responses((status = 200, body = Heatmap), (status = 404, body = crate::error::ErrorBody), (status = 409, body = crate::error::ErrorBody))
+)]
+#[post("/v1/slides/{id}/heatmap")]
+pub async fn heatmap(
+    _r: ReadAccess,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+    req: super::Body<HeatmapRequest>,
+) -> ApiResult<web::Json<Heatmap>> {
+    let id = check_id(&id)?.to_string();
+    let query = super::check_text("query", &req.query, &state.config.serve)?;
+    let fps = state.fingerprints().await?;
+    let grid_file = state.pipeline.tiles_dir(&id).join("tiles.safetensors");
+    let feature_file = state.pipeline.store.feature_path(&id, &fps.tile);
+    let slide_id = id.clone();
+    state
+        .compute(move |p| {
+            let a = crate::state::alignment(p, "a prompt heatmap")?;
+            let grid = gigapath_wsi::gridfile::read_grid(&grid_file).map_err(|_| {
+                ApiError::NotFound(format!(
+                    "slide `{slide_id}` has not been tiled (no grid file)"
+                ))
+            })?;
+            let features = gigapath_store::FeatureFile::read(&feature_file).map_err(|_| {
+                ApiError::NotFound(format!(
+                    "slide `{slide_id}` has no feature file for the configured tile encoder"
+                ))
+            })?;
+            let models = p.slide_models()?;
+            let cells: Vec<[u32; 2]> = features
+                .grid_xy
+                .iter()
+                .map(|g| [g[0] as u32, g[1] as u32])
+                .collect();
+            let internal = |e: &dyn std::fmt::Display| {
+                ApiError::Internal(format!("heatmap of {slide_id}: {e}"))
+            };
+            let x = candle_core::Tensor::from_vec(
+                features.features_f32(),
+                (features.len(), features.dim),
+                &candle_core::Device::Cpu,
+            )
+            .map_err(|e| internal(&e))?;
+            let tokens = models
+                .slide
+                .tile_tokens(&x, &cells)
+                .map_err(|e| internal(&e))?;
+            let joint = a
+                .alignment
+                .project_slides(&tokens)
+                .map_err(|e| internal(&e))?;
+            let joint: Vec<Vec<f32>> = joint.to_vec2().map_err(|e| internal(&e))?;
+            let q = crate::state::joint_texts(p, &[query], "a prompt heatmap")?.remove(0);
+            Ok(Heatmap {
+                slide_id: slide_id.clone(),
+                level0_width: grid.plan.level0_width,
+                level0_height: grid.plan.level0_height,
+                level0_tile_px: grid.plan.level0_tile_px,
+                tiles: cells
+                    .iter()
+                    .zip(&joint)
+                    .map(|(c, j)| (c[0], c[1], gigapath_zeroshot::cosine(j, &q)))
+                    .collect(),
+                approximate: a.alignment.fine_tunes_slide(),
+            })
+        })
+        .await
+        .map(web::Json)
 }

@@ -1,0 +1,132 @@
+//! Helpers shared by the service's integration tests: a minimal HTTP/1.1 client over a plain
+//! TCP stream (one request per connection, chunked bodies decoded) and JSON shorthands.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// The small BERT fixture (text_pool = cls): fast enough for tests.
+pub const TEXT_MODEL: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../tests/fixtures/reference/text_bert_mlm"
+);
+
+pub struct Reply {
+    pub status: u16,
+    pub content_type: String,
+    /// The header block, one `Name: value` per line.
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+    /// A response header's value (first occurrence, name case-insensitive).
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().find_map(|l| {
+            l.split_once(':')
+                .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.trim().to_string())
+        })
+    }
+    pub fn error_code(&self) -> String {
+        self.json()["error"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
+/// A minimal HTTP/1.1 client: one request per connection.
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> Reply {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req += &format!("{k}: {v}\r\n");
+    }
+    if let Some(b) = body {
+        req += &format!("Content-Length: {}\r\n", b.len());
+    }
+    req += "\r\n";
+    s.write_all(req.as_bytes()).unwrap();
+    if let Some(b) = body {
+        // The server may answer (413) and close before reading an oversized body.
+        let _ = s.write_all(b);
+    }
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a header block");
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let mut body = raw[split + 4..].to_vec();
+    let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let header = |name: &str| {
+        head.lines().find_map(|l| {
+            l.split_once(':')
+                .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.trim().to_string())
+        })
+    };
+    if header("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+        body = dechunk(&body);
+    }
+    Reply {
+        status,
+        content_type: header("content-type").unwrap_or_default(),
+        head,
+        body,
+    }
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = b.windows(2).position(|w| w == b"\r\n").unwrap();
+        let n =
+            usize::from_str_radix(std::str::from_utf8(&b[..line_end]).unwrap().trim(), 16).unwrap();
+        if n == 0 {
+            return out;
+        }
+        out.extend_from_slice(&b[line_end + 2..line_end + 2 + n]);
+        b = &b[line_end + 4 + n..];
+    }
+}
+
+pub fn post(addr: SocketAddr, path: &str, body: &Value, key: Option<&str>) -> Reply {
+    let auth = key.map(|k| format!("Bearer {k}"));
+    let mut headers = vec![("Content-Type", "application/json")];
+    if let Some(a) = &auth {
+        headers.push(("Authorization", a.as_str()));
+    }
+    http(
+        addr,
+        "POST",
+        path,
+        &headers,
+        Some(body.to_string().as_bytes()),
+    )
+}
+
+pub fn get(addr: SocketAddr, path: &str) -> Reply {
+    http(addr, "GET", path, &[], None)
+}
+
+/// The body as text, for assertion messages.
+pub fn text(r: &Reply) -> String {
+    String::from_utf8_lossy(&r.body).into_owned()
+}
