@@ -121,6 +121,12 @@ fn every_endpoint_bad_input_and_auth_rule() {
     assert_eq!(s["vectors"], json!(["slide"]));
     assert_eq!(s["report_ids"], json!(["R-SYN-0001"]));
     assert!(s["labels"]["subtype"].is_string());
+    // The mpp measured at ingest (synthetic slides are 0.499 or 0.2527 um/px), not null.
+    let mpp = s["mpp"].as_f64().expect("mpp");
+    assert!(
+        (mpp - 0.499).abs() < 1e-6 || (mpp - 0.2527).abs() < 1e-6,
+        "{mpp}"
+    );
     assert!(s["pictures"]
         .as_array()
         .unwrap()

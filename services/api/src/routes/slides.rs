@@ -92,7 +92,13 @@ pub async fn get_slide(
         cohort: r.cohort,
         site: r.site,
         labels: r.labels,
-        mpp: r.mpp,
+        // The user's override from the catalog, else the mpp measured at ingest (point payload).
+        mpp: r.mpp.or_else(|| {
+            points
+                .first()
+                .and_then(|p| p.payload.get("mpp"))
+                .and_then(|v| v.as_f64())
+        }),
         tile_count: r.tile_count,
         state: r.state.as_str().to_string(),
         error: r.error,
