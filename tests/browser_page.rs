@@ -18,28 +18,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
+mod common;
 
-fn gigapath() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_gigapath"));
-    c.env("GIGAPATH_LOG", "warn");
-    c
-}
-
-fn run(args: &[&str]) -> Output {
-    let o = gigapath().args(args).output().unwrap();
-    assert!(
-        o.status.success(),
-        "gigapath {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o
-}
+use common::{gigapath, ingest_cohort, repo, run, small_cohort};
 
 /// Chromium's path, or a failure that says how to install what is missing.
 fn prerequisites() -> PathBuf {
@@ -207,38 +188,8 @@ fn the_page_searches_opens_a_slide_and_shows_its_zero_shot_panel() {
     let r = |p: &str| root.join(p).display().to_string();
 
     // A small cohort through the real binary, trained and re-embedded (joint vectors).
-    run(&["models", "init", "-o", &r("models"), "--preset", "tiny"]);
-    run(&[
-        "synth",
-        "cohort",
-        "-o",
-        &r("cohort"),
-        "--slides-per-subtype",
-        "4",
-        "--slide-um",
-        "600",
-    ]);
-    let text = repo().join("tests/fixtures/reference/text_bert_mlm");
-    std::fs::write(
-        root.join("gigapath.toml"),
-        format!(
-            "[models]\ntile_encoder = \"{}\"\nslide_encoder = \"{}\"\ntext_encoder = \"{}\"\ntext_pool = \"cls\"\n",
-            r("models/tile"),
-            r("models/slide"),
-            text.display()
-        ),
-    )
-    .unwrap();
-    run(&[
-        "ingest",
-        "--data-dir",
-        &r("data"),
-        "--config",
-        &r("gigapath.toml"),
-        "--reports",
-        &r("cohort/reports.jsonl"),
-        &r("cohort/slides"),
-    ]);
+    small_cohort(root, 4, 600, "gigapath.toml", "");
+    ingest_cohort(root, "gigapath.toml");
     std::fs::write(
         root.join("run.toml"),
         "[optim]\nsteps = 60\nbatch_size = 4\nwarmup_steps = 5\n[checkpoint]\nevery_steps = 60\n[eval]\nevery_steps = 60\n",

@@ -3,24 +3,12 @@
 //! whose counts agree with the vector store.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-fn gigapath() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_gigapath"));
-    c.env("GIGAPATH_LOG", "warn");
-    c
-}
+mod common;
 
-fn run(args: &[&str]) -> Output {
-    let o = gigapath().args(args).output().unwrap();
-    assert!(
-        o.status.success(),
-        "gigapath {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o
-}
+use common::{gigapath, run, small_cohort};
 
 /// Completed feature files (temporary ones start with a dot).
 fn feature_files(data: &Path) -> Vec<PathBuf> {
@@ -64,30 +52,13 @@ fn kill_minus_nine_at_any_moment_then_rerun_embeds_each_slide_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let r = |p: &str| root.join(p).display().to_string();
-    run(&["models", "init", "-o", &r("models"), "--preset", "tiny"]);
-    run(&[
-        "synth",
-        "cohort",
-        "-o",
-        &r("cohort"),
-        "--slides-per-subtype",
-        "4",
-        "--slide-um",
-        "700",
-    ]);
-    let text =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/reference/text_bert_mlm");
-    std::fs::write(
-        root.join("run.toml"),
-        format!(
-            "[models]\ntile_encoder = \"{}\"\nslide_encoder = \"{}\"\ntext_encoder = \"{}\"\ntext_pool = \"cls\"\n\
-             [ingest]\nbatch_size = 4\nmax_attempts = 10\n",
-            r("models/tile"),
-            r("models/slide"),
-            text.display()
-        ),
-    )
-    .unwrap();
+    small_cohort(
+        root,
+        4,
+        700,
+        "run.toml",
+        "[ingest]\nbatch_size = 4\nmax_attempts = 10\n",
+    );
     let data = root.join("data");
     let n = 12;
 

@@ -4,25 +4,12 @@
 //! (same seed, same batches: the logged losses are identical, step for step), and its final
 //! checkpoint must hold the same parameters. Then `eval` and `reembed` run on the result.
 
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Output};
+
+use common::{gigapath, ingest_cohort, run, small_cohort};
 use std::time::{Duration, Instant};
-
-fn gigapath() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_gigapath"));
-    c.env("GIGAPATH_LOG", "warn");
-    c
-}
-
-fn run(args: &[&str]) -> Output {
-    let o = gigapath().args(args).output().unwrap();
-    assert!(
-        o.status.success(),
-        "gigapath {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o
-}
 
 /// (step, loss, lr, logit scale, grad norm) of every training step in a run's metrics.jsonl.
 fn curve(run_dir: &Path) -> Vec<(u64, String, String, String, String)> {
@@ -57,40 +44,8 @@ fn a_killed_run_resumes_on_the_same_curve_then_eval_and_reembed_work() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let r = |p: &str| root.join(p).display().to_string();
-    run(&["models", "init", "-o", &r("models"), "--preset", "tiny"]);
-    run(&[
-        "synth",
-        "cohort",
-        "-o",
-        &r("cohort"),
-        "--slides-per-subtype",
-        "5",
-        "--slide-um",
-        "600",
-    ]);
-    // The small BERT fixture keeps the test fast; the demo test trains with MiniLM.
-    let text =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/reference/text_bert_mlm");
-    std::fs::write(
-        root.join("gigapath.toml"),
-        format!(
-            "[models]\ntile_encoder = \"{}\"\nslide_encoder = \"{}\"\ntext_encoder = \"{}\"\ntext_pool = \"cls\"\n",
-            r("models/tile"),
-            r("models/slide"),
-            text.display()
-        ),
-    )
-    .unwrap();
-    run(&[
-        "ingest",
-        "--data-dir",
-        &r("data"),
-        "--config",
-        &r("gigapath.toml"),
-        "--reports",
-        &r("cohort/reports.jsonl"),
-        &r("cohort/slides"),
-    ]);
+    small_cohort(root, 5, 600, "gigapath.toml", "");
+    ingest_cohort(root, "gigapath.toml");
     // Many small steps so that the kill lands mid-run; a checkpoint every 20.
     std::fs::write(
         root.join("run.toml"),

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::DataSection;
 use crate::error::{Result, TrainError};
-use crate::rng::SplitMix64;
+use gigapath_zeroshot::rng::SplitMix64;
 
 /// Which slides train and which validate, and how the split was made.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

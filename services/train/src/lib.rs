@@ -24,7 +24,6 @@ pub mod eval;
 pub mod optim;
 pub mod plot;
 pub mod reembed;
-mod rng;
 pub mod runlog;
 pub mod trainer;
 

@@ -37,7 +37,7 @@ pub mod classify;
 pub mod error;
 pub mod metrics;
 pub mod prompts;
-mod rng;
+pub mod rng;
 pub mod robustness;
 
 pub use classify::{

@@ -1,5 +1,6 @@
-//! A tiny seeded generator (SplitMix64): sampling must give the same prompt sets on every
-//! machine, and a dependency would be more code than this.
+//! A tiny seeded generator (SplitMix64): prompt-set sampling here and the training split and data
+//! order in `gigapath-train` must be the same on every machine and after a resume; a dependency
+//! would be more code than this. Its sequence is part of those results: do not change it.
 
 /// SplitMix64.
 #[derive(Debug, Clone)]
