@@ -13,12 +13,13 @@ pub enum StoreError {
     #[error("invalid store configuration: {0}")]
     Config(String),
 
-    #[error("{op} `{}`: {source}", path.display())]
+    // The I/O error is in the message and deliberately not a `source`: with both, a cause chain
+    // (`{:#}`) would print it twice.
+    #[error("{op} `{}`: {err}", path.display())]
     Io {
         op: &'static str,
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        err: std::io::Error,
     },
 
     #[error(
@@ -112,7 +113,7 @@ impl StoreError {
         StoreError::Io {
             op,
             path: path.into(),
-            source,
+            err: source,
         }
     }
 
