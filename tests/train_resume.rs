@@ -65,6 +65,31 @@ fn a_killed_run_resumes_on_the_same_curve_then_eval_and_reembed_work() {
         c
     };
 
+    // A joint width the store's collections cannot hold is refused before any training.
+    std::fs::write(root.join("narrow.toml"), "[model]\njoint_dim = 64\n").unwrap();
+    let out = gigapath()
+        .args([
+            "train",
+            "--data-dir",
+            &r("data"),
+            "--config",
+            &r("narrow.toml"),
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("model.joint_dim") && stderr.contains("512"),
+        "{stderr}"
+    );
+    assert!(
+        !root.join("data/alignment").exists()
+            || std::fs::read_dir(root.join("data/alignment"))
+                .unwrap()
+                .all(|e| e.unwrap().file_name() == "cache")
+    );
+
     let out = train("whole").output().unwrap();
     assert!(
         out.status.success(),

@@ -377,6 +377,18 @@ pub fn train(
 ) -> Result<RunOutcome> {
     let cfg = &req.config;
     cfg.validate()?;
+    // The store's `joint` vectors were sized when its collections were created; a checkpoint of
+    // another width could never be re-embedded into them, so say so before training.
+    let store_joint = pipeline.config.store.dims.joint;
+    if cfg.model.joint_dim != store_joint {
+        return Err(TrainError::Config {
+            key: "model.joint_dim".into(),
+            msg: format!(
+                "{} does not fit this data dir, whose vector store holds joint vectors of {store_joint}                  dimensions (fixed when its collections were created): set model.joint_dim =                  {store_joint}, or use a new data dir",
+                cfg.model.joint_dim
+            ),
+        });
+    }
     let run_id = cfg.run_id();
     let run_dir = pipeline
         .config
