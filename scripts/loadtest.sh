@@ -127,26 +127,18 @@ QUERIES='"clear cell renal cell carcinoma", "papillary renal cell carcinoma with
   "sarcomatoid differentiation in a renal carcinoma", "type 2 papillary renal cell carcinoma",
   "an image of clear cell renal cell carcinoma", "dark crowded fronds on pale stroma",
   "pink solid sheets separated by septa", "renal parenchyma with carcinoma"'
-cat >"$DIR/lua/search_slides.lua" <<EOF
+for endpoint in slides reports; do
+    cat >"$DIR/lua/search_$endpoint.lua" <<EOF
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 local q = { $QUERIES }
 local i = 0
 request = function()
   i = i + 1
-  return wrk.format(nil, "/v1/search/slides", nil, '{"query": "' .. q[(i % #q) + 1] .. '", "k": 10}')
+  return wrk.format(nil, "/v1/search/$endpoint", nil, '{"query": "' .. q[(i % #q) + 1] .. '", "k": 10}')
 end
 EOF
-cat >"$DIR/lua/search_reports.lua" <<EOF
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-local q = { $QUERIES }
-local i = 0
-request = function()
-  i = i + 1
-  return wrk.format(nil, "/v1/search/reports", nil, '{"query": "' .. q[(i % #q) + 1] .. '", "k": 10}')
-end
-EOF
+done
 SYNTH=$((SLIDES - 12))
 cat >"$DIR/lua/zero_shot.lua" <<EOF
 wrk.method = "POST"

@@ -34,6 +34,36 @@ pub struct SlideSize {
     pub num_heads: usize,
 }
 
+/// `gigapath models init --preset tiny`: tile 96-d x 2 blocks x 3 heads, slide 128-d x 2 layers.
+pub const TINY: (TileSize, SlideSize) = (
+    TileSize {
+        embed_dim: 96,
+        depth: 2,
+        num_heads: 3,
+    },
+    SlideSize {
+        in_chans: 96,
+        embed_dim: 128,
+        depth: 2,
+        num_heads: 16,
+    },
+);
+
+/// `gigapath models init --preset small`: tile 192-d x 4 blocks x 3 heads, slide 256-d x 4 layers.
+pub const SMALL: (TileSize, SlideSize) = (
+    TileSize {
+        embed_dim: 192,
+        depth: 4,
+        num_heads: 3,
+    },
+    SlideSize {
+        in_chans: 192,
+        embed_dim: 256,
+        depth: 4,
+        num_heads: 16,
+    },
+);
+
 /// Writes `config.json` + `model.safetensors` of a random tile encoder into `dir`.
 pub fn init_tile_encoder(dir: &Path, size: TileSize, seed: u64) -> Result<()> {
     let config = json!({
@@ -62,7 +92,7 @@ pub fn init_tile_encoder(dir: &Path, size: TileSize, seed: u64) -> Result<()> {
 
 /// Writes `config.json` + `model.safetensors` of a random slide encoder into `dir`.
 pub fn init_slide_encoder(dir: &Path, size: SlideSize, seed: u64) -> Result<()> {
-    if size.num_heads % 16 != 0 || size.embed_dim % size.num_heads != 0 {
+    if !size.num_heads.is_multiple_of(16) || !size.embed_dim.is_multiple_of(size.num_heads) {
         return Err(Error::input(format!(
             "slide encoder with {} heads and {} dims: heads must be a multiple of 16 dividing the dims",
             size.num_heads, size.embed_dim

@@ -125,13 +125,13 @@ impl Config {
     }
 
     fn validate(&self) -> std::result::Result<(), String> {
-        if self.num_heads == 0 || self.embed_dim % self.num_heads != 0 {
+        if self.num_heads == 0 || !self.embed_dim.is_multiple_of(self.num_heads) {
             return Err(format!(
                 "embed_dim {} is not divisible by num_heads {}",
                 self.embed_dim, self.num_heads
             ));
         }
-        if self.embed_dim % 4 != 0 {
+        if !self.embed_dim.is_multiple_of(4) {
             return Err(format!(
                 "embed_dim {} must be a multiple of 4 for the 2D sin-cos positions",
                 self.embed_dim
@@ -167,7 +167,7 @@ pub fn grid_cells(
     tile_size: f32,
     ngrids: usize,
 ) -> crate::Result<Vec<[u32; 2]>> {
-    if coords_px.len() % 2 != 0 {
+    if !coords_px.len().is_multiple_of(2) {
         return Err(crate::Error::input("coords must hold (x, y) pairs"));
     }
     if !(tile_size > 0.0) {

@@ -108,19 +108,19 @@ impl Config {
                     .into(),
             );
         }
-        if a.patch_size == 0 || a.img_size % a.patch_size != 0 {
+        if a.patch_size == 0 || !a.img_size.is_multiple_of(a.patch_size) {
             return Err(format!(
                 "img_size {} is not a multiple of patch_size {}",
                 a.img_size, a.patch_size
             ));
         }
-        if a.num_heads == 0 || a.embed_dim % a.num_heads != 0 {
+        if a.num_heads == 0 || !a.embed_dim.is_multiple_of(a.num_heads) {
             return Err(format!(
                 "embed_dim {} is not divisible by num_heads {}",
                 a.embed_dim, a.num_heads
             ));
         }
-        if self.mlp_hidden() % 2 != 0 {
+        if !self.mlp_hidden().is_multiple_of(2) {
             return Err(format!(
                 "int(embed_dim * mlp_ratio) = {} must be even for the packed SwiGLU",
                 self.mlp_hidden()

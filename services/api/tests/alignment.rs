@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use gigapath_api::Service;
-use gigapath_models::init::{init_slide_encoder, init_tile_encoder, SlideSize, TileSize};
+use gigapath_models::init::{init_slide_encoder, init_tile_encoder, TINY};
 use gigapath_pipeline::{Config, IngestRequest, Pipeline, Quiet};
 use gigapath_synth::{CohortReport, CohortSpec};
 use gigapath_train::checkpoint::step_dir_name;
@@ -59,27 +59,9 @@ fn fixture() -> Fixture {
     let root = dir.path().to_path_buf();
     // The `tiny` preset of `gigapath models init`.
     let models = root.join("models");
-    init_tile_encoder(
-        &models.join("tile"),
-        TileSize {
-            embed_dim: 96,
-            depth: 2,
-            num_heads: 3,
-        },
-        0,
-    )
-    .unwrap();
-    init_slide_encoder(
-        &models.join("slide"),
-        SlideSize {
-            in_chans: 96,
-            embed_dim: 128,
-            depth: 2,
-            num_heads: 16,
-        },
-        1,
-    )
-    .unwrap();
+    let (tile, slide) = TINY;
+    init_tile_encoder(&models.join("tile"), tile, 0).unwrap();
+    init_slide_encoder(&models.join("slide"), slide, 1).unwrap();
     let cohort_dir = root.join("cohort");
     let spec = CohortSpec {
         slides_per_subtype: SLIDES_PER_SUBTYPE,

@@ -20,24 +20,13 @@ pub const DATA_DIR_CONFIG: &str = "gigapath.toml";
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[derive(Default)]
 pub struct Config {
     pub store: StoreConfig,
     pub models: ModelsConfig,
     pub tiling: TilingConfig,
     pub ingest: IngestConfig,
     pub serve: ServeConfig,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            store: StoreConfig::default(),
-            models: ModelsConfig::default(),
-            tiling: TilingConfig::default(),
-            ingest: IngestConfig::default(),
-            serve: ServeConfig::default(),
-        }
-    }
 }
 
 /// The HTTP service (`gigapath serve`).

@@ -26,21 +26,38 @@ fn required<'a>(
         .ok_or(PipelineError::MissingModel { what, key, env })
 }
 
-/// Per-role fingerprints (`tile`, `slide`, and `alignment` when one is configured) of the
-/// configured slide models, without loading them.
-pub fn slide_fingerprints(cfg: &ModelsConfig) -> Result<BTreeMap<String, String>> {
-    let tile_dir = required(
+fn tile_dir(cfg: &ModelsConfig) -> Result<&Path> {
+    required(
         &cfg.tile_encoder,
         "the tile encoder",
         "tile_encoder",
         "GIGAPATH_TILE_ENCODER",
-    )?;
-    let slide_dir = required(
+    )
+}
+
+fn slide_dir(cfg: &ModelsConfig) -> Result<&Path> {
+    required(
         &cfg.slide_encoder,
         "the slide encoder",
         "slide_encoder",
         "GIGAPATH_SLIDE_ENCODER",
-    )?;
+    )
+}
+
+fn text_dir(cfg: &ModelsConfig) -> Result<&Path> {
+    required(
+        &cfg.text_encoder,
+        "the text encoder",
+        "text_encoder",
+        "GIGAPATH_TEXT_ENCODER",
+    )
+}
+
+/// Per-role fingerprints (`tile`, `slide`, and `alignment` when one is configured) of the
+/// configured slide models, without loading them.
+pub fn slide_fingerprints(cfg: &ModelsConfig) -> Result<BTreeMap<String, String>> {
+    let tile_dir = tile_dir(cfg)?;
+    let slide_dir = slide_dir(cfg)?;
     let mut fps = BTreeMap::from([
         ("tile".to_string(), model_fingerprint(tile_dir)?),
         ("slide".to_string(), model_fingerprint(slide_dir)?),
@@ -53,12 +70,7 @@ pub fn slide_fingerprints(cfg: &ModelsConfig) -> Result<BTreeMap<String, String>
 
 /// Per-role fingerprints of report points: `text`, and `alignment` when one is configured.
 pub fn text_fingerprints(cfg: &ModelsConfig) -> Result<BTreeMap<String, String>> {
-    let dir = required(
-        &cfg.text_encoder,
-        "the text encoder",
-        "text_encoder",
-        "GIGAPATH_TEXT_ENCODER",
-    )?;
+    let dir = text_dir(cfg)?;
     let mut fps = BTreeMap::from([("text".to_string(), model_fingerprint(dir)?)]);
     if let Some(dir) = &cfg.alignment {
         fps.insert("alignment".to_string(), model_fingerprint(dir)?);
@@ -121,18 +133,8 @@ pub struct SlideModels {
 impl SlideModels {
     pub fn load(cfg: &ModelsConfig) -> Result<SlideModels> {
         let precision = Precision::parse(&cfg.device, &cfg.dtype)?;
-        let tile_dir = required(
-            &cfg.tile_encoder,
-            "the tile encoder",
-            "tile_encoder",
-            "GIGAPATH_TILE_ENCODER",
-        )?;
-        let slide_dir = required(
-            &cfg.slide_encoder,
-            "the slide encoder",
-            "slide_encoder",
-            "GIGAPATH_SLIDE_ENCODER",
-        )?;
+        let tile_dir = tile_dir(cfg)?;
+        let slide_dir = slide_dir(cfg)?;
         let tile = TileEncoder::load(tile_dir, &precision)?;
         if tile.img_size() != TILE_INPUT_PX {
             return Err(PipelineError::Config(format!(
@@ -227,12 +229,7 @@ pub struct TextModel {
 impl TextModel {
     pub fn load(cfg: &ModelsConfig) -> Result<TextModel> {
         let precision = Precision::parse(&cfg.device, &cfg.dtype)?;
-        let dir = required(
-            &cfg.text_encoder,
-            "the text encoder",
-            "text_encoder",
-            "GIGAPATH_TEXT_ENCODER",
-        )?;
+        let dir = text_dir(cfg)?;
         if !dir.join("config.json").is_file() {
             return Err(PipelineError::Config(format!(
                 "text encoder folder {} has no config.json (the offline default is fetched by scripts/fetch-minilm.sh)",

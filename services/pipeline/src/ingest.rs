@@ -17,9 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gigapath_store::catalog::{
-    ClaimOptions, EmbeddedSlide, Job, NewJob, NewReport, NewSlide, QueueOutcome,
-};
+use gigapath_store::catalog::{ClaimOptions, EmbeddedSlide, Job, NewJob, NewReport, QueueOutcome};
 use gigapath_store::vector::{combined_fingerprint, ReportPoint, REPORTS, SLIDES};
 use gigapath_store::StoreError;
 use serde::Serialize;
@@ -160,29 +158,14 @@ impl Pipeline {
         mpp: Option<f64>,
         labels: Option<&BTreeMap<String, String>>,
     ) -> Result<()> {
-        // Merge with what the catalog knows, so that re-registering never drops labels.
-        let old = self.block_on(self.store.catalog.slide(id))?;
-        let mut merged = old.as_ref().map(|r| r.labels.clone()).unwrap_or_default();
-        let mut cohort = old.as_ref().and_then(|r| r.cohort.clone());
-        let mut site = old.as_ref().and_then(|r| r.site.clone());
-        for (k, v) in labels.into_iter().flatten() {
-            match k.as_str() {
-                "cohort" => cohort = Some(v.clone()),
-                "site" => site = Some(v.clone()),
-                _ => {
-                    merged.insert(k.clone(), v.clone());
-                }
-            }
-        }
-        self.block_on(self.store.catalog.upsert_slide(&NewSlide {
-            id: id.to_string(),
-            path: path.display().to_string(),
-            cohort: cohort.or_else(|| self.config.ingest.cohort.clone()),
-            site,
-            labels: merged,
-            mpp: mpp.or(old.and_then(|r| r.mpp)),
-        }))?;
-        Ok(())
+        self.block_on(crate::queue::register_slide(
+            &self.store,
+            &self.config,
+            id,
+            path,
+            mpp,
+            labels,
+        ))
     }
 
     /// Records valid report rows in the catalog; rows naming an unknown slide become row errors.

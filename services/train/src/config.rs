@@ -28,21 +28,13 @@ pub struct RunConfig {
 /// Identity and seed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[derive(Default)]
 pub struct RunSection {
     /// Names `DATA_DIR/alignment/<id>/`. Empty: `run-<hash of this config>`, so that running
     /// the same config again resumes (or reports) the same run.
     pub id: String,
     /// Seeds head initialisation, the split and the data order.
     pub seed: u64,
-}
-
-impl Default for RunSection {
-    fn default() -> Self {
-        RunSection {
-            id: String::new(),
-            seed: 0,
-        }
-    }
 }
 
 /// Which pairs train and which validate.
@@ -344,7 +336,7 @@ impl RunConfig {
             );
         }
         for (key, v) in [("optim.lr", o.lr), ("optim.encoder_lr", o.encoder_lr)] {
-            if !(v.is_finite() && v >= 0.0 && v < 10.0) {
+            if !(v.is_finite() && (0.0..10.0).contains(&v)) {
                 return bad(key, format!("{v} is not in [0, 10)"));
             }
         }

@@ -147,7 +147,7 @@ pub fn evaluate(
         if slide_joint.contains_key(&p.slide_id) {
             continue;
         }
-        let (x, cells) = read_features(&p.feature_path, &precision.device)?;
+        let (x, cells, _) = read_features(&p.feature_path, &precision.device)?;
         let (_, joint) = alignment.slide_joint(&slide_encoder, &x, &cells)?;
         slide_joint.insert(p.slide_id.clone(), joint);
         progress.advance(1);

@@ -251,7 +251,7 @@ mod tests {
                 logit_scale: 14.3,
                 grad_norm: 1.0,
                 elapsed_s: 0.0,
-                val: (s % 25 == 0).then(|| ValMetrics {
+                val: (s % 25 == 0).then_some(ValMetrics {
                     loss: 3.0,
                     pairs: 10,
                     slide_to_report: Recall {

@@ -18,7 +18,6 @@ use gigapath_pipeline::encoders::{slide_fingerprints, text_fingerprints};
 use gigapath_pipeline::Pipeline;
 use gigapath_store::catalog::{EmbeddedSlide, ModelRecord, SlideState};
 use gigapath_store::vector::{combined_fingerprint, ReportPoint, SlidePoint, REPORTS, SLIDES};
-use gigapath_store::FeatureFile;
 use serde::Serialize;
 
 use crate::error::{Result, TrainError};
@@ -93,21 +92,17 @@ pub fn reembed(pipeline: &Pipeline, progress: &dyn TrainProgress) -> Result<Reem
     for chunk in work.chunks(BATCH) {
         let mut points = Vec::with_capacity(chunk.len());
         for (s, path) in chunk {
-            let (x, cells) = read_features(path, &precision.device)?;
+            // `mpp`: the one the slide was tiled at (measured at ingest, kept in its feature
+            // file); the catalog holds only a user's `--mpp` override.
+            let (x, cells, mpp) = read_features(path, &precision.device)?;
             let (slide, joint) = aligned.alignment.slide_joint(&slide_encoder, &x, &cells)?;
-            // The mpp the slide was tiled at (measured at ingest, kept in its feature file); the
-            // catalog holds only a user's `--mpp` override.
-            let mpp = FeatureFile::read_metadata(path)
-                .ok()
-                .map(|(meta, _)| meta.mpp)
-                .or(s.mpp);
             points.push(
                 SlidePoint {
                     slide_id: s.id.clone(),
                     cohort: s.cohort.clone(),
                     site: s.site.clone(),
                     labels: s.labels.clone(),
-                    mpp,
+                    mpp: Some(mpp),
                     tile_count: cells.len() as u64,
                     fingerprints: slide_fps.clone(),
                     fingerprint: slide_fp.clone(),

@@ -169,8 +169,8 @@ fn alignment_config(cfg: &RunConfig, bases: &Bases, run_id: &str) -> Result<Alig
     Ok(a)
 }
 
-/// Tile features and grid cells of a feature file, checked.
-pub(crate) fn read_features(path: &str, device: &Device) -> Result<(Tensor, Vec<[u32; 2]>)> {
+/// Tile features, grid cells (checked) and the mpp the slide was tiled at, from a feature file.
+pub(crate) fn read_features(path: &str, device: &Device) -> Result<(Tensor, Vec<[u32; 2]>, f64)> {
     let f = FeatureFile::read(path)?;
     let cells = f
         .grid_xy
@@ -186,7 +186,7 @@ pub(crate) fn read_features(path: &str, device: &Device) -> Result<(Tensor, Vec<
         })
         .collect::<Result<Vec<_>>>()?;
     let x = Tensor::from_vec(f.features_f32(), (f.len(), f.dim), device)?;
-    Ok((x, cells))
+    Ok((x, cells, f.metadata.mpp))
 }
 
 fn build_caches(
@@ -222,7 +222,7 @@ fn build_caches(
         let prefix = match disk.get(&key).filter(|_| slide_frozen) {
             Some(t) => SlidePrefix::Embedding(t.clone()),
             None => {
-                let (x, cells) = read_features(&p.feature_path, device)?;
+                let (x, cells, _) = read_features(&p.feature_path, device)?;
                 let prefix = model.slide_prefix(&bases.slide, &x, &cells)?;
                 if let SlidePrefix::Embedding(t) = &prefix {
                     disk.insert(key, t.clone());

@@ -35,8 +35,8 @@ pub struct IngestBenchArgs {
     #[arg(long, default_value_t = 3000.0)]
     pub slide_um: f64,
     /// Encoder sizes: `tiny` (tile 96-d x 2 blocks) or `small` (tile 192-d x 4 blocks).
-    #[arg(long, default_value = "small")]
-    pub preset: String,
+    #[arg(long, value_enum, default_value = "small")]
+    pub preset: crate::cmd::models::Preset,
 }
 
 #[derive(Args)]
@@ -237,40 +237,12 @@ fn python_rates(
 }
 
 fn ingest(args: IngestBenchArgs) -> Result<()> {
-    use gigapath_models::init::{init_slide_encoder, init_tile_encoder, SlideSize, TileSize};
+    use gigapath_models::init::{init_slide_encoder, init_tile_encoder};
     use gigapath_pipeline::{Config, IngestRequest, Pipeline, Quiet};
 
     let w = &args.work_dir;
-    let (tile, slide) = match args.preset.as_str() {
-        "tiny" => (
-            TileSize {
-                embed_dim: 96,
-                depth: 2,
-                num_heads: 3,
-            },
-            SlideSize {
-                in_chans: 96,
-                embed_dim: 128,
-                depth: 2,
-                num_heads: 16,
-            },
-        ),
-        "small" => (
-            TileSize {
-                embed_dim: 192,
-                depth: 4,
-                num_heads: 3,
-            },
-            SlideSize {
-                in_chans: 192,
-                embed_dim: 256,
-                depth: 4,
-                num_heads: 16,
-            },
-        ),
-        other => anyhow::bail!("unknown preset {other:?} (tiny or small)"),
-    };
-    let models = w.join(format!("models-{}", args.preset));
+    let (tile, slide) = args.preset.sizes();
+    let models = w.join(format!("models-{}", args.preset.name()));
     if !models.join("slide/model.safetensors").exists() {
         init_tile_encoder(&models.join("tile"), tile, 0)?;
         init_slide_encoder(&models.join("slide"), slide, 1)?;
@@ -345,7 +317,7 @@ fn ingest(args: IngestBenchArgs) -> Result<()> {
     let tm = &r.timings;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("ingest benchmark: {} slides, {} tiles, preset {} (tile {}-d x {} blocks), {cores} cores, batch {batch}",
-        slides.len(), r.tiles, args.preset, tile.embed_dim, tile.depth);
+        slides.len(), r.tiles, args.preset.name(), tile.embed_dim, tile.depth);
     println!(
         "end to end:       {wall:.1} s, {:.1} tiles/s ({} ok, {} failed)",
         r.tiles as f64 / wall,

@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Args, Subcommand, ValueEnum};
-use gigapath_models::init::{init_slide_encoder, init_tile_encoder, SlideSize, TileSize};
+use gigapath_models::init::{
+    init_slide_encoder, init_tile_encoder, SlideSize, TileSize, SMALL, TINY,
+};
 
 #[derive(Subcommand)]
 pub enum ModelsCommand {
@@ -20,6 +22,24 @@ pub enum Preset {
     Tiny,
     /// Tile: 192-d, 4 blocks, 3 heads. Slide: 256-d, 4 layers, 16 heads.
     Small,
+}
+
+impl Preset {
+    /// The preset's name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::Tiny => "tiny",
+            Preset::Small => "small",
+        }
+    }
+
+    /// Tile and slide encoder sizes.
+    pub fn sizes(self) -> (TileSize, SlideSize) {
+        match self {
+            Preset::Tiny => TINY,
+            Preset::Small => SMALL,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -41,34 +61,7 @@ pub fn run(cmd: ModelsCommand) -> Result<()> {
 }
 
 fn init(args: InitArgs) -> Result<()> {
-    let (tile, slide) = match args.preset {
-        Preset::Tiny => (
-            TileSize {
-                embed_dim: 96,
-                depth: 2,
-                num_heads: 3,
-            },
-            SlideSize {
-                in_chans: 96,
-                embed_dim: 128,
-                depth: 2,
-                num_heads: 16,
-            },
-        ),
-        Preset::Small => (
-            TileSize {
-                embed_dim: 192,
-                depth: 4,
-                num_heads: 3,
-            },
-            SlideSize {
-                in_chans: 192,
-                embed_dim: 256,
-                depth: 4,
-                num_heads: 16,
-            },
-        ),
-    };
+    let (tile, slide) = args.preset.sizes();
     let (tile_dir, slide_dir) = (args.output.join("tile"), args.output.join("slide"));
     init_tile_encoder(&tile_dir, tile, args.seed)?;
     init_slide_encoder(&slide_dir, slide, args.seed.wrapping_add(1))?;
