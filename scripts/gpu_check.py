@@ -2,7 +2,9 @@
 """The GPU check, in one command on a lent GPU machine (run through scripts/gpu-check.sh).
 
 1. `ldd` of the candle binary: every library found (CUDA 13 from the toolkit or torch's wheels).
-2. Parity on the reference fixtures on CUDA, f32 (<= 1e-5 relative) and bf16 (<= 1e-2).
+2. The fused CUDA kernels (flash attention, dilated attention, LayerNorm, SwiGLU, cuBLASLt linear)
+   against candle's plain f32 ops on the same inputs, bf16 and f16 (<= 2e-2 relative); then
+   parity on the reference fixtures on CUDA, f32 (<= 1e-5 relative) and bf16 (<= 1e-2).
 3. Tile encoder at the full ViT-g config (random weights, bf16): candle and PyTorch + timm,
    batches 128 and 256, tiles/s.
 4. Slide encoder at the full config (random weights, bf16) at 10,000 / 50,000 / 100,000 tiles:
@@ -110,7 +112,15 @@ def main():
         smi = "no nvidia-smi (CPU dry run)"
     log("GPU: " + smi)
 
-    # 2. Parity.
+    # 2. Fused kernels, then parity.
+    kernels = {}
+    for dtype in ("bf16", "f16"):
+        res, _, _, err = run_case([args.bin, "kernels", "--device", args.device, "--dtype", dtype],
+                                  args.timeout)
+        if err or res is None:
+            failures.append(f"kernels {dtype}: {err}")
+        if res:
+            kernels[dtype] = res["outputs"]
     parity = {}
     for dtype, bound in (("f32", 1e-5), ("bf16", 1e-2)):
         res, _, _, err = run_case([args.bin, "parity", "--fixtures", args.fixtures, "--device", args.device,
@@ -164,6 +174,13 @@ def main():
             e = parity.get(dtype, {}).get(name)
             cells += [f(e and e["rel_err"], ".2e"), f(e and e["max_abs"], ".2e")]
         print(f"| {name} | " + " | ".join(cells) + " |")
+    if kernels:
+        print("\n### Fused CUDA kernels vs candle's f32 ops on the same inputs (relative error)\n")
+        print("| case | bf16 | f16 |")
+        print("| --- | --- | --- |")
+        for name in sorted(set().union(*[set(v) for v in kernels.values()])):
+            cells = [f(kernels.get(d, {}).get(name, {}).get("rel_err"), ".2e") for d in ("bf16", "f16")]
+            print(f"| {name} | " + " | ".join(cells) + " |")
     print(f"\n### Tile encoder, ViT-g (1536-d, {args.tile_depth} blocks), random weights, {args.dtype}\n")
     print("| batch | candle tiles/s | PyTorch tiles/s | ratio | candle peak MiB | PyTorch peak MiB (allocator) |")
     print("| --- | --- | --- | --- | --- | --- |")

@@ -6,7 +6,12 @@
 //! bench_encoders slide  --tiles N [--layers 12]
 //! bench_encoders ops    [--batch 16] [--dim 1536] [--heads 24] [--hidden 8192]
 //! bench_encoders parity --fixtures DIR
+//! bench_encoders kernels
 //! ```
+//! `kernels` checks each fused CUDA kernel of `gigapath_models::cuda_ops` (flash attention, the
+//! dilated attention through it, LayerNorm, SwiGLU, cuBLASLt linear with bias and residual)
+//! against the plain candle ops in f32 on the same inputs, at `--dtype` (bf16 / f16), and fails
+//! above 2e-2 relative error.
 //! `tile`, `slide` and `parity` take `--device cpu|cuda[:N]` and `--dtype f32|bf16|f16` (half
 //! precision on CUDA only); `scripts/gpu_check.py` runs them on a lent GPU next to PyTorch.
 //! `parity` runs the tile and slide fixtures of `tests/fixtures/reference` at that precision and
@@ -374,6 +379,101 @@ fn parity(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Fused CUDA kernels against the plain ops in f32 on the same (rounded) inputs.
+fn kernels(args: &[String]) -> anyhow::Result<()> {
+    use candle_core::Module;
+    use gigapath_models::dilated_attention::DilatedAttention;
+    use gigapath_models::nn::{swiglu_packed, LayerNorm, Linear};
+    use gigapath_models::tile_encoder::attention_from_qkv;
+    let precision = precision(args)?;
+    let (dev, dtype) = (precision.device.clone(), precision.dtype);
+    anyhow::ensure!(
+        gigapath_models::cuda_ops::available(&dev, dtype),
+        "the fused kernels do not run on {dev:?} / {dtype:?} (need CUDA, bf16 or f16, sm_80+)"
+    );
+    // Half-precision input and its exact f32 copy.
+    let rand = |shape: &[usize], mean: f32, std: f32| -> candle_core::Result<(Tensor, Tensor)> {
+        let half = Tensor::randn(mean, std, shape, &dev)?.to_dtype(dtype)?;
+        let full = half.to_dtype(DType::F32)?;
+        Ok((half, full))
+    };
+    let mut rows = serde_json::Map::new();
+    let mut failures = Vec::new();
+    let mut put = |name: String, got: &Tensor, want: &Tensor| -> anyhow::Result<()> {
+        let (rel, max_abs) = errors(&got.to_dtype(DType::F32)?, &want.to_device(&Device::Cpu)?)?;
+        if rel.is_nan() || rel > 2e-2 {
+            failures.push(format!("{name}: rel err {rel:.2e}"));
+        }
+        rows.insert(
+            name,
+            serde_json::json!({"rel_err": rel, "max_abs": max_abs}),
+        );
+        Ok(())
+    };
+    // Tile attention from packed qkv: ViT-g heads, a ragged small case, every head size.
+    for (b, n, heads, dh) in [
+        (3, 257, 24, 64),
+        (2, 70, 4, 48),
+        (1, 130, 2, 32),
+        (2, 65, 2, 80),
+        (1, 64, 2, 96),
+        (1, 200, 2, 128),
+    ] {
+        let (h, f) = rand(&[b, n, 3 * heads * dh], 0.0, 1.0)?;
+        put(
+            format!("attention b{b} n{n} h{heads} d{dh}"),
+            &attention_from_qkv(&h, heads)?,
+            &attention_from_qkv(&f, heads)?,
+        )?;
+    }
+    // Dilated attention (its lse mix) at the slide encoder's head size.
+    for l in [1000usize, 3001] {
+        let att = DilatedAttention::new(&[256, 1024, 4096], &[1, 2, 4], 16, 48)
+            .map_err(anyhow::Error::msg)?;
+        let (qh, qf) = rand(&[l, 16, 48], 0.0, 1.0)?;
+        let (kh, kf) = rand(&[l, 16, 48], 0.0, 1.0)?;
+        let (vh, vf) = rand(&[l, 16, 48], 0.0, 1.0)?;
+        put(
+            format!("dilated attention L{l}"),
+            &att.forward(&qh, &kh, &vh)?,
+            &att.forward(&qf, &kf, &vf)?,
+        )?;
+    }
+    // LayerNorm with a large mean (the case a one-pass variance gets wrong).
+    let (xh, xf) = rand(&[300, 1536], 20.0, 1.0)?;
+    let ln = LayerNorm::new(
+        Tensor::randn(1f32, 0.1, 1536, &dev)?,
+        Tensor::randn(0f32, 0.1, 1536, &dev)?,
+        1e-6,
+    )?;
+    put("layer_norm".into(), &ln.forward(&xh)?, &ln.forward(&xf)?)?;
+    let (hh, hf) = rand(&[2, 33, 256], 0.0, 2.0)?;
+    put("swiglu".into(), &swiglu_packed(&hh)?, &swiglu_packed(&hf)?)?;
+    // Linear with bias, and with bias plus residual, on [B, N, K] rows.
+    let (wh, wf) = rand(&[384, 512], 0.0, 0.05)?;
+    let (bh, bf) = rand(&[384], 0.0, 1.0)?;
+    let (xh, xf) = rand(&[3, 77, 512], 0.0, 1.0)?;
+    let (rh, rf) = rand(&[3, 77, 384], 0.0, 1.0)?;
+    let (lh, lf) = (Linear::new(wh, Some(bh)), Linear::new(wf, Some(bf)));
+    put("linear + bias".into(), &lh.forward(&xh)?, &lf.forward(&xf)?)?;
+    put(
+        "linear + bias + residual".into(),
+        &lh.forward_residual(&xh, &rh)?,
+        &lf.forward_residual(&xf, &rf)?,
+    )?;
+    println!(
+        "{}",
+        serde_json::json!({"side": "candle", "model": "kernels",
+                                      "dtype": dtype_name(&precision), "outputs": rows})
+    );
+    anyhow::ensure!(
+        failures.is_empty(),
+        "fused kernels off: {}",
+        failures.join("; ")
+    );
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     if args.iter().any(|a| a == "--reduced-gemm") {
@@ -386,8 +486,11 @@ fn main() -> anyhow::Result<()> {
         Some("slide") => slide(&args),
         Some("ops") => ops(&args),
         Some("parity") => parity(&args),
+        Some("kernels") => kernels(&args),
         _ => {
-            anyhow::bail!("usage: bench_encoders tile|slide|ops|parity ... (see the source header)")
+            anyhow::bail!(
+                "usage: bench_encoders tile|slide|ops|parity|kernels ... (see the source header)"
+            )
         }
     }
 }

@@ -15,6 +15,7 @@
 
 pub mod align;
 mod cpu_attention;
+pub mod cuda_ops;
 pub mod device;
 pub mod dilated_attention;
 mod error;

@@ -14,6 +14,8 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, T
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
+use crate::cuda_ops;
+
 /// Whether a gradient can flow through `t` (it is a `Var` or depends on one).
 pub fn needs_grad(t: &Tensor) -> bool {
     t.track_op()
@@ -46,8 +48,45 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// `residual + self.forward(xs)`; on CUDA in half precision the product adds the residual
+    /// itself (cuBLASLt with `beta = 1`), saving a pass over the output.
+    pub fn forward_residual(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        if let Some(y) = self.forward_cuda(xs, Some(residual))? {
+            return Ok(y);
+        }
+        residual + self.forward(xs)?
+    }
+
+    /// The fused cuBLASLt path ([`cuda_ops::linear`]), or `None` where it does not apply.
+    fn forward_cuda(&self, xs: &Tensor, residual: Option<&Tensor>) -> Result<Option<Tensor>> {
+        if !cuda_ops::applies(xs) || xs.rank() == 0 {
+            return Ok(None);
+        }
+        let dims = xs.dims();
+        let k = dims[dims.len() - 1];
+        let rows = xs.elem_count() / k.max(1);
+        let n = self.weight().dim(0)?;
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("rank >= 1") = n;
+        if residual.is_some_and(|r| r.dims() != out_dims.as_slice()) {
+            return Ok(None);
+        }
+        let x = xs.contiguous()?.reshape((rows, k))?;
+        let residual = match residual {
+            Some(r) => Some(r.contiguous()?.reshape((rows, n))?),
+            None => None,
+        };
+        let y = cuda_ops::linear(&x, self.weight(), self.bias(), residual.as_ref())?;
+        y.map(|y| y.reshape(out_dims)).transpose()
+    }
+}
+
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if let Some(y) = self.forward_cuda(xs, None)? {
+            return Ok(y);
+        }
         let dims = xs.dims();
         if dims.len() <= 2 {
             return self.0.forward(xs);
@@ -97,6 +136,13 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if cuda_ops::applies(xs) {
+            if let Some(y) =
+                cuda_ops::layer_norm(&xs.contiguous()?, &self.weight, &self.bias, self.eps)?
+            {
+                return Ok(y);
+            }
+        }
         let dtype = xs.dtype();
         let x = xs.to_dtype(DType::F32)?;
         let grads = needs_grad(&x) || needs_grad(&self.weight) || needs_grad(&self.bias);
@@ -262,10 +308,16 @@ impl CustomOp3 for ScaledResidual {
 
 /// timm's packed SwiGLU gate: `silu(h[..., :n]) * h[..., n:]` for `h` [..., 2n].
 ///
-/// One vectorised pass on CPU (f32, no gradient); basic ops otherwise.
+/// One vectorised pass on CPU (f32, no gradient) and on CUDA in half precision
+/// ([`crate::cuda_ops::swiglu`]); basic ops otherwise.
 pub fn swiglu_packed(h: &Tensor) -> Result<Tensor> {
     if h.device().is_cpu() && h.dtype() == DType::F32 && !needs_grad(h) {
         return h.contiguous()?.apply_op1_no_bwd(&SwiGluPacked);
+    }
+    if cuda_ops::applies(h) {
+        if let Some(y) = cuda_ops::swiglu(&h.contiguous()?)? {
+            return Ok(y);
+        }
     }
     let half = h.dim(D::Minus1)? / 2;
     h.narrow(D::Minus1, 0, half)?.silu()? * h.narrow(D::Minus1, half, half)?

@@ -250,9 +250,9 @@ impl SelfAttention {
         })
     }
 
-    /// [L, D] -> [L, D]. Takes its input by value and drops every [L, D] buffer as soon as it is
-    /// used: at 100k tiles each one is 300 MB.
-    fn forward(&self, xs: Tensor) -> Result<Tensor> {
+    /// [L, D] -> `residual` + attention [L, D]. Takes its input by value and drops every [L, D]
+    /// buffer as soon as it is used: at 100k tiles each one is 300 MB.
+    fn forward(&self, xs: Tensor, residual: &Tensor) -> Result<Tensor> {
         let (l, d) = xs.dims2()?;
         let out = {
             let heads = |t: Tensor| t.reshape((l, self.num_heads, d / self.num_heads));
@@ -263,7 +263,7 @@ impl SelfAttention {
             self.attention.forward(&q, &k, &v)?.reshape((l, d))?
         };
         let out = self.inner_attn_ln.forward(&out)?;
-        self.out_proj.forward(&out)
+        self.out_proj.forward_residual(&out, residual)
     }
 }
 
@@ -285,9 +285,11 @@ impl FeedForward {
         })
     }
 
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    /// `residual + ffn(xs)`.
+    fn forward_residual(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
         let h = self.fc1.forward(xs)?.gelu_erf()?;
-        self.fc2.forward(&self.ffn_layernorm.forward(&h)?)
+        self.fc2
+            .forward_residual(&self.ffn_layernorm.forward(&h)?, residual)
     }
 }
 
@@ -317,20 +319,22 @@ impl EncoderLayer {
 
     /// [L, D] -> [L, D]
     fn forward(&self, xs: Tensor) -> Result<Tensor> {
-        let a = self
+        let xs = self
             .self_attn
-            .forward(self.self_attn_layer_norm.forward(&xs)?)?;
-        let xs = (xs + a)?;
+            .forward(self.self_attn_layer_norm.forward(&xs)?, &xs)?;
         let rows = xs.dim(0)?;
         if rows <= FFN_CHUNK_ROWS {
-            let f = self.ffn.forward(&self.final_layer_norm.forward(&xs)?)?;
-            return xs + f;
+            return self
+                .ffn
+                .forward_residual(&self.final_layer_norm.forward(&xs)?, &xs);
         }
         let mut parts = Vec::with_capacity(rows.div_ceil(FFN_CHUNK_ROWS));
         for start in (0..rows).step_by(FFN_CHUNK_ROWS) {
             let x = xs.narrow(0, start, FFN_CHUNK_ROWS.min(rows - start))?;
-            let f = self.ffn.forward(&self.final_layer_norm.forward(&x)?)?;
-            parts.push((x + f)?);
+            parts.push(
+                self.ffn
+                    .forward_residual(&self.final_layer_norm.forward(&x)?, &x)?,
+            );
         }
         Tensor::cat(&parts, 0)
     }

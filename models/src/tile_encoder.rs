@@ -15,6 +15,7 @@ use crate::nn::Linear;
 use serde::Deserialize;
 
 use crate::cpu_attention::FusedQkvAttention;
+use crate::cuda_ops;
 use crate::device::Precision;
 use crate::nn::{linear, needs_grad, scaled_residual, softmax_last_dim, swiglu_packed, LayerNorm};
 use crate::weights::{find_file, read_json, var_builder};
@@ -192,11 +193,12 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(cfg: &ModelArgs, vb: VarBuilder) -> Result<Self> {
+    /// `gamma`: the block's LayerScale, folded into `proj` (see [`Block`]).
+    fn new(cfg: &ModelArgs, vb: VarBuilder, gamma: Option<&Tensor>) -> Result<Self> {
         let d = cfg.embed_dim;
         Ok(Self {
             qkv: linear(d, 3 * d, vb.pp("qkv"))?,
-            proj: linear(d, d, vb.pp("proj"))?,
+            proj: scaled_linear(d, d, vb.pp("proj"), gamma)?,
             num_heads: cfg.num_heads,
         })
     }
@@ -206,6 +208,34 @@ impl Attention {
         self.proj
             .forward(&attention_from_qkv(&qkv, self.num_heads)?)
     }
+
+    /// `residual + forward(xs)`, the residual added by the output projection.
+    fn forward_residual(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let qkv = self.qkv.forward(xs)?;
+        self.proj
+            .forward_residual(&attention_from_qkv(&qkv, self.num_heads)?, residual)
+    }
+}
+
+/// `nn.Linear` whose output is multiplied by `gamma` (per output channel), folded into the weight
+/// and bias in f32 before they are cast: `gamma * (W x + b) = (gamma W) x + gamma b`.
+fn scaled_linear(
+    in_dim: usize,
+    out_dim: usize,
+    vb: VarBuilder,
+    gamma: Option<&Tensor>,
+) -> Result<Linear> {
+    let Some(gamma) = gamma else {
+        return linear(in_dim, out_dim, vb);
+    };
+    let dtype = vb.dtype();
+    let vb = vb.set_dtype(DType::F32);
+    let gamma = gamma.to_dtype(DType::F32)?;
+    let w = vb.get((out_dim, in_dim), "weight")?;
+    let b = vb.get(out_dim, "bias")?;
+    let w = w.broadcast_mul(&gamma.unsqueeze(1)?)?.to_dtype(dtype)?;
+    let b = (b * &gamma)?.to_dtype(dtype)?;
+    Ok(Linear::new(w, Some(b)))
 }
 
 /// Multi-head self-attention core from timm's fused projection: `qkv` [B, N, 3D] (rows
@@ -222,6 +252,29 @@ pub fn attention_from_qkv(qkv: &Tensor, heads: usize) -> Result<Tensor> {
             scale: scale as f32,
         };
         return qkv.contiguous()?.apply_op1_no_bwd(&op);
+    }
+    if cuda_ops::applies(qkv) {
+        // The flash kernel reads q, k and v in place from the packed rows.
+        let qkv = qkv.contiguous()?;
+        let part = |offset: usize| cuda_ops::Strided {
+            tensor: &qkv,
+            offset,
+            batch: n * three_d,
+            head: d / heads,
+            token: three_d,
+        };
+        let shape = cuda_ops::AttentionShape {
+            batch: b,
+            heads,
+            tokens: n,
+            head_dim: d / heads,
+            scale: scale as f32,
+        };
+        if let Some((out, _)) =
+            cuda_ops::flash_attention(part(0), part(d), part(2 * d), shape, false)?
+        {
+            return out.reshape((b, n, d));
+        }
     }
     // [B, N, 3D] -> [3, B, H, N, D/H]
     let qkv = qkv
@@ -252,11 +305,13 @@ enum Fc1 {
 }
 
 impl SwiGluPacked {
-    fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
+    /// `gamma`: the block's LayerScale, folded into `fc2` (see [`Block`]).
+    fn new(cfg: &Config, vb: VarBuilder, gamma: Option<&Tensor>) -> Result<Self> {
         let d = cfg.model_args.embed_dim;
         let hidden = cfg.mlp_hidden();
         let packed = linear(d, hidden, vb.pp("fc1"))?;
-        let fc1 = if vb.device().is_cpu() {
+        // Packed where one pass gates it: our CPU kernel, or the CUDA kernel in half precision.
+        let fc1 = if vb.device().is_cpu() || cuda_ops::available(vb.device(), vb.dtype()) {
             Fc1::Packed(packed)
         } else {
             let half = hidden / 2;
@@ -275,20 +330,32 @@ impl SwiGluPacked {
         };
         Ok(Self {
             fc1,
-            fc2: linear(hidden / 2, d, vb.pp("fc2"))?,
+            fc2: scaled_linear(hidden / 2, d, vb.pp("fc2"), gamma)?,
         })
     }
 
+    fn gated(&self, xs: &Tensor) -> Result<Tensor> {
+        match &self.fc1 {
+            Fc1::Packed(fc1) => swiglu_packed(&fc1.forward(xs)?),
+            Fc1::Split { gate, value } => gate.forward(xs)?.silu()? * value.forward(xs)?,
+        }
+    }
+
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let gated = match &self.fc1 {
-            Fc1::Packed(fc1) => swiglu_packed(&fc1.forward(xs)?)?,
-            Fc1::Split { gate, value } => (gate.forward(xs)?.silu()? * value.forward(xs)?)?,
-        };
-        self.fc2.forward(&gated)
+        self.fc2.forward(&self.gated(xs)?)
+    }
+
+    /// `residual + forward(xs)`, the residual added by `fc2`.
+    fn forward_residual(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        self.fc2.forward_residual(&self.gated(xs)?, residual)
     }
 }
 
 /// Pre-LN block: `x + ls1 * attn(norm1(x))`, then `x + ls2 * mlp(norm2(x))`.
+///
+/// Where the fused CUDA kernels run (half precision, sm_80+), LayerScale is folded into `proj` and
+/// `fc2` at load and each residual is added by the product that ends its branch: two products,
+/// no elementwise pass, per branch tail.
 #[derive(Debug, Clone)]
 struct Block {
     norm1: LayerNorm,
@@ -297,6 +364,7 @@ struct Block {
     norm2: LayerNorm,
     mlp: SwiGluPacked,
     ls2: Option<Tensor>,
+    fused_residual: bool,
 }
 
 impl Block {
@@ -304,21 +372,38 @@ impl Block {
         let d = cfg.model_args.embed_dim;
         let layer_scale = |name: &str| -> Result<Option<Tensor>> {
             match cfg.model_args.init_values {
-                Some(_) => vb.pp(name).get(d, "gamma").map(Some),
+                Some(_) => vb.pp(name).set_dtype(DType::F32).get(d, "gamma").map(Some),
                 None => Ok(None),
+            }
+        };
+        let (ls1, ls2) = (layer_scale("ls1")?, layer_scale("ls2")?);
+        let fused_residual = cuda_ops::available(vb.device(), vb.dtype());
+        let (fold1, fold2) = match fused_residual {
+            true => (ls1.as_ref(), ls2.as_ref()),
+            false => (None, None),
+        };
+        let cast = |t: Option<Tensor>| -> Result<Option<Tensor>> {
+            match (t, fused_residual) {
+                (Some(t), false) => t.to_dtype(vb.dtype()).map(Some),
+                _ => Ok(None),
             }
         };
         Ok(Self {
             norm1: LayerNorm::load(d, LN_EPS, vb.pp("norm1"))?,
-            attn: Attention::new(&cfg.model_args, vb.pp("attn"))?,
-            ls1: layer_scale("ls1")?,
+            attn: Attention::new(&cfg.model_args, vb.pp("attn"), fold1)?,
             norm2: LayerNorm::load(d, LN_EPS, vb.pp("norm2"))?,
-            mlp: SwiGluPacked::new(cfg, vb.pp("mlp"))?,
-            ls2: layer_scale("ls2")?,
+            mlp: SwiGluPacked::new(cfg, vb.pp("mlp"), fold2)?,
+            ls1: cast(ls1)?,
+            ls2: cast(ls2)?,
+            fused_residual,
         })
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if self.fused_residual {
+            let xs = self.attn.forward_residual(&self.norm1.forward(xs)?, xs)?;
+            return self.mlp.forward_residual(&self.norm2.forward(&xs)?, &xs);
+        }
         let residual = |x: &Tensor, y: Tensor, gamma: &Option<Tensor>| match gamma {
             Some(g) => scaled_residual(x, &y, g),
             None => x + y,
