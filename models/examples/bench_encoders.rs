@@ -7,7 +7,10 @@
 //! bench_encoders ops    [--batch 16] [--dim 1536] [--heads 24] [--hidden 8192]
 //! bench_encoders parity --fixtures DIR
 //! bench_encoders kernels
+//! bench_encoders slide-ops --tiles N
 //! ```
+//! `slide-ops` times the parts of one slide-encoder layer at N tiles (CUDA half precision: each
+//! dilated-attention branch alone, the whole dilated attention, the projections, the FFN).
 //! `kernels` checks each fused CUDA kernel of `gigapath_models::cuda_ops` (flash attention, the
 //! dilated attention through it, LayerNorm, SwiGLU, cuBLASLt linear with bias and residual)
 //! against the plain candle ops in f32 on the same inputs, at `--dtype` (bf16 / f16), and fails
@@ -438,6 +441,14 @@ fn kernels(args: &[String]) -> anyhow::Result<()> {
             &att.forward(&qh, &kh, &vh)?,
             &att.forward(&qf, &kf, &vf)?,
         )?;
+        // The same from views into one packed [L, 3, H, Dh] projection (the GPU layout).
+        let packed = Tensor::stack(&[&qh, &kh, &vh], 1)?;
+        let part = |i: usize| packed.narrow(1, i, 1)?.squeeze(1);
+        put(
+            format!("dilated attention L{l}, packed qkv"),
+            &att.forward(&part(0)?, &part(1)?, &part(2)?)?,
+            &att.forward(&qf, &kf, &vf)?,
+        )?;
     }
     // LayerNorm with a large mean (the case a one-pass variance gets wrong).
     let (xh, xf) = rand(&[300, 1536], 20.0, 1.0)?;
@@ -447,6 +458,28 @@ fn kernels(args: &[String]) -> anyhow::Result<()> {
         1e-6,
     )?;
     put("layer_norm".into(), &ln.forward(&xh)?, &ln.forward(&xf)?)?;
+    let (xh, xf) = rand(&[200, 3072], 0.0, 1.0)?;
+    let ln = LayerNorm::new(
+        Tensor::randn(1f32, 0.1, 3072, &dev)?,
+        Tensor::randn(0f32, 0.1, 3072, &dev)?,
+        1e-5,
+    )?;
+    put(
+        "gelu + layer_norm 3072".into(),
+        &ln.forward_gelu(&xh)?,
+        &ln.forward_gelu(&xf)?,
+    )?;
+    let (xh, xf) = rand(&[77, 768], 0.0, 1.0)?;
+    let ln = LayerNorm::new(
+        Tensor::randn(1f32, 0.1, 768, &dev)?,
+        Tensor::randn(0f32, 0.1, 768, &dev)?,
+        1e-5,
+    )?;
+    put(
+        "layer_norm 768".into(),
+        &ln.forward(&xh)?,
+        &ln.forward(&xf)?,
+    )?;
     let (hh, hf) = rand(&[2, 33, 256], 0.0, 2.0)?;
     put("swiglu".into(), &swiglu_packed(&hh)?, &swiglu_packed(&hf)?)?;
     // Linear with bias, and with bias plus residual, on [B, N, K] rows.
@@ -474,6 +507,126 @@ fn kernels(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One slide-encoder layer's parts at `--tiles` (full config shapes, random values).
+fn slide_ops(args: &[String]) -> anyhow::Result<()> {
+    use candle_core::Module;
+    use gigapath_models::dilated_attention::{Branch, DilatedAttention};
+    use gigapath_models::nn::{LayerNorm, Linear};
+    let tiles: usize = arg(args, "--tiles").expect("--tiles N").parse()?;
+    let iters = arg(args, "--iters").map_or(3, |s| s.parse().unwrap());
+    let cfg = Config::default();
+    let precision = precision(args)?;
+    let (dev, dtype) = (precision.device.clone(), precision.dtype);
+    SYNC.with(|s| *s.borrow_mut() = dev.clone());
+    let (l, h, d) = (tiles + 1, cfg.num_heads, cfg.embed_dim);
+    let (dh, f) = (d / h, cfg.ffn_dim());
+    let rand = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &dev)?.to_dtype(dtype);
+    let (q, k, v) = (rand(&[l, h, dh])?, rand(&[l, h, dh])?, rand(&[l, h, dh])?);
+    let x = rand(&[l, d])?;
+    let hidden = rand(&[l, f])?;
+    let linear = |i: usize, o: usize| -> candle_core::Result<Linear> {
+        Ok(Linear::new((rand(&[o, i])? * 0.02)?, Some(rand(&[o])?)))
+    };
+    let (proj, fc1, fc2) = (linear(d, d)?, linear(d, f)?, linear(f, d)?);
+    let ln = LayerNorm::new(
+        Tensor::ones(f, DType::F32, &dev)?,
+        Tensor::zeros(f, DType::F32, &dev)?,
+        1e-5,
+    )?;
+    let scale = (dh as f32).powf(-0.5);
+    let mut rows: Vec<(String, f64)> = Vec::new();
+    for (&segment_length, &ratio) in cfg.segment_length.iter().zip(&cfg.dilated_ratio) {
+        let one = [Branch {
+            segment_length,
+            ratio,
+        }];
+        rows.push((
+            format!("branch ({segment_length}, {ratio}) fused, mix included"),
+            time(iters, || {
+                gigapath_models::cuda_ops::dilated_attention(&q, &k, &v, &one, scale)
+                    .map(|y| y.expect("fused path"))
+            })?,
+        ));
+    }
+    let att = DilatedAttention::new(&cfg.segment_length, &cfg.dilated_ratio, h, dh)
+        .map_err(anyhow::Error::msg)?;
+    rows.push((
+        "dilated attention, all branches".into(),
+        time(iters, || att.forward(&q, &k, &v))?,
+    ));
+    let qkv = linear(d, 3 * d)?;
+    rows.push(("packed qkv projection".into(), time(iters, || qkv.forward(&x))?));
+    rows.push((
+        "q/k/v/out projection (one)".into(),
+        time(iters, || proj.forward(&x))?,
+    ));
+    rows.push((
+        "out projection + residual".into(),
+        time(iters, || proj.forward_residual(&x, &x))?,
+    ));
+    rows.push(("fc1".into(), time(iters, || fc1.forward(&x))?));
+    rows.push(("gelu (erf)".into(), time(iters, || hidden.gelu_erf())?));
+    rows.push(("ffn_layernorm".into(), time(iters, || ln.forward(&hidden))?));
+    rows.push((
+        "gelu + ffn_layernorm, fused".into(),
+        time(iters, || ln.forward_gelu(&hidden))?,
+    ));
+    let ln768 = LayerNorm::new(
+        Tensor::ones(d, DType::F32, &dev)?,
+        Tensor::zeros(d, DType::F32, &dev)?,
+        1e-5,
+    )?;
+    rows.push(("layer_norm 768".into(), time(iters, || ln768.forward(&x))?));
+    // The encoder's mean pool of one hidden state (slide_encoder.rs `pooled`): f64 sums of
+    // 4096-row chunks.
+    rows.push((
+        "mean pool (one hidden state)".into(),
+        time(iters, || {
+            let n = l - 1;
+            let mut sum = Tensor::zeros(d, DType::F64, &dev)?;
+            for start in (1..=n).step_by(4096) {
+                let part = x.narrow(0, start, 4096.min(n + 1 - start))?;
+                sum = (sum + part.to_dtype(DType::F64)?.sum(0)?)?;
+            }
+            (sum / n as f64)?.to_dtype(dtype)
+        })?,
+    ));
+    rows.push((
+        "mean pool, GPU path (f32 products)".into(),
+        time(iters, || {
+            let n = l - 1;
+            let mut sum = Tensor::zeros((1, d), DType::F32, &dev)?;
+            for start in (1..=n).step_by(32768) {
+                let r = 32768.min(n + 1 - start);
+                let part = x.narrow(0, start, r)?.to_dtype(DType::F32)?;
+                sum = (sum + Tensor::ones((1, r), DType::F32, &dev)?.matmul(&part)?)?;
+            }
+            (sum.squeeze(0)? / n as f64)?.to_dtype(dtype)
+        })?,
+    ));
+    let cells: Vec<[u32; 2]> = (0..tiles as u32).map(|i| [i % 317, i / 317]).collect();
+    rows.push((
+        "position embedding".into(),
+        time(iters, || {
+            gigapath_models::slide_encoder::position_embedding(&cells, d, &dev)
+        })?,
+    ));
+    rows.push((
+        "fc2 + residual".into(),
+        time(iters, || fc2.forward_residual(&hidden, &x))?,
+    ));
+    let map: serde_json::Map<String, serde_json::Value> = rows
+        .into_iter()
+        .map(|(k, v)| (k, (v * 1e3).into()))
+        .collect();
+    println!(
+        "{}",
+        serde_json::json!({"side": "candle", "model": "slide-ops", "tiles": tiles,
+                                      "ms": map})
+    );
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     if args.iter().any(|a| a == "--reduced-gemm") {
@@ -487,9 +640,10 @@ fn main() -> anyhow::Result<()> {
         Some("ops") => ops(&args),
         Some("parity") => parity(&args),
         Some("kernels") => kernels(&args),
+        Some("slide-ops") => slide_ops(&args),
         _ => {
             anyhow::bail!(
-                "usage: bench_encoders tile|slide|ops|parity|kernels ... (see the source header)"
+                "usage: bench_encoders tile|slide|ops|parity|kernels|slide-ops ... (see the source header)"
             )
         }
     }

@@ -62,6 +62,22 @@ pub fn flash_attention(
     imp::flash_attention(q, k, v, shape, with_lse)
 }
 
+/// LongNet dilated attention of `q`, `k`, `v` `[L, H, Dh]` (each row of H x Dh contiguous, any
+/// row stride, e.g. views into one packed `[L, 3, H, Dh]` projection) over `branches`, exactly
+/// as [`crate::dilated_attention::DilatedAttention::forward`]: one flash launch per branch reads
+/// its segments and head groups in place (no gather) and writes outputs and lses to their dense
+/// positions (no scatter); one kernel mixes the branches. Lengths must pass
+/// [`crate::dilated_attention::Branch::check_len`]. At most 8 branches.
+pub fn dilated_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    branches: &[crate::dilated_attention::Branch],
+    scale: f32,
+) -> Result<Option<Tensor>> {
+    imp::dilated_attention(q, k, v, branches, scale)
+}
+
 /// `x [rows, in] @ w^T [in, out] + bias (+ residual [rows, out])` in one cuBLASLt call.
 pub fn linear(
     x: &Tensor,
@@ -72,9 +88,16 @@ pub fn linear(
     imp::linear(x, w, bias, residual)
 }
 
-/// LayerNorm over the last dimension with f32 `weight` / `bias`; output in `x`'s dtype.
-pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Option<Tensor>> {
-    imp::layer_norm(x, weight, bias, eps)
+/// LayerNorm over the last dimension with f32 `weight` / `bias`; output in `x`'s dtype. With
+/// `gelu`, of `gelu_erf(x)` (rounded to `x`'s dtype first, as two separate ops would).
+pub fn layer_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    gelu: bool,
+) -> Result<Option<Tensor>> {
+    imp::layer_norm(x, weight, bias, eps, gelu)
 }
 
 /// `silu(x[.., :H]) * x[.., H:]` of a packed `[.., 2H]` tensor -> `[.., H]`.
@@ -98,6 +121,15 @@ mod imp {
     ) -> Result<Option<(Tensor, Option<Tensor>)>> {
         Ok(None)
     }
+    pub fn dilated_attention(
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &[crate::dilated_attention::Branch],
+        _: f32,
+    ) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
     pub fn linear(
         _: &Tensor,
         _: &Tensor,
@@ -106,7 +138,13 @@ mod imp {
     ) -> Result<Option<Tensor>> {
         Ok(None)
     }
-    pub fn layer_norm(_: &Tensor, _: &Tensor, _: &Tensor, _: f64) -> Result<Option<Tensor>> {
+    pub fn layer_norm(
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: f64,
+        _: bool,
+    ) -> Result<Option<Tensor>> {
         Ok(None)
     }
     pub fn swiglu(_: &Tensor) -> Result<Option<Tensor>> {
@@ -120,7 +158,9 @@ mod imp {
     use std::sync::{Arc, Mutex, OnceLock};
 
     use candle_core::cuda_backend::cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig};
-    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+    use candle_core::cuda_backend::cudarc::driver::sys::{
+        CUdevice_attribute, CUfunction_attribute,
+    };
     use candle_core::cuda_backend::cudarc::driver::{
         CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
     };
@@ -133,9 +173,8 @@ mod imp {
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
     const MODULE: &str = "gigapath_kernels";
-    /// Query rows per flash-attention block (kernels.cu `FA_BM`) and threads per block.
-    const FA_BM: usize = 64;
-    const FA_THREADS: u32 = 128;
+    /// Keys per flash-attention iteration (kernels.cu `FA_BN`).
+    const FA_BN: usize = 64;
     const HEAD_DIMS: [usize; 6] = [32, 48, 64, 80, 96, 128];
 
     fn cuda(device: &Device) -> Option<&CudaDevice> {
@@ -254,6 +293,88 @@ mod imp {
         }
     }
 
+    /// kernels.cu `Geom`: element strides of batch, head, head group, token.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, Default)]
+    struct Geom {
+        b: i64,
+        h: i64,
+        g: i64,
+        t: i64,
+    }
+
+    /// kernels.cu `FlashArgs` (same field order; passed by value).
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy)]
+    struct FlashArgs {
+        q: Geom,
+        k: Geom,
+        v: Geom,
+        o: Geom,
+        lse: Geom,
+        pos_b: i64,
+        pos_t: i64,
+        seq_len: i64,
+        n: i32,
+        heads: i32,
+        group: i32,
+        scale: f32,
+    }
+
+    // Safety: plain old data with the kernel's C layout.
+    unsafe impl DeviceRepr for FlashArgs {}
+
+    /// One flash launch over (`batch`, `args.heads`) problems of `args.n` tokens.
+    #[allow(clippy::too_many_arguments)]
+    fn launch_flash<T: CudaDType + DeviceRepr>(
+        dev: &CudaDevice,
+        dtype: DType,
+        head_dim: usize,
+        batch: usize,
+        (q, k, v): (&CudaView<'_, T>, &CudaView<'_, T>, &CudaView<'_, T>),
+        out: &CudaSlice<T>,
+        lse: Option<&CudaSlice<f32>>,
+        args: FlashArgs,
+    ) -> Result<()> {
+        // Long problems: 8 warps (128 queries) share each key / value tile; short ones (the tile
+        // encoder's 257 tokens) waste less padding with 4 warps.
+        let warps: u32 = if args.n >= 1024 { 8 } else { 4 };
+        let name = format!("flash_fwd_{}_{head_dim}_w{warps}", suffix(dtype));
+        let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+        // Two stages of key and value tiles, 64 rows of head_dim + 8 elements each.
+        let smem = (4 * FA_BN * (head_dim + 8) * std::mem::size_of::<T>()) as u32;
+        if smem > 48 * 1024 {
+            func.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .w()?;
+        }
+        let null: u64 = 0;
+        let mut b = func.builder();
+        b.arg(q);
+        b.arg(k);
+        b.arg(v);
+        b.arg(out);
+        match lse {
+            Some(l) => b.arg(l),
+            None => b.arg(&null),
+        };
+        b.arg(&args);
+        let cfg = LaunchConfig {
+            grid_dim: (
+                (args.n as u32).div_ceil(16 * warps),
+                args.heads as u32,
+                batch as u32,
+            ),
+            block_dim: (32 * warps, 1, 1),
+            shared_mem_bytes: smem,
+        };
+        // Safety: the callers check that every row the geometry reaches is inside its tensor.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(())
+    }
+
     fn flash_typed<T: CudaDType + DeviceRepr>(
         q: Strided,
         k: Strided,
@@ -268,52 +389,189 @@ mod imp {
             head_dim,
             scale,
         } = shape;
-        let name = format!("flash_fwd_{}_{head_dim}", suffix(q.tensor.dtype()));
+        let dtype = q.tensor.dtype();
+        let geom = |s: &Strided| Geom {
+            b: s.batch as i64,
+            h: s.head as i64,
+            g: 0,
+            t: s.token as i64,
+        };
+        let args = FlashArgs {
+            q: geom(&q),
+            k: geom(&k),
+            v: geom(&v),
+            // out [batch, tokens, heads, head_dim], lse [batch, heads, tokens]
+            o: Geom {
+                b: (tokens * heads * head_dim) as i64,
+                h: head_dim as i64,
+                g: 0,
+                t: (heads * head_dim) as i64,
+            },
+            lse: Geom {
+                b: (heads * tokens) as i64,
+                h: tokens as i64,
+                g: 0,
+                t: 1,
+            },
+            pos_b: 0,
+            pos_t: 1,
+            seq_len: tokens as i64,
+            n: tokens as i32,
+            heads: heads as i32,
+            group: heads as i32,
+            scale,
+        };
         with_view::<T, _>(q.tensor, q.offset, |qv, dev| {
             with_view::<T, _>(k.tensor, k.offset, |kv, _| {
                 with_view::<T, _>(v.tensor, v.offset, |vv, _| {
-                    let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
                     // Safety: every element is written by the kernel before it is read.
                     let out = unsafe { dev.alloc::<T>(batch * tokens * heads * head_dim)? };
-                    let lse = if with_lse {
-                        Some(unsafe { dev.alloc::<f32>(batch * heads * tokens)? })
-                    } else {
-                        None
+                    let lse = match with_lse {
+                        true => Some(unsafe { dev.alloc::<f32>(batch * heads * tokens)? }),
+                        false => None,
                     };
-                    let (n, h) = (tokens as i32, heads as i32);
-                    let strides = |s: &Strided| [s.batch as i64, s.head as i64, s.token as i64];
-                    let (qs, ks, vs) = (strides(&q), strides(&k), strides(&v));
-                    let os = [
-                        (tokens * heads * head_dim) as i64,
-                        head_dim as i64,
-                        (heads * head_dim) as i64,
-                    ];
-                    let null: u64 = 0;
-                    let mut b = func.builder();
-                    b.arg(&qv);
-                    b.arg(&kv);
-                    b.arg(&vv);
-                    b.arg(&out);
-                    match &lse {
-                        Some(l) => b.arg(l),
-                        None => b.arg(&null),
-                    };
-                    b.arg(&n);
-                    b.arg(&h);
-                    for s in qs.iter().chain(&ks).chain(&vs).chain(&os) {
-                        b.arg(s);
-                    }
-                    b.arg(&scale);
-                    let cfg = LaunchConfig {
-                        grid_dim: (tokens.div_ceil(FA_BM) as u32, heads as u32, batch as u32),
-                        block_dim: (FA_THREADS, 1, 1),
-                        shared_mem_bytes: 0,
-                    };
-                    // Safety: shapes, strides and bounds were checked by the caller.
-                    unsafe { b.launch(cfg) }.w()?;
+                    let views = (&qv, &kv, &vv);
+                    launch_flash(dev, dtype, head_dim, batch, views, &out, lse.as_ref(), args)?;
                     let out = wrap(out, dev, (batch, tokens, heads, head_dim));
                     let lse = lse.map(|l| wrap(l, dev, (batch, heads, tokens)));
                     Ok((out, lse))
+                })
+            })
+        })
+    }
+
+    pub fn dilated_attention(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        branches: &[crate::dilated_attention::Branch],
+        scale: f32,
+    ) -> Result<Option<Tensor>> {
+        let Ok((l, heads, dh)) = q.dims3() else {
+            return Ok(None);
+        };
+        let dtype = q.dtype();
+        // Rows of H x Dh contiguous values, any row stride (views into a packed qkv included).
+        let usable = [q, k, v].iter().all(|t| {
+            let stride = t.stride();
+            applies(t)
+                && t.dtype() == dtype
+                && t.dims() == [l, heads, dh]
+                && t.device().same_device(q.device())
+                && stride[1..] == [dh, 1]
+                && stride[0] >= heads * dh
+                && stride[0] % 8 == 0
+                && t.layout().start_offset() % 8 == 0
+        }) && HEAD_DIMS.contains(&dh)
+            && l > 0
+            && heads > 0
+            && heads <= 65_535
+            && !branches.is_empty()
+            && branches.len() <= 8
+            && branches.iter().all(|b| {
+                b.ratio > 0 && b.check_len(l).is_ok() && b.segments(l).1 <= 65_535
+            })
+            && l * heads < i32::MAX as usize;
+        if !usable {
+            return Ok(None);
+        }
+        match dtype {
+            DType::BF16 => dilated_typed::<bf16>(q, k, v, branches, scale).map(Some),
+            DType::F16 => dilated_typed::<f16>(q, k, v, branches, scale).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    fn dilated_typed<T: CudaDType + DeviceRepr>(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        branches: &[crate::dilated_attention::Branch],
+        scale: f32,
+    ) -> Result<Tensor> {
+        let (l, heads, dh) = q.dims3()?;
+        let dtype = q.dtype();
+        let grid = l * heads;
+        with_view::<T, _>(q, 0, |qv, dev| {
+            with_view::<T, _>(k, 0, |kv, _| {
+                with_view::<T, _>(v, 0, |vv, _| {
+                    let mut outs = Vec::with_capacity(branches.len());
+                    let mut lses = Vec::with_capacity(branches.len());
+                    for branch in branches {
+                        let r = branch.ratio;
+                        let (s, segments) = branch.segments(l);
+                        // [L, H, Dh] rows: position p, head h at p * row + h * Dh; the problem
+                        // (segment b, head h) reads positions b * s + h / group + r * t.
+                        let dense = |row: usize| Geom {
+                            b: (s * row) as i64,
+                            h: dh as i64,
+                            g: row as i64,
+                            t: (r * row) as i64,
+                        };
+                        let args = FlashArgs {
+                            q: dense(q.stride()[0]),
+                            k: dense(k.stride()[0]),
+                            v: dense(v.stride()[0]),
+                            o: dense(heads * dh),
+                            lse: Geom {
+                                b: (s * heads) as i64,
+                                h: 1,
+                                g: heads as i64,
+                                t: (r * heads) as i64,
+                            },
+                            pos_b: s as i64,
+                            pos_t: r as i64,
+                            seq_len: l as i64,
+                            n: s.div_ceil(r) as i32,
+                            heads: heads as i32,
+                            // The reference pads heads to a multiple of r: groups of ceil(H / r).
+                            group: heads.div_ceil(r) as i32,
+                            scale,
+                        };
+                        // Safety: rows a branch does not cover stay unwritten; their lse stays 0,
+                        // which the mix reads as "not covered" and skips.
+                        let out = unsafe { dev.alloc::<T>(grid * dh)? };
+                        let lse = dev.alloc_zeros::<f32>(grid)?;
+                        let views = (&qv, &kv, &vv);
+                        launch_flash(dev, dtype, dh, segments, views, &out, Some(&lse), args)?;
+                        outs.push(out);
+                        lses.push(lse);
+                    }
+                    let func = dev.get_or_load_custom_func(
+                        &format!("dilated_mix_{}", suffix(dtype)),
+                        MODULE,
+                        PTX,
+                    )?;
+                    // Safety: the kernel writes every element.
+                    let y = unsafe { dev.alloc::<T>(grid * dh)? };
+                    let (nb, rows, dim) = (branches.len() as i32, grid as i64, dh as i32);
+                    let null: u64 = 0;
+                    let mut b = func.builder();
+                    for i in 0..8 {
+                        match outs.get(i) {
+                            Some(o) => b.arg(o),
+                            None => b.arg(&null),
+                        };
+                    }
+                    for i in 0..8 {
+                        match lses.get(i) {
+                            Some(x) => b.arg(x),
+                            None => b.arg(&null),
+                        };
+                    }
+                    b.arg(&nb);
+                    b.arg(&y);
+                    b.arg(&rows);
+                    b.arg(&dim);
+                    let chunks = grid * dh / 8;
+                    let cfg = LaunchConfig {
+                        grid_dim: (chunks.div_ceil(256).min(1 << 20) as u32, 1, 1),
+                        block_dim: (256, 1, 1),
+                        shared_mem_bytes: 0,
+                    };
+                    // Safety: every branch buffer holds grid x dh elements.
+                    unsafe { b.launch(cfg) }.w()?;
+                    Ok(wrap(y, dev, (l, heads, dh)))
                 })
             })
         })
@@ -434,11 +692,13 @@ mod imp {
         weight: &Tensor,
         bias: &Tensor,
         eps: f64,
+        gelu: bool,
     ) -> Result<Option<Tensor>> {
         let dim = x.dim(candle_core::D::Minus1)?;
         let usable = applies(x)
             && dim > 0
             && dim % 8 == 0
+            && dim <= 8192
             && contiguous_start(x).is_some_and(|o| o % 8 == 0)
             && [weight, bias].iter().all(|t| {
                 t.dtype() == DType::F32
@@ -447,18 +707,20 @@ mod imp {
                     && t.device().same_device(x.device())
                     && contiguous_start(t).is_some()
             });
-        if !usable {
+        let rows = x.elem_count() / dim.max(1);
+        if !usable || rows == 0 || rows > i32::MAX as usize {
             return Ok(None);
         }
-        let rows = x.elem_count() / dim;
-        let name = format!("layer_norm_{}", suffix(x.dtype()));
-        let run = |t: DType| -> Result<Tensor> {
-            match t {
-                DType::BF16 => ln_typed::<bf16>(x, weight, bias, eps, rows, dim, &name),
-                _ => ln_typed::<f16>(x, weight, bias, eps, rows, dim, &name),
-            }
+        let prefix = if gelu {
+            "gelu_layer_norm"
+        } else {
+            "layer_norm"
         };
-        run(x.dtype()).map(Some)
+        let name = format!("{prefix}_{}", suffix(x.dtype()));
+        match x.dtype() {
+            DType::BF16 => ln_typed::<bf16>(x, weight, bias, eps, rows, dim, &name).map(Some),
+            _ => ln_typed::<f16>(x, weight, bias, eps, rows, dim, &name).map(Some),
+        }
     }
 
     fn ln_typed<T: CudaDType + DeviceRepr>(
@@ -476,21 +738,22 @@ mod imp {
                     let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
                     // Safety: the kernel writes every element.
                     let out = unsafe { dev.alloc::<T>(rows * dim)? };
-                    let (r, d, e) = (rows as i32, dim as i32, eps as f32);
+                    let (d, e) = (dim as i32, eps as f32);
                     let mut b = func.builder();
                     b.arg(&xv);
                     b.arg(&wv);
                     b.arg(&bv);
                     b.arg(&out);
-                    b.arg(&r);
                     b.arg(&d);
                     b.arg(&e);
+                    // One block per row, one thread per 8 elements, whole warps.
+                    let threads = (dim / 8).div_ceil(32) as u32 * 32;
                     let cfg = LaunchConfig {
-                        grid_dim: (rows.div_ceil(4) as u32, 1, 1),
-                        block_dim: (128, 1, 1),
+                        grid_dim: (rows as u32, 1, 1),
+                        block_dim: (threads, 1, 1),
                         shared_mem_bytes: 0,
                     };
-                    // Safety: rows x dim contiguous elements, dim a multiple of 8.
+                    // Safety: rows x dim contiguous elements, dim a multiple of 8, <= 8192.
                     unsafe { b.launch(cfg) }.w()?;
                     Ok(wrap(out, dev, x.shape().clone()))
                 })

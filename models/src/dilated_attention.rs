@@ -174,8 +174,9 @@ impl DilatedAttention {
 
     /// `q`, `k`, `v` [L, H, Dh] -> attention output [L, H, Dh].
     ///
-    /// f32 on CPU without gradient runs the fused kernel of [`crate::cpu_attention`]; otherwise
-    /// the same math in candle ops ([`DilatedAttention::forward_ops`]).
+    /// f32 on CPU without gradient runs the fused kernel of [`crate::cpu_attention`], half
+    /// precision on CUDA [`crate::cuda_ops::dilated_attention`]; otherwise the same math in candle
+    /// ops ([`DilatedAttention::forward_ops`]).
     pub fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let (l, h, _) = q.dims3()?;
         if h != self.num_heads {
@@ -193,6 +194,13 @@ impl DilatedAttention {
             return q
                 .contiguous()?
                 .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op);
+        }
+        if crate::cuda_ops::applies(q) {
+            self.check_len(l).map_err(candle_core::Error::msg)?;
+            let scale = self.scale as f32;
+            if let Some(y) = crate::cuda_ops::dilated_attention(q, k, v, &self.branches, scale)? {
+                return Ok(y);
+            }
         }
         self.forward_ops(q, k, v)
     }

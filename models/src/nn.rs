@@ -136,12 +136,8 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if cuda_ops::applies(xs) {
-            if let Some(y) =
-                cuda_ops::layer_norm(&xs.contiguous()?, &self.weight, &self.bias, self.eps)?
-            {
-                return Ok(y);
-            }
+        if let Some(y) = self.forward_cuda(xs, false)? {
+            return Ok(y);
         }
         let dtype = xs.dtype();
         let x = xs.to_dtype(DType::F32)?;
@@ -159,6 +155,24 @@ impl Module for LayerNorm {
             layer_norm_differentiable(&x, &self.weight, &self.bias, self.eps)?
         };
         y.to_dtype(dtype)
+    }
+}
+
+impl LayerNorm {
+    /// `forward(gelu_erf(xs))`, one kernel on CUDA in half precision.
+    pub fn forward_gelu(&self, xs: &Tensor) -> Result<Tensor> {
+        if let Some(y) = self.forward_cuda(xs, true)? {
+            return Ok(y);
+        }
+        self.forward(&xs.gelu_erf()?)
+    }
+
+    /// The fused CUDA kernel ([`cuda_ops::layer_norm`]), or `None` where it does not apply.
+    fn forward_cuda(&self, xs: &Tensor, gelu: bool) -> Result<Option<Tensor>> {
+        if !cuda_ops::applies(xs) {
+            return Ok(None);
+        }
+        cuda_ops::layer_norm(&xs.contiguous()?, &self.weight, &self.bias, self.eps, gelu)
     }
 }
 

@@ -27,8 +27,10 @@ use crate::nn::{linear, LayerNorm};
 use crate::weights::{find_file, read_json, var_builder};
 
 /// Rows of the feed-forward block processed at once: keeps the [rows, 4D] activations small at
-/// 100k tiles (the FFN is position-wise, so chunking is exact).
+/// 100k tiles (the FFN is position-wise, so chunking is exact). GPUs take larger chunks (fewer,
+/// fuller launches; 200 MB of bf16 activations per [rows, 4D] buffer).
 const FFN_CHUNK_ROWS: usize = 4096;
+const GPU_FFN_CHUNK_ROWS: usize = 32768;
 /// Attention scores held at once on a GPU (f32 elements: 256 MiB).
 const GPU_CHUNK_SCORES: usize = 1 << 26;
 
@@ -215,25 +217,75 @@ pub fn sincos_position_embedding(cells: &[[u32; 2]], dim: usize) -> Vec<f32> {
     out
 }
 
+/// [`sincos_position_embedding`] as an f32 tensor `[N, dim]` on `device`. Off the CPU it is
+/// computed there, in f64 like the reference: 100k tiles are 77 M sines and cosines, about a
+/// second on one CPU core, more than the whole slide encoder takes on a GPU.
+pub fn position_embedding(cells: &[[u32; 2]], dim: usize, device: &Device) -> Result<Tensor> {
+    let n = cells.len();
+    if device.is_cpu() || n == 0 {
+        return Tensor::from_vec(sincos_position_embedding(cells, dim), (n, dim), device);
+    }
+    let quarter = dim / 4;
+    let omega: Vec<f64> = (0..quarter)
+        .map(|k| 1.0 / 10000f64.powf(k as f64 / quarter as f64))
+        .collect();
+    let omega = Tensor::from_vec(omega, (1, quarter), device)?;
+    let axis = |i: usize| -> Result<(Tensor, Tensor)> {
+        let g: Vec<f64> = cells.iter().map(|c| c[i] as f64).collect();
+        let angle = Tensor::from_vec(g, (n, 1), device)?.broadcast_mul(&omega)?;
+        Ok((angle.sin()?, angle.cos()?))
+    };
+    let ((ys, yc), (xs, xc)) = (axis(1)?, axis(0)?);
+    Tensor::cat(&[&ys, &yc, &xs, &xc], 1)?.to_dtype(DType::F32)
+}
+
 /// torchscale `MultiheadAttention` with LongNet's dilated attention and sub-LN.
 #[derive(Debug, Clone)]
 struct SelfAttention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    projections: Projections,
     out_proj: Linear,
     inner_attn_ln: LayerNorm,
     attention: DilatedAttention,
     num_heads: usize,
 }
 
+/// The q, k and v projections: separate as in the checkpoint, or packed into one `[3D, D]` product
+/// where the fused CUDA kernels run (inference weights only: a packed copy of trainable weights
+/// would go stale after the first optimizer step). The dilated-attention kernel reads q, k and v
+/// in place from the packed rows.
+#[derive(Debug, Clone)]
+enum Projections {
+    Separate { q: Linear, k: Linear, v: Linear },
+    Packed(Linear),
+}
+
 impl SelfAttention {
     fn new(cfg: &Config, vb: VarBuilder) -> Result<Self> {
         let d = cfg.embed_dim;
+        let (q, k, v) = (
+            linear(d, d, vb.pp("q_proj"))?,
+            linear(d, d, vb.pp("k_proj"))?,
+            linear(d, d, vb.pp("v_proj"))?,
+        );
+        let frozen = [&q, &k, &v].iter().all(|p| {
+            !crate::nn::needs_grad(p.weight()) && p.bias().is_none_or(|b| !crate::nn::needs_grad(b))
+        });
+        let projections = match (crate::cuda_ops::available(vb.device(), vb.dtype()), frozen) {
+            (true, true) => {
+                let weight = Tensor::cat(&[q.weight(), k.weight(), v.weight()], 0)?;
+                let bias = match (q.bias(), k.bias(), v.bias()) {
+                    (Some(a), Some(b), Some(c)) => Some(Tensor::cat(&[a, b, c], 0)?),
+                    _ => None,
+                };
+                match bias.is_some() || q.bias().is_none() {
+                    true => Projections::Packed(Linear::new(weight, bias)),
+                    false => Projections::Separate { q, k, v },
+                }
+            }
+            _ => Projections::Separate { q, k, v },
+        };
         Ok(Self {
-            q_proj: linear(d, d, vb.pp("q_proj"))?,
-            k_proj: linear(d, d, vb.pp("k_proj"))?,
-            v_proj: linear(d, d, vb.pp("v_proj"))?,
+            projections,
             out_proj: linear(d, d, vb.pp("out_proj"))?,
             inner_attn_ln: LayerNorm::load(d, cfg.layernorm_eps, vb.pp("inner_attn_ln"))?,
             attention: {
@@ -254,13 +306,23 @@ impl SelfAttention {
     /// buffer as soon as it is used: at 100k tiles each one is 300 MB.
     fn forward(&self, xs: Tensor, residual: &Tensor) -> Result<Tensor> {
         let (l, d) = xs.dims2()?;
-        let out = {
-            let heads = |t: Tensor| t.reshape((l, self.num_heads, d / self.num_heads));
-            let q = heads(self.q_proj.forward(&xs)?)?;
-            let k = heads(self.k_proj.forward(&xs)?)?;
-            let v = heads(self.v_proj.forward(&xs)?)?;
-            drop(xs);
-            self.attention.forward(&q, &k, &v)?.reshape((l, d))?
+        let (h, dh) = (self.num_heads, d / self.num_heads);
+        let out = match &self.projections {
+            Projections::Separate { q, k, v } => {
+                let heads = |t: Tensor| t.reshape((l, h, dh));
+                let q = heads(q.forward(&xs)?)?;
+                let k = heads(k.forward(&xs)?)?;
+                let v = heads(v.forward(&xs)?)?;
+                drop(xs);
+                self.attention.forward(&q, &k, &v)?.reshape((l, d))?
+            }
+            Projections::Packed(qkv) => {
+                let qkv = qkv.forward(&xs)?.reshape((l, 3, h, dh))?;
+                drop(xs);
+                let part = |i: usize| qkv.narrow(1, i, 1)?.squeeze(1);
+                let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+                self.attention.forward(&q, &k, &v)?.reshape((l, d))?
+            }
         };
         let out = self.inner_attn_ln.forward(&out)?;
         self.out_proj.forward_residual(&out, residual)
@@ -287,9 +349,8 @@ impl FeedForward {
 
     /// `residual + ffn(xs)`.
     fn forward_residual(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        let h = self.fc1.forward(xs)?.gelu_erf()?;
-        self.fc2
-            .forward_residual(&self.ffn_layernorm.forward(&h)?, residual)
+        let h = self.ffn_layernorm.forward_gelu(&self.fc1.forward(xs)?)?;
+        self.fc2.forward_residual(&h, residual)
     }
 }
 
@@ -323,14 +384,18 @@ impl EncoderLayer {
             .self_attn
             .forward(self.self_attn_layer_norm.forward(&xs)?, &xs)?;
         let rows = xs.dim(0)?;
-        if rows <= FFN_CHUNK_ROWS {
+        let chunk = match xs.device().is_cpu() {
+            true => FFN_CHUNK_ROWS,
+            false => GPU_FFN_CHUNK_ROWS,
+        };
+        if rows <= chunk {
             return self
                 .ffn
                 .forward_residual(&self.final_layer_norm.forward(&xs)?, &xs);
         }
-        let mut parts = Vec::with_capacity(rows.div_ceil(FFN_CHUNK_ROWS));
-        for start in (0..rows).step_by(FFN_CHUNK_ROWS) {
-            let x = xs.narrow(0, start, FFN_CHUNK_ROWS.min(rows - start))?;
+        let mut parts = Vec::with_capacity(rows.div_ceil(chunk));
+        for start in (0..rows).step_by(chunk) {
+            let x = xs.narrow(0, start, chunk.min(rows - start))?;
             parts.push(
                 self.ffn
                     .forward_residual(&self.final_layer_norm.forward(&x)?, &x)?,
@@ -538,8 +603,7 @@ impl SlideEncoder {
             .attention()
             .and_then(|a| a.check_len(cells.len() + 1))
             .map_err(crate::Error::Input)?;
-        let pos = sincos_position_embedding(cells, self.cfg.embed_dim);
-        let pos = Tensor::from_vec(pos, (cells.len(), self.cfg.embed_dim), &self.device)?;
+        let pos = position_embedding(cells, self.cfg.embed_dim, &self.device)?;
         Ok(self.embed(&features.to_device(&self.device)?, &pos)?)
     }
 
@@ -653,6 +717,21 @@ fn pooled(xs: &Tensor, pool: SlidePool) -> Result<Tensor> {
         // A fresh one-row buffer: a view (and `Tensor::copy`, which clones the whole storage)
         // would keep the whole hidden state alive.
         SlidePool::Cls => xs.get(0)?.affine(1.0, 0.0),
+        SlidePool::Mean if !xs.device().is_cpu() => {
+            // GPUs: each chunk's column sums as one f32 product with a row of ones (cuBLAS
+            // accumulates in f32); a strided f64 reduction per 4096 rows cost ~1,000 launches per
+            // slide at 100k tiles.
+            const GPU_ROWS: usize = 32768;
+            let n = xs.dim(0)? - 1;
+            let mut sum = Tensor::zeros((1, xs.dim(1)?), DType::F32, xs.device())?;
+            for start in (1..=n).step_by(GPU_ROWS) {
+                let r = GPU_ROWS.min(n + 1 - start);
+                let rows = xs.narrow(0, start, r)?.to_dtype(DType::F32)?;
+                let ones = Tensor::ones((1, r), DType::F32, xs.device())?;
+                sum = (sum + ones.matmul(&rows)?)?;
+            }
+            (sum.squeeze(0)? / n as f64)?.to_dtype(xs.dtype())
+        }
         SlidePool::Mean => {
             let n = xs.dim(0)? - 1;
             let mut sum = Tensor::zeros(xs.dim(1)?, DType::F64, xs.device())?;

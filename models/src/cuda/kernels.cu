@@ -5,7 +5,9 @@
 //                    the keys with an online softmax, scores never leave registers. Tensor cores
 //                    through mma.sync m16n8k16 (f32 accumulation); arbitrary (batch, head, token)
 //                    strides, so it reads timm's packed qkv and writes the merged heads directly.
-//   layer_norm_*     two-pass LayerNorm over the last dimension, half in / f32 params / half out.
+//   layer_norm_*     two-pass LayerNorm over the last dimension, half in / f32 params / half out;
+//                    gelu_layer_norm_* applies exact GELU first (torchscale's FFN sub-LN).
+//   dilated_mix_*    LongNet's per-(position, head) softmax over the branches' lses.
 //   swiglu_*         silu(x[:, :H]) * x[:, H:] of a packed [rows, 2H] fc1 output -> [rows, H].
 
 #include <cuda_bf16.h>
@@ -66,42 +68,82 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t *r, const void *smem)
                  : "r"(addr));
 }
 
-constexpr int FA_BM = 64;     // query rows per block (16 per warp)
-constexpr int FA_BN = 64;     // keys per iteration
-constexpr int FA_THREADS = 128;
+__device__ __forceinline__ void ldmatrix_x4(uint32_t *r, const void *smem) {
+    uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
 
-// Loads a [FA_BN, D] tile of rows `row0..` (zeros past `n`) into shared memory, row stride D + 8.
-template <typename T, int D>
-__device__ __forceinline__ void load_tile(T *smem, const T *base, long long stride, int row0, int n) {
+// 16 bytes global -> shared without a register round trip; src_bytes = 0 writes zeros.
+__device__ __forceinline__ void cp_async16(void *smem, const void *gmem, int src_bytes) {
+    uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(gmem), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+constexpr int FA_BN = 64;  // keys per iteration
+
+// Element strides of one operand: batch, head, head group, token.
+struct Geom {
+    long long b, h, g, t;
+};
+
+// One flash-attention launch. Problem (batch b, head h) has `n` tokens; its head group is
+// j = h / group and token t sits at position b * pos_b + j + t * pos_t: tokens at positions
+// >= seq_len are zero rows that still take part as keys (LongNet's zero padding) and are never
+// written. Plain attention: group = heads, pos_b = 0, pos_t = 1, seq_len = n.
+struct FlashArgs {
+    Geom q, k, v, o, lse;
+    long long pos_b, pos_t, seq_len;
+    int n, heads, group;
+    float scale;
+};
+
+// Starts copying a [FA_BN, D] tile of rows `row0..` (zeros from `valid` on) into shared memory,
+// row stride D + 8 (conflict-free for ldmatrix).
+template <typename T, int D, int THREADS>
+__device__ __forceinline__ void load_tile_async(T *smem, const T *base, long long stride, int row0, int valid) {
     constexpr int CHUNKS = D / 8;  // 16-byte chunks per row
-    for (int c = threadIdx.x; c < FA_BN * CHUNKS; c += FA_THREADS) {
-        int r = c / CHUNKS, cc = c % CHUNKS;
-        uint4 v = make_uint4(0, 0, 0, 0);
-        if (row0 + r < n) v = *reinterpret_cast<const uint4 *>(base + (long long)(row0 + r) * stride + cc * 8);
-        *reinterpret_cast<uint4 *>(smem + r * (D + 8) + cc * 8) = v;
+    for (int c = threadIdx.x; c < FA_BN * CHUNKS; c += THREADS) {
+        const int r = c / CHUNKS, cc = c % CHUNKS;
+        const bool in = row0 + r < valid;
+        const T *src = in ? base + (long long)(row0 + r) * stride + cc * 8 : base;
+        cp_async16(smem + r * (D + 8) + cc * 8, src, in ? 16 : 0);
     }
 }
 
-// One (batch b = blockIdx.z, head h = blockIdx.y, 64 queries from blockIdx.x * 64) of
-// softmax(scale * q k^T) v over all n keys. Element strides (batch, head, token); the last
-// dimension is contiguous. `lse` (natural log of the scaled logits' sum of exps) is written to
-// lse[(b * heads + h) * n + t] when not null.
-template <typename T, int D>
+// One (batch b = blockIdx.z, head h = blockIdx.y, 16 * WARPS queries from blockIdx.x) of
+// softmax(scale * q k^T) v over the problem's n keys, and (when `lse` is not null) the natural-log
+// log-sum-exp of the scaled logits. Key / value tiles are double-buffered with cp.async.
+template <typename T, int D, int WARPS>
 __device__ void flash_fwd(const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__ v,
-                          T *__restrict__ o, float *__restrict__ lse, int n, int heads,
-                          long long qsb, long long qsh, long long qst, long long ksb, long long ksh,
-                          long long kst, long long vsb, long long vsh, long long vst, long long osb,
-                          long long osh, long long ost, float scale) {
-    __shared__ __align__(16) T ks[FA_BN * (D + 8)];
-    __shared__ __align__(16) T vs[FA_BN * (D + 8)];
-    const int b = blockIdx.z, h = blockIdx.y;
+                          T *__restrict__ o, float *__restrict__ lse, const FlashArgs &a) {
+    constexpr int THREADS = WARPS * 32, BM = WARPS * 16, STRIDE = D + 8, TILE = FA_BN * STRIDE;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T *ks = reinterpret_cast<T *>(smem_raw);  // [2][TILE]
+    T *vs = ks + 2 * TILE;                     // [2][TILE]
+    const int b = blockIdx.z, h = blockIdx.y, hg = h / a.group;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane >> 2, t = lane & 3;
-    const int r0 = blockIdx.x * FA_BM + warp * 16 + g, r1 = r0 + 8;
-    const T *qb = q + b * qsb + h * qsh;
-    const T *kb = k + b * ksb + h * ksh;
-    const T *vb = v + b * vsb + h * vsh;
-    const float scale_log2 = scale * 1.4426950408889634f;
+    const int r0 = blockIdx.x * BM + warp * 16 + g, r1 = r0 + 8;
+    const int n = a.n;
+    // Tokens 0..valid-1 lie inside the sequence.
+    const long long pos0 = b * a.pos_b + hg;
+    const int valid = pos0 >= a.seq_len ? 0 : (int)min((long long)n, (a.seq_len - pos0 + a.pos_t - 1) / a.pos_t);
+    auto base = [&](const Geom &m) { return b * m.b + h * m.h + hg * m.g; };
+    const T *qb = q + base(a.q);
+    const T *kb = k + base(a.k);
+    const T *vb = v + base(a.v);
+    const float scale_log2 = a.scale * 1.4426950408889634f;
+
+    const int tiles = (n + FA_BN - 1) / FA_BN;
+    load_tile_async<T, D, THREADS>(ks, kb, a.k.t, 0, valid);
+    load_tile_async<T, D, THREADS>(vs, vb, a.v.t, 0, valid);
+    cp_async_commit();
 
     // This warp's 16 query rows as mma A fragments, straight from global memory.
     uint32_t qa[D / 16][4];
@@ -109,7 +151,7 @@ __device__ void flash_fwd(const T *__restrict__ q, const T *__restrict__ k, cons
     for (int kk = 0; kk < D / 16; ++kk) {
         const int col = kk * 16 + 2 * t;
         auto ld = [&](int r, int c) -> uint32_t {
-            return r < n ? *reinterpret_cast<const uint32_t *>(qb + (long long)r * qst + c) : 0u;
+            return r < valid ? *reinterpret_cast<const uint32_t *>(qb + (long long)r * a.q.t + c) : 0u;
         };
         qa[kk][0] = ld(r0, col);
         qa[kk][1] = ld(r1, col);
@@ -119,15 +161,25 @@ __device__ void flash_fwd(const T *__restrict__ q, const T *__restrict__ k, cons
 
     float acc[D / 8][4];
 #pragma unroll
-    for (int j = 0; j < D / 8; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+    for (int jj = 0; jj < D / 8; ++jj) acc[jj][0] = acc[jj][1] = acc[jj][2] = acc[jj][3] = 0.f;
     float m0 = -INFINITY, m1 = -INFINITY;  // running max of scale_log2 * s, rows r0 / r1
     float l0 = 0.f, l1 = 0.f;              // this thread's part of the running sums
+    const int mat = lane >> 3, mrow = lane & 7;  // ldmatrix: which 8x8 matrix / row this lane addresses
 
-    for (int n0 = 0; n0 < n; n0 += FA_BN) {
+    for (int it = 0; it < tiles; ++it) {
+        const int n0 = it * FA_BN;
+        if (it + 1 < tiles) {
+            const int next = (it + 1) & 1;
+            load_tile_async<T, D, THREADS>(ks + next * TILE, kb, a.k.t, n0 + FA_BN, valid);
+            load_tile_async<T, D, THREADS>(vs + next * TILE, vb, a.v.t, n0 + FA_BN, valid);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
         __syncthreads();
-        load_tile<T, D>(ks, kb, kst, n0, n);
-        load_tile<T, D>(vs, vb, vst, n0, n);
-        __syncthreads();
+        const T *kt = ks + (it & 1) * TILE;
+        const T *vt = vs + (it & 1) * TILE;
 
         float s[FA_BN / 8][4];
 #pragma unroll
@@ -135,11 +187,12 @@ __device__ void flash_fwd(const T *__restrict__ q, const T *__restrict__ k, cons
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
 #pragma unroll
-            for (int j = 0; j < FA_BN / 8; ++j) {
-                const T *kp = ks + (j * 8 + g) * (D + 8) + kk * 16 + 2 * t;
-                uint32_t bf[2] = {*reinterpret_cast<const uint32_t *>(kp),
-                                  *reinterpret_cast<const uint32_t *>(kp + 8)};
+            for (int j = 0; j < FA_BN / 8; j += 2) {
+                // matrices: keys j*8.. / (j+1)*8.. x dims kk*16 + 0..7 / 8..15
+                uint32_t bf[4];
+                ldmatrix_x4(bf, kt + ((j + (mat >> 1)) * 8 + mrow) * STRIDE + kk * 16 + (mat & 1) * 8);
                 mma16816<T>(s[j], qa[kk], bf);
+                mma16816<T>(s[j + 1], qa[kk], bf + 2);
             }
         }
         float mx0 = m0, mx1 = m1;
@@ -174,11 +227,11 @@ __device__ void flash_fwd(const T *__restrict__ q, const T *__restrict__ k, cons
         l0 = l0 * a0 + sum0;
         l1 = l1 * a1 + sum1;
 #pragma unroll
-        for (int j = 0; j < D / 8; ++j) {
-            acc[j][0] *= a0;
-            acc[j][1] *= a0;
-            acc[j][2] *= a1;
-            acc[j][3] *= a1;
+        for (int jj = 0; jj < D / 8; ++jj) {
+            acc[jj][0] *= a0;
+            acc[jj][1] *= a0;
+            acc[jj][2] *= a1;
+            acc[jj][3] *= a1;
         }
         // acc += P V: the score accumulators are already laid out as the A fragments of P.
 #pragma unroll
@@ -186,16 +239,16 @@ __device__ void flash_fwd(const T *__restrict__ q, const T *__restrict__ k, cons
             uint32_t pa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
                               pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
                               pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-            const int mat = lane >> 3, row = lane & 7;
 #pragma unroll
-            for (int j = 0; j < D / 8; j += 2) {
+            for (int jj = 0; jj < D / 8; jj += 2) {
+                // matrices: keys kk*16 + 0..7 / 8..15 x dims jj*8.. / (jj+1)*8.., transposed
                 uint32_t bf[4];
-                const T *vp = vs + (kk * 16 + (mat & 1) * 8 + row) * (D + 8) + j * 8 + (mat >> 1) * 8;
-                ldmatrix_x4_trans(bf, vp);
-                mma16816<T>(acc[j], pa, bf);
-                mma16816<T>(acc[j + 1], pa, bf + 2);
+                ldmatrix_x4_trans(bf, vt + (kk * 16 + (mat & 1) * 8 + mrow) * STRIDE + jj * 8 + (mat >> 1) * 8);
+                mma16816<T>(acc[jj], pa, bf);
+                mma16816<T>(acc[jj + 1], pa, bf + 2);
             }
         }
+        __syncthreads();  // this stage is refilled by the next iteration's prefetch
     }
 
     l0 += __shfl_xor_sync(FULL_MASK, l0, 1);
@@ -203,100 +256,177 @@ __device__ void flash_fwd(const T *__restrict__ q, const T *__restrict__ k, cons
     l1 += __shfl_xor_sync(FULL_MASK, l1, 1);
     l1 += __shfl_xor_sync(FULL_MASK, l1, 2);
     const float inv0 = 1.f / l0, inv1 = 1.f / l1;
-    T *ob = o + b * osb + h * osh;
+    T *ob = o + base(a.o);
 #pragma unroll
-    for (int j = 0; j < D / 8; ++j) {
-        const int col = j * 8 + 2 * t;
-        if (r0 < n)
-            *reinterpret_cast<uint32_t *>(ob + (long long)r0 * ost + col) =
-                pack2<T>(acc[j][0] * inv0, acc[j][1] * inv0);
-        if (r1 < n)
-            *reinterpret_cast<uint32_t *>(ob + (long long)r1 * ost + col) =
-                pack2<T>(acc[j][2] * inv1, acc[j][3] * inv1);
+    for (int jj = 0; jj < D / 8; ++jj) {
+        const int col = jj * 8 + 2 * t;
+        if (r0 < valid)
+            *reinterpret_cast<uint32_t *>(ob + (long long)r0 * a.o.t + col) =
+                pack2<T>(acc[jj][0] * inv0, acc[jj][1] * inv0);
+        if (r1 < valid)
+            *reinterpret_cast<uint32_t *>(ob + (long long)r1 * a.o.t + col) =
+                pack2<T>(acc[jj][2] * inv1, acc[jj][3] * inv1);
     }
     if (lse != nullptr && t == 0) {
         const float ln2 = 0.6931471805599453f;
-        float *lb = lse + (long long)(b * heads + h) * n;
-        if (r0 < n) lb[r0] = (m0 + log2f(l0)) * ln2;
-        if (r1 < n) lb[r1] = (m1 + log2f(l1)) * ln2;
+        float *lb = lse + base(a.lse);
+        if (r0 < valid) lb[(long long)r0 * a.lse.t] = (m0 + log2f(l0)) * ln2;
+        if (r1 < valid) lb[(long long)r1 * a.lse.t] = (m1 + log2f(l1)) * ln2;
     }
 }
 
-#define FLASH(NAME, T, D)                                                                             \
-    extern "C" __global__ void __launch_bounds__(FA_THREADS)                                          \
-        NAME(const T *q, const T *k, const T *v, T *o, float *lse, int n, int heads, long long qsb,    \
-             long long qsh, long long qst, long long ksb, long long ksh, long long kst, long long vsb, \
-             long long vsh, long long vst, long long osb, long long osh, long long ost, float scale) { \
-        flash_fwd<T, D>(q, k, v, o, lse, n, heads, qsb, qsh, qst, ksb, ksh, kst, vsb, vsh, vst, osb,  \
-                        osh, ost, scale);                                                             \
+// flash_fwd_<dtype>_<head dim>_w<warps>: 4 warps (64 queries) for short problems, 8 warps (128
+// queries, K / V tiles shared by twice the rows) for long ones. Dynamic shared memory:
+// 4 * 64 * (D + 8) * sizeof(T) bytes (kernel attribute raised above 48 KiB by the caller).
+#define FLASH(NAME, T, D, WARPS, MINB)                                                          \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB)                             \
+        NAME(const T *q, const T *k, const T *v, T *o, float *lse, const FlashArgs args) {      \
+        flash_fwd<T, D, WARPS>(q, k, v, o, lse, args);                                          \
     }
+// Up to 64 dims the registers fit 2 blocks of 8 warps per SM; above, that bound would spill.
+#define FLASH_ALL(TNAME, T, D)                                           \
+    FLASH(flash_fwd_##TNAME##_##D##_w4, T, D, 4, (D <= 64 ? 4 : 2))      \
+    FLASH(flash_fwd_##TNAME##_##D##_w8, T, D, 8, (D <= 64 ? 2 : 1))
 
-FLASH(flash_fwd_bf16_32, __nv_bfloat16, 32)
-FLASH(flash_fwd_bf16_48, __nv_bfloat16, 48)
-FLASH(flash_fwd_bf16_64, __nv_bfloat16, 64)
-FLASH(flash_fwd_bf16_80, __nv_bfloat16, 80)
-FLASH(flash_fwd_bf16_96, __nv_bfloat16, 96)
-FLASH(flash_fwd_bf16_128, __nv_bfloat16, 128)
-FLASH(flash_fwd_f16_32, __half, 32)
-FLASH(flash_fwd_f16_48, __half, 48)
-FLASH(flash_fwd_f16_64, __half, 64)
-FLASH(flash_fwd_f16_80, __half, 80)
-FLASH(flash_fwd_f16_96, __half, 96)
-FLASH(flash_fwd_f16_128, __half, 128)
+FLASH_ALL(bf16, __nv_bfloat16, 32)
+FLASH_ALL(bf16, __nv_bfloat16, 48)
+FLASH_ALL(bf16, __nv_bfloat16, 64)
+FLASH_ALL(bf16, __nv_bfloat16, 80)
+FLASH_ALL(bf16, __nv_bfloat16, 96)
+FLASH_ALL(bf16, __nv_bfloat16, 128)
+FLASH_ALL(f16, __half, 32)
+FLASH_ALL(f16, __half, 48)
+FLASH_ALL(f16, __half, 64)
+FLASH_ALL(f16, __half, 80)
+FLASH_ALL(f16, __half, 96)
+FLASH_ALL(f16, __half, 128)
 
 #endif  // __CUDA_ARCH__ >= 800
 
-// ---- LayerNorm: one warp per row, two passes over the row (mean, then centred variance) in f32.
+// ---- LongNet's branch mix: per (position, head) row, weights softmax_b(lse_b) over the branches
+// (an lse of exactly 0 -- never written, i.e. not covered -- counts as -1e8, as in the
+// reference), out = sum_b w_b * out_b in f32. 8 outputs per thread; up to 8 branches.
 template <typename T>
-__device__ void layer_norm(const T *__restrict__ x, const float *__restrict__ w, const float *__restrict__ bias,
-                           T *__restrict__ y, int rows, int dim, float eps) {
-    const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-    const int lane = threadIdx.x % 32;
-    if (row >= rows) return;
-    const T *xr = x + (long long)row * dim;
-    T *yr = y + (long long)row * dim;
-    float sum = 0.f;
-    for (int c = lane * 8; c < dim; c += 256) {
-        uint4 raw = *reinterpret_cast<const uint4 *>(xr + c);
-        const T *e = reinterpret_cast<const T *>(&raw);
+__device__ void dilated_mix(const T *const *outs, const float *const *lses, int branches, T *__restrict__ y,
+                            long long rows, int dim) {
+    const long long chunks = rows * (dim / 8);
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < chunks;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long row = i / (dim / 8);
+        const int c = (int)(i % (dim / 8)) * 8;
+        // Fixed trip counts keep the per-branch arrays in registers.
+        float l[8], w[8];
+        float m = -INFINITY;
 #pragma unroll
-        for (int i = 0; i < 8; ++i) sum += to_float(e[i]);
-    }
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(FULL_MASK, sum, off);
-    const float mean = sum / dim;
-    float var = 0.f;
-    for (int c = lane * 8; c < dim; c += 256) {
-        uint4 raw = *reinterpret_cast<const uint4 *>(xr + c);
-        const T *e = reinterpret_cast<const T *>(&raw);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            const float d = to_float(e[i]) - mean;
-            var += d * d;
+        for (int b = 0; b < 8; ++b) {
+            const float x = b < branches ? lses[b][row] : -INFINITY;
+            l[b] = x == 0.f ? -1e8f : x;
+            m = fmaxf(m, l[b]);
         }
-    }
+        float sum = 0.f;
 #pragma unroll
-    for (int off = 16; off > 0; off >>= 1) var += __shfl_xor_sync(FULL_MASK, var, off);
-    const float inv = rsqrtf(var / dim + eps);
-    for (int c = lane * 8; c < dim; c += 256) {
-        uint4 raw = *reinterpret_cast<const uint4 *>(xr + c);
-        const T *e = reinterpret_cast<const T *>(&raw);
+        for (int b = 0; b < 8; ++b) {
+            w[b] = b < branches ? expf(l[b] - m) : 0.f;
+            sum += w[b];
+        }
+        float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int b = 0; b < 8; ++b) {
+            if (w[b] == 0.f) continue;  // not covered: that row of out_b was never written
+            const float wb = w[b] / sum;
+            uint4 raw = *reinterpret_cast<const uint4 *>(outs[b] + row * dim + c);
+            const T *e = reinterpret_cast<const T *>(&raw);
+#pragma unroll
+            for (int x = 0; x < 8; ++x) acc[x] += to_float(e[x]) * wb;
+        }
         uint4 out;
         T *oe = reinterpret_cast<T *>(&out);
 #pragma unroll
-        for (int i = 0; i < 8; ++i) oe[i] = from_float<T>((to_float(e[i]) - mean) * inv * w[c + i] + bias[c + i]);
-        *reinterpret_cast<uint4 *>(yr + c) = out;
+        for (int x = 0; x < 8; ++x) oe[x] = from_float<T>(acc[x]);
+        *reinterpret_cast<uint4 *>(y + row * dim + c) = out;
     }
 }
 
-extern "C" __global__ void layer_norm_bf16(const __nv_bfloat16 *x, const float *w, const float *b,
-                                           __nv_bfloat16 *y, int rows, int dim, float eps) {
-    layer_norm(x, w, b, y, rows, dim, eps);
+#define MIX(NAME, T)                                                                                  \
+    extern "C" __global__ void NAME(const T *o0, const T *o1, const T *o2, const T *o3, const T *o4,  \
+                                    const T *o5, const T *o6, const T *o7, const float *l0,           \
+                                    const float *l1, const float *l2, const float *l3,                \
+                                    const float *l4, const float *l5, const float *l6,                \
+                                    const float *l7, int branches, T *y, long long rows, int dim) {   \
+        const T *outs[8] = {o0, o1, o2, o3, o4, o5, o6, o7};                                          \
+        const float *lses[8] = {l0, l1, l2, l3, l4, l5, l6, l7};                                      \
+        dilated_mix(outs, lses, branches, y, rows, dim);                                              \
+    }
+MIX(dilated_mix_bf16, __nv_bfloat16)
+MIX(dilated_mix_f16, __half)
+
+// ---- LayerNorm: one block per row, 8 elements per thread kept in registers (dim <= 8192, a
+// multiple of 8); mean, then the variance of the centred values, in f32. With GELU the input
+// first goes through exact (erf) GELU, rounded to T as the reference's separate op would.
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(FULL_MASK, x, off);
+    return x;
 }
-extern "C" __global__ void layer_norm_f16(const __half *x, const float *w, const float *b, __half *y,
-                                          int rows, int dim, float eps) {
-    layer_norm(x, w, b, y, rows, dim, eps);
+
+// Sum over the block; every thread gets it.
+__device__ __forceinline__ float block_sum(float x) {
+    __shared__ float part[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+    x = warp_sum(x);
+    __syncthreads();  // the previous call's readers are done with `part`
+    if (lane == 0) part[warp] = x;
+    __syncthreads();
+    return warp_sum(lane < warps ? part[lane] : 0.f);
 }
+
+template <typename T, bool GELU>
+__device__ void layer_norm(const T *__restrict__ x, const float *__restrict__ w, const float *__restrict__ bias,
+                           T *__restrict__ y, int dim, float eps) {
+    const long long row = blockIdx.x;
+    const int c = threadIdx.x * 8;
+    const bool active = c < dim;
+    float v[8];
+    if (active) {
+        uint4 raw = *reinterpret_cast<const uint4 *>(x + row * dim + c);
+        const T *e = reinterpret_cast<const T *>(&raw);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            float f = to_float(e[i]);
+            if (GELU) f = to_float(from_float<T>(0.5f * f * (1.f + erff(f * 0.7071067811865476f))));
+            v[i] = f;
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[i] = 0.f;
+    }
+    float sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) sum += v[i];
+    const float mean = block_sum(sum) / dim;
+    float sq = 0.f;
+    if (active) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) sq += (v[i] - mean) * (v[i] - mean);
+    }
+    const float inv = rsqrtf(block_sum(sq) / dim + eps);
+    if (!active) return;
+    uint4 out;
+    T *oe = reinterpret_cast<T *>(&out);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) oe[i] = from_float<T>((v[i] - mean) * inv * w[c + i] + bias[c + i]);
+    *reinterpret_cast<uint4 *>(y + row * dim + c) = out;
+}
+
+#define LAYER_NORM(NAME, T, GELU)                                                                 \
+    extern "C" __global__ void NAME(const T *x, const float *w, const float *b, T *y, int dim,     \
+                                    float eps) {                                                  \
+        layer_norm<T, GELU>(x, w, b, y, dim, eps);                                                \
+    }
+LAYER_NORM(layer_norm_bf16, __nv_bfloat16, false)
+LAYER_NORM(layer_norm_f16, __half, false)
+LAYER_NORM(gelu_layer_norm_bf16, __nv_bfloat16, true)
+LAYER_NORM(gelu_layer_norm_f16, __half, true)
 
 // ---- SwiGLU of a packed fc1 output: 8 outputs per thread.
 template <typename T>
