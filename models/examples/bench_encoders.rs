@@ -555,7 +555,10 @@ fn slide_ops(args: &[String]) -> anyhow::Result<()> {
         time(iters, || att.forward(&q, &k, &v))?,
     ));
     let qkv = linear(d, 3 * d)?;
-    rows.push(("packed qkv projection".into(), time(iters, || qkv.forward(&x))?));
+    rows.push((
+        "packed qkv projection".into(),
+        time(iters, || qkv.forward(&x))?,
+    ));
     rows.push((
         "q/k/v/out projection (one)".into(),
         time(iters, || proj.forward(&x))?,

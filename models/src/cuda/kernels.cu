@@ -165,6 +165,7 @@ __device__ void flash_fwd(const T *__restrict__ q, const T *__restrict__ k, cons
     float m0 = -INFINITY, m1 = -INFINITY;  // running max of scale_log2 * s, rows r0 / r1
     float l0 = 0.f, l1 = 0.f;              // this thread's part of the running sums
     const int mat = lane >> 3, mrow = lane & 7;  // ldmatrix: which 8x8 matrix / row this lane addresses
+    const bool warp_active = blockIdx.x * BM + warp * 16 < valid;
 
     for (int it = 0; it < tiles; ++it) {
         const int n0 = it * FA_BN;
@@ -180,6 +181,12 @@ __device__ void flash_fwd(const T *__restrict__ q, const T *__restrict__ k, cons
         __syncthreads();
         const T *kt = ks + (it & 1) * TILE;
         const T *vt = vs + (it & 1) * TILE;
+        // A warp whose 16 rows are all padding (the last block of a short problem) only helps
+        // load; it has nothing to compute or write.
+        if (!warp_active) {
+            __syncthreads();
+            continue;
+        }
 
         float s[FA_BN / 8][4];
 #pragma unroll
@@ -188,6 +195,7 @@ __device__ void flash_fwd(const T *__restrict__ q, const T *__restrict__ k, cons
         for (int kk = 0; kk < D / 16; ++kk) {
 #pragma unroll
             for (int j = 0; j < FA_BN / 8; j += 2) {
+                if (n0 + j * 8 >= n) break;  // past the last key: masked below anyway
                 // matrices: keys j*8.. / (j+1)*8.. x dims kk*16 + 0..7 / 8..15
                 uint32_t bf[4];
                 ldmatrix_x4(bf, kt + ((j + (mat >> 1)) * 8 + mrow) * STRIDE + kk * 16 + (mat & 1) * 8);
@@ -236,6 +244,7 @@ __device__ void flash_fwd(const T *__restrict__ q, const T *__restrict__ k, cons
         // acc += P V: the score accumulators are already laid out as the A fragments of P.
 #pragma unroll
         for (int kk = 0; kk < FA_BN / 16; ++kk) {
+            if (n0 + kk * 16 >= n) break;  // probabilities past the last key are exactly 0
             uint32_t pa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
                               pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
                               pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
