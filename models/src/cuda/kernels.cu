@@ -87,6 +87,10 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
 
 constexpr int FA_BN = 64;  // keys per iteration
 
+template <bool B> struct BoolTag {
+    static constexpr bool value = B;
+};
+
 // Element strides of one operand: batch, head, head group, token.
 struct Geom {
     long long b, h, g, t;
@@ -188,75 +192,83 @@ __device__ void flash_fwd(const T *__restrict__ q, const T *__restrict__ k, cons
             continue;
         }
 
-        float s[FA_BN / 8][4];
+        // The last tile (EDGE) masks and skips keys past the end; the others run the plain,
+        // fully unrolled loops.
+        auto step = [&](auto edge_tag) {
+            constexpr bool EDGE = decltype(edge_tag)::value;
+            float s[FA_BN / 8][4];
 #pragma unroll
-        for (int j = 0; j < FA_BN / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+            for (int j = 0; j < FA_BN / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
+            for (int kk = 0; kk < D / 16; ++kk) {
 #pragma unroll
-            for (int j = 0; j < FA_BN / 8; j += 2) {
-                if (n0 + j * 8 >= n) break;  // past the last key: masked below anyway
-                // matrices: keys j*8.. / (j+1)*8.. x dims kk*16 + 0..7 / 8..15
-                uint32_t bf[4];
-                ldmatrix_x4(bf, kt + ((j + (mat >> 1)) * 8 + mrow) * STRIDE + kk * 16 + (mat & 1) * 8);
-                mma16816<T>(s[j], qa[kk], bf);
-                mma16816<T>(s[j + 1], qa[kk], bf + 2);
+                for (int j = 0; j < FA_BN / 8; j += 2) {
+                    if (EDGE && n0 + j * 8 >= n) break;  // past the last key: masked below anyway
+                    // matrices: keys j*8.. / (j+1)*8.. x dims kk*16 + 0..7 / 8..15
+                    uint32_t bf[4];
+                    ldmatrix_x4(bf, kt + ((j + (mat >> 1)) * 8 + mrow) * STRIDE + kk * 16 + (mat & 1) * 8);
+                    mma16816<T>(s[j], qa[kk], bf);
+                    mma16816<T>(s[j + 1], qa[kk], bf + 2);
+                }
             }
-        }
-        float mx0 = m0, mx1 = m1;
-        const bool edge = n0 + FA_BN > n;
+            float mx0 = m0, mx1 = m1;
 #pragma unroll
-        for (int j = 0; j < FA_BN / 8; ++j) {
+            for (int j = 0; j < FA_BN / 8; ++j) {
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int col = n0 + j * 8 + 2 * t + (e & 1);
-                s[j][e] = (edge && col >= n) ? -INFINITY : s[j][e] * scale_log2;
+                for (int e = 0; e < 4; ++e) {
+                    const int col = n0 + j * 8 + 2 * t + (e & 1);
+                    s[j][e] = (EDGE && col >= n) ? -INFINITY : s[j][e] * scale_log2;
+                }
+                mx0 = fmaxf(mx0, fmaxf(s[j][0], s[j][1]));
+                mx1 = fmaxf(mx1, fmaxf(s[j][2], s[j][3]));
             }
-            mx0 = fmaxf(mx0, fmaxf(s[j][0], s[j][1]));
-            mx1 = fmaxf(mx1, fmaxf(s[j][2], s[j][3]));
-        }
-        mx0 = fmaxf(mx0, __shfl_xor_sync(FULL_MASK, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(FULL_MASK, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(FULL_MASK, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(FULL_MASK, mx1, 2));
-        const float a0 = fast_exp2(m0 - mx0), a1 = fast_exp2(m1 - mx1);
-        m0 = mx0;
-        m1 = mx1;
-        float sum0 = 0.f, sum1 = 0.f;
+            mx0 = fmaxf(mx0, __shfl_xor_sync(FULL_MASK, mx0, 1));
+            mx0 = fmaxf(mx0, __shfl_xor_sync(FULL_MASK, mx0, 2));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(FULL_MASK, mx1, 1));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(FULL_MASK, mx1, 2));
+            const float a0 = fast_exp2(m0 - mx0), a1 = fast_exp2(m1 - mx1);
+            m0 = mx0;
+            m1 = mx1;
+            float sum0 = 0.f, sum1 = 0.f;
 #pragma unroll
-        for (int j = 0; j < FA_BN / 8; ++j) {
-            s[j][0] = fast_exp2(s[j][0] - mx0);
-            s[j][1] = fast_exp2(s[j][1] - mx0);
-            s[j][2] = fast_exp2(s[j][2] - mx1);
-            s[j][3] = fast_exp2(s[j][3] - mx1);
-            sum0 += s[j][0] + s[j][1];
-            sum1 += s[j][2] + s[j][3];
-        }
-        l0 = l0 * a0 + sum0;
-        l1 = l1 * a1 + sum1;
-#pragma unroll
-        for (int jj = 0; jj < D / 8; ++jj) {
-            acc[jj][0] *= a0;
-            acc[jj][1] *= a0;
-            acc[jj][2] *= a1;
-            acc[jj][3] *= a1;
-        }
-        // acc += P V: the score accumulators are already laid out as the A fragments of P.
-#pragma unroll
-        for (int kk = 0; kk < FA_BN / 16; ++kk) {
-            if (n0 + kk * 16 >= n) break;  // probabilities past the last key are exactly 0
-            uint32_t pa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                              pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                              pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-            for (int jj = 0; jj < D / 8; jj += 2) {
-                // matrices: keys kk*16 + 0..7 / 8..15 x dims jj*8.. / (jj+1)*8.., transposed
-                uint32_t bf[4];
-                ldmatrix_x4_trans(bf, vt + (kk * 16 + (mat & 1) * 8 + mrow) * STRIDE + jj * 8 + (mat >> 1) * 8);
-                mma16816<T>(acc[jj], pa, bf);
-                mma16816<T>(acc[jj + 1], pa, bf + 2);
+            for (int j = 0; j < FA_BN / 8; ++j) {
+                s[j][0] = fast_exp2(s[j][0] - mx0);
+                s[j][1] = fast_exp2(s[j][1] - mx0);
+                s[j][2] = fast_exp2(s[j][2] - mx1);
+                s[j][3] = fast_exp2(s[j][3] - mx1);
+                sum0 += s[j][0] + s[j][1];
+                sum1 += s[j][2] + s[j][3];
             }
-        }
+            l0 = l0 * a0 + sum0;
+            l1 = l1 * a1 + sum1;
+#pragma unroll
+            for (int jj = 0; jj < D / 8; ++jj) {
+                acc[jj][0] *= a0;
+                acc[jj][1] *= a0;
+                acc[jj][2] *= a1;
+                acc[jj][3] *= a1;
+            }
+            // acc += P V: the score accumulators are already laid out as the A fragments of P.
+#pragma unroll
+            for (int kk = 0; kk < FA_BN / 16; ++kk) {
+                if (EDGE && n0 + kk * 16 >= n) break;  // probabilities past the last key are 0
+                uint32_t pa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                                  pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                  pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+                for (int jj = 0; jj < D / 8; jj += 2) {
+                    // matrices: keys kk*16 + 0..7 / 8..15 x dims jj*8.. / (jj+1)*8.., transposed
+                    uint32_t bf[4];
+                    ldmatrix_x4_trans(bf, vt + (kk * 16 + (mat & 1) * 8 + mrow) * STRIDE + jj * 8 + (mat >> 1) * 8);
+                    mma16816<T>(acc[jj], pa, bf);
+                    mma16816<T>(acc[jj + 1], pa, bf + 2);
+                }
+            }
+        };
+        if (n0 + FA_BN > n)
+            step(BoolTag<true>{});
+        else
+            step(BoolTag<false>{});
         __syncthreads();  // this stage is refilled by the next iteration's prefetch
     }
 
