@@ -470,7 +470,8 @@ mod imp {
             && branches
                 .iter()
                 .all(|b| b.ratio > 0 && b.check_len(l).is_ok() && b.segments(l).1 <= 65_535)
-            && l * heads < i32::MAX as usize;
+            && l * heads < i32::MAX as usize
+            && l * heads * dh / 8 < (1 << 31); // the mix kernel's 32-bit chunk index
         if !usable {
             return Ok(None);
         }
@@ -946,23 +947,38 @@ mod imp {
         with_view::<T, _>(x, 0, |xv, dev| {
             with_view::<f32, _>(weight, 0, |wv, _| {
                 with_view::<f32, _>(bias, 0, |bv, _| {
-                    let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+                    // Up to 2048 values a row fits one warp's registers: a warp per row, eight
+                    // rows per block. Longer rows: a block per row, a thread per 8 values.
+                    let warp = dim <= 2048;
+                    let name = match warp {
+                        true => name.replace("layer_norm_", "layer_norm_warp_"),
+                        false => name.to_string(),
+                    };
+                    let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
                     // Safety: the kernel writes every element.
                     let out = unsafe { dev.alloc::<T>(rows * dim)? };
-                    let (d, e) = (dim as i32, eps as f32);
+                    let (r, d, e) = (rows as i32, dim as i32, eps as f32);
                     let mut b = func.builder();
                     b.arg(&xv);
                     b.arg(&wv);
                     b.arg(&bv);
                     b.arg(&out);
+                    if warp {
+                        b.arg(&r);
+                    }
                     b.arg(&d);
                     b.arg(&e);
-                    // One block per row, one thread per 8 elements, whole warps.
-                    let threads = (dim / 8).div_ceil(32) as u32 * 32;
-                    let cfg = LaunchConfig {
-                        grid_dim: (rows as u32, 1, 1),
-                        block_dim: (threads, 1, 1),
-                        shared_mem_bytes: 0,
+                    let cfg = match warp {
+                        true => LaunchConfig {
+                            grid_dim: (rows.div_ceil(8) as u32, 1, 1),
+                            block_dim: (256, 1, 1),
+                            shared_mem_bytes: 0,
+                        },
+                        false => LaunchConfig {
+                            grid_dim: (rows as u32, 1, 1),
+                            block_dim: ((dim / 8).div_ceil(32) as u32 * 32, 1, 1),
+                            shared_mem_bytes: 0,
+                        },
                     };
                     // Safety: rows x dim contiguous elements, dim a multiple of 8, <= 8192.
                     unsafe { b.launch(cfg) }.w()?;
@@ -978,6 +994,7 @@ mod imp {
         let usable = applies(x)
             && packed % 16 == 0
             && hidden > 0
+            && x.elem_count() / 16 < (1 << 31) // the kernel's 32-bit chunk index
             && contiguous_start(x).is_some_and(|o| o % 8 == 0);
         if !usable {
             return Ok(None);

@@ -330,11 +330,12 @@ FLASH_ALL(f16, __half, 128)
 template <typename T>
 __device__ void dilated_mix(const T *const *outs, const float *const *lses, int branches, T *__restrict__ y,
                             long long rows, int dim) {
-    const long long chunks = rows * (dim / 8);
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < chunks;
-         i += (long long)gridDim.x * blockDim.x) {
-        const long long row = i / (dim / 8);
-        const int c = (int)(i % (dim / 8)) * 8;
+    // 32-bit index math (the host keeps rows * dim / 8 below 2^32): a 64-bit division per
+    // 8 elements cost more than the memory traffic.
+    const unsigned per_row = dim / 8, chunks = (unsigned)rows * per_row;
+    for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < chunks; i += gridDim.x * blockDim.x) {
+        const long long row = i / per_row;
+        const int c = (int)(i - (unsigned)row * per_row) * 8;
         // Fixed trip counts keep the per-branch arrays in registers.
         float l[8], w[8];
         float m = -INFINITY;
@@ -439,6 +440,68 @@ __device__ void layer_norm(const T *__restrict__ x, const float *__restrict__ w,
     *reinterpret_cast<uint4 *>(y + row * dim + c) = out;
 }
 
+// The same for dim <= 2048: one warp per row, eight rows per block, no barriers.
+template <typename T, bool GELU>
+__device__ void layer_norm_warp(const T *__restrict__ x, const float *__restrict__ w,
+                                const float *__restrict__ bias, T *__restrict__ y, int rows, int dim,
+                                float eps) {
+    const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    const int chunks = dim / 8;
+    const T *xr = x + (long long)row * dim;
+    float v[8][8];
+    float sum = 0.f;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+        const int c = lane + 32 * k;
+        if (c < chunks) {
+            uint4 raw = *reinterpret_cast<const uint4 *>(xr + c * 8);
+            const T *e = reinterpret_cast<const T *>(&raw);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                float f = to_float(e[i]);
+                if (GELU) f = to_float(from_float<T>(0.5f * f * (1.f + erff(f * 0.7071067811865476f))));
+                v[k][i] = f;
+                sum += f;
+            }
+        }
+    }
+    const float mean = warp_sum(sum) / dim;
+    float sq = 0.f;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+        if (lane + 32 * k < chunks) {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) sq += (v[k][i] - mean) * (v[k][i] - mean);
+        }
+    }
+    const float inv = rsqrtf(warp_sum(sq) / dim + eps);
+    T *yr = y + (long long)row * dim;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+        const int c = lane + 32 * k;
+        if (c < chunks) {
+            uint4 out;
+            T *oe = reinterpret_cast<T *>(&out);
+#pragma unroll
+            for (int i = 0; i < 8; ++i)
+                oe[i] = from_float<T>((v[k][i] - mean) * inv * w[c * 8 + i] + bias[c * 8 + i]);
+            *reinterpret_cast<uint4 *>(yr + c * 8) = out;
+        }
+    }
+}
+
+#define LAYER_NORM_WARP(NAME, T, GELU)                                                              \
+    extern "C" __global__ void NAME(const T *x, const float *w, const float *b, T *y, int rows,      \
+                                    int dim, float eps) {                                           \
+        layer_norm_warp<T, GELU>(x, w, b, y, rows, dim, eps);                                       \
+    }
+LAYER_NORM_WARP(layer_norm_warp_bf16, __nv_bfloat16, false)
+LAYER_NORM_WARP(layer_norm_warp_f16, __half, false)
+LAYER_NORM_WARP(gelu_layer_norm_warp_bf16, __nv_bfloat16, true)
+LAYER_NORM_WARP(gelu_layer_norm_warp_f16, __half, true)
+
 #define LAYER_NORM(NAME, T, GELU)                                                                 \
     extern "C" __global__ void NAME(const T *x, const float *w, const float *b, T *y, int dim,     \
                                     float eps) {                                                  \
@@ -452,11 +515,12 @@ LAYER_NORM(gelu_layer_norm_f16, __half, true)
 // ---- SwiGLU of a packed fc1 output: 8 outputs per thread.
 template <typename T>
 __device__ void swiglu(const T *__restrict__ x, T *__restrict__ y, long long rows, int hidden) {
-    const long long chunks = rows * (hidden / 8);
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < chunks;
-         i += (long long)gridDim.x * blockDim.x) {
-        const long long row = i / (hidden / 8);
-        const int c = (int)(i % (hidden / 8)) * 8;
+    // 32-bit index math (the host keeps rows * hidden / 8 below 2^32): a 64-bit division per
+    // 8 elements cost more than the memory traffic.
+    const unsigned per_row = hidden / 8, chunks = (unsigned)rows * per_row;
+    for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < chunks; i += gridDim.x * blockDim.x) {
+        const long long row = i / per_row;
+        const int c = (int)(i - (unsigned)row * per_row) * 8;
         uint4 ga = *reinterpret_cast<const uint4 *>(x + row * 2 * hidden + c);
         uint4 va = *reinterpret_cast<const uint4 *>(x + row * 2 * hidden + hidden + c);
         const T *ge = reinterpret_cast<const T *>(&ga);
