@@ -1041,3 +1041,40 @@ mod imp {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Off CUDA every fused path declines, so callers run candle's ops (the CPU parity tests
+    /// cover those); the kernels themselves are checked on a GPU by `bench_encoders kernels`.
+    #[test]
+    fn cpu_tensors_take_the_plain_path() -> Result<()> {
+        let dev = Device::Cpu;
+        assert!(!available(&dev, DType::BF16));
+        assert!(!available(&dev, DType::F32));
+        let x = Tensor::ones((4, 16), DType::F32, &dev)?;
+        let w = Tensor::ones((8, 16), DType::F32, &dev)?;
+        assert!(linear(&x, &w, None, None)?.is_none());
+        let p = Tensor::ones(16, DType::F32, &dev)?;
+        assert!(layer_norm(&x, &p, &p, 1e-5, true)?.is_none());
+        assert!(swiglu(&x)?.is_none());
+        let qkv = Tensor::ones((2, 8, 16), DType::F32, &dev)?;
+        let s = Strided {
+            tensor: &qkv,
+            offset: 0,
+            batch: 128,
+            head: 0,
+            token: 16,
+        };
+        let shape = AttentionShape {
+            batch: 2,
+            heads: 1,
+            tokens: 8,
+            head_dim: 16,
+            scale: 0.25,
+        };
+        assert!(flash_attention(s, s, s, shape, true)?.is_none());
+        Ok(())
+    }
+}
