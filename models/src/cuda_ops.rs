@@ -783,9 +783,8 @@ mod imp {
                     align: [alignment(wp), alignment(xp), alignment(cp), alignment(op)],
                 };
                 let mut plans = self.plans.lock().expect("poisoned");
-                if !plans.contains_key(&key) {
-                    let plan = self.plan(key)?;
-                    plans.insert(key, plan);
+                if let std::collections::hash_map::Entry::Vacant(e) = plans.entry(key) {
+                    e.insert(self.plan(key)?);
                 }
                 let plan = &plans[&key];
                 if let Some((bp, _)) = &bias {
