@@ -10,7 +10,9 @@
 //! - [`flash_attention`]: a FlashAttention-2 style kernel (tensor cores, online softmax, the
 //!   log-sum-exp the dilated-attention branch mix needs), reading any (batch, head, token)
 //!   strides, so the tile encoder's packed qkv is read in place;
-//! - [`layer_norm`] and [`swiglu`]: one pass each, half precision in and out.
+//! - [`dilated_attention`]: LongNet's branches through the same kernel, each reading its segments
+//!   and head groups in place and writing dense outputs and lses, then one mix kernel;
+//! - [`layer_norm`] (optionally after GELU) and [`swiglu`]: one pass each, half in and out.
 //!
 //! Every function returns `Ok(None)` when its fast path does not apply (CPU, f32, a tensor that
 //! needs a gradient, unsupported shapes or alignment, compute capability below 8.0, or
