@@ -174,7 +174,7 @@ impl DilatedAttention {
 
     /// `q`, `k`, `v` [L, H, Dh] -> attention output [L, H, Dh].
     ///
-    /// f32 on CPU without gradient runs the fused kernel of [`crate::cpu_attention`], half
+    /// f32 on CPU without gradient runs the fused kernel of `cpu_attention`, half
     /// precision on CUDA [`crate::cuda_ops::dilated_attention`]; otherwise the same math in candle
     /// ops ([`DilatedAttention::forward_ops`]).
     pub fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {

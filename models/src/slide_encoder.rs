@@ -417,9 +417,9 @@ pub enum SlidePool {
 /// Every output the release can produce, each after the outer `norm`.
 #[derive(Debug, Clone)]
 pub struct SlideOutput {
-    /// `norm(encoder.layer_norm(s_depth))[0]`: [D].
+    /// `norm(encoder.layer_norm(s_depth))[0]`: `[D]`.
     pub cls: Tensor,
-    /// `norm(mean(encoder.layer_norm(s_depth)[1:]))`: [D].
+    /// `norm(mean(encoder.layer_norm(s_depth)[1:]))`: `[D]`.
     pub pool: Tensor,
     /// `norm(s_i)[0]` for the hidden states s_0..s_depth (no encoder layer norm): [depth + 1, D].
     pub all_layers_cls: Tensor,
@@ -428,7 +428,7 @@ pub struct SlideOutput {
 }
 
 impl SlideOutput {
-    /// The output for a pooling and a layer mode: [D], or [depth + 1, D] with `all_layers`.
+    /// The output for a pooling and a layer mode: `[D]`, or `[depth + 1, D]` with `all_layers`.
     pub fn select(&self, pool: SlidePool, all_layers: bool) -> &Tensor {
         match (pool, all_layers) {
             (SlidePool::Cls, false) => &self.cls,
@@ -686,7 +686,7 @@ impl SlideTail {
     }
 
     /// s_`first_layer` [L, D] (from [`SlideEncoder::hidden_state`]) -> the pooled slide
-    /// embedding [D] in f32, as [`SlideOutput::cls`] / [`SlideOutput::pool`] define it. The mean
+    /// embedding `[D]` in f32, as [`SlideOutput::cls`] / [`SlideOutput::pool`] define it. The mean
     /// is a plain f32 mean here (differentiable), not the f64 accumulation of inference.
     pub fn forward(&self, hidden: &Tensor, pool: SlidePool) -> Result<Tensor> {
         let mut xs = hidden.clone();

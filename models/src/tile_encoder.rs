@@ -241,7 +241,7 @@ fn scaled_linear(
 /// Multi-head self-attention core from timm's fused projection: `qkv` [B, N, 3D] (rows
 /// `[q; k; v]`, heads contiguous) -> [B, N, D] with heads merged, scale `(D/H)^-0.5`.
 ///
-/// f32 on CPU without gradient uses the fused kernel of [`crate::cpu_attention`].
+/// f32 on CPU without gradient uses the fused kernel of `cpu_attention`.
 pub fn attention_from_qkv(qkv: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, n, three_d) = qkv.dims3()?;
     let d = three_d / 3;
