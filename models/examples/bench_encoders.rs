@@ -580,31 +580,10 @@ fn slide_ops(args: &[String]) -> anyhow::Result<()> {
         1e-5,
     )?;
     rows.push(("layer_norm 768".into(), time(iters, || ln768.forward(&x))?));
-    // The encoder's mean pool of one hidden state (slide_encoder.rs `pooled`): f64 sums of
-    // 4096-row chunks.
     rows.push((
         "mean pool (one hidden state)".into(),
         time(iters, || {
-            let n = l - 1;
-            let mut sum = Tensor::zeros(d, DType::F64, &dev)?;
-            for start in (1..=n).step_by(4096) {
-                let part = x.narrow(0, start, 4096.min(n + 1 - start))?;
-                sum = (sum + part.to_dtype(DType::F64)?.sum(0)?)?;
-            }
-            (sum / n as f64)?.to_dtype(dtype)
-        })?,
-    ));
-    rows.push((
-        "mean pool, GPU path (f32 products)".into(),
-        time(iters, || {
-            let n = l - 1;
-            let mut sum = Tensor::zeros((1, d), DType::F32, &dev)?;
-            for start in (1..=n).step_by(32768) {
-                let r = 32768.min(n + 1 - start);
-                let part = x.narrow(0, start, r)?.to_dtype(DType::F32)?;
-                sum = (sum + Tensor::ones((1, r), DType::F32, &dev)?.matmul(&part)?)?;
-            }
-            (sum.squeeze(0)? / n as f64)?.to_dtype(dtype)
+            gigapath_models::slide_encoder::pooled(&x, gigapath_models::SlidePool::Mean)
         })?,
     ));
     let cells: Vec<[u32; 2]> = (0..tiles as u32).map(|i| [i % 317, i / 317]).collect();

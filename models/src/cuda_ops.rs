@@ -53,15 +53,17 @@ pub struct AttentionShape {
 }
 
 /// `softmax(scale * q k^T) v` without masking -> out `[batch, tokens, heads, head_dim]`
-/// (contiguous) and, when `with_lse`, the natural-log log-sum-exp `[batch, heads, tokens]` (f32).
+/// (contiguous). [`dilated_attention`] runs the same kernel with its log-sum-exp.
 pub fn flash_attention(
     q: Strided,
     k: Strided,
     v: Strided,
     shape: AttentionShape,
-    with_lse: bool,
-) -> Result<Option<(Tensor, Option<Tensor>)>> {
-    imp::flash_attention(q, k, v, shape, with_lse)
+) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    return imp::flash_attention(q, k, v, shape);
+    #[cfg(not(feature = "cuda"))]
+    no_cuda((q, k, v, shape))
 }
 
 /// LongNet dilated attention of `q`, `k`, `v` `[L, H, Dh]` (each row of H x Dh contiguous, any
@@ -77,7 +79,10 @@ pub fn dilated_attention(
     branches: &[crate::dilated_attention::Branch],
     scale: f32,
 ) -> Result<Option<Tensor>> {
-    imp::dilated_attention(q, k, v, branches, scale)
+    #[cfg(feature = "cuda")]
+    return imp::dilated_attention(q, k, v, branches, scale);
+    #[cfg(not(feature = "cuda"))]
+    no_cuda((q, k, v, branches, scale))
 }
 
 /// `x [rows, in] @ w^T [in, out] + bias (+ residual [rows, out])` in one cuBLASLt call.
@@ -87,7 +92,10 @@ pub fn linear(
     bias: Option<&Tensor>,
     residual: Option<&Tensor>,
 ) -> Result<Option<Tensor>> {
-    imp::linear(x, w, bias, residual)
+    #[cfg(feature = "cuda")]
+    return imp::linear(x, w, bias, residual);
+    #[cfg(not(feature = "cuda"))]
+    no_cuda((x, w, bias, residual))
 }
 
 /// LayerNorm over the last dimension with f32 `weight` / `bias`; output in `x`'s dtype. With
@@ -99,58 +107,30 @@ pub fn layer_norm(
     eps: f64,
     gelu: bool,
 ) -> Result<Option<Tensor>> {
-    imp::layer_norm(x, weight, bias, eps, gelu)
+    #[cfg(feature = "cuda")]
+    return imp::layer_norm(x, weight, bias, eps, gelu);
+    #[cfg(not(feature = "cuda"))]
+    no_cuda((x, weight, bias, eps, gelu))
 }
 
 /// `silu(x[.., :H]) * x[.., H:]` of a packed `[.., 2H]` tensor -> `[.., H]`.
 pub fn swiglu(x: &Tensor) -> Result<Option<Tensor>> {
-    imp::swiglu(x)
+    #[cfg(feature = "cuda")]
+    return imp::swiglu(x);
+    #[cfg(not(feature = "cuda"))]
+    no_cuda(x)
+}
+
+/// Without the `cuda` feature every fused path declines.
+#[cfg(not(feature = "cuda"))]
+fn no_cuda<A, T>(_: A) -> Result<Option<T>> {
+    Ok(None)
 }
 
 #[cfg(not(feature = "cuda"))]
 mod imp {
-    use super::*;
-
-    pub fn device_ok(_: &Device) -> bool {
+    pub fn device_ok(_: &candle_core::Device) -> bool {
         false
-    }
-    pub fn flash_attention(
-        _: Strided,
-        _: Strided,
-        _: Strided,
-        _: AttentionShape,
-        _: bool,
-    ) -> Result<Option<(Tensor, Option<Tensor>)>> {
-        Ok(None)
-    }
-    pub fn dilated_attention(
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &[crate::dilated_attention::Branch],
-        _: f32,
-    ) -> Result<Option<Tensor>> {
-        Ok(None)
-    }
-    pub fn linear(
-        _: &Tensor,
-        _: &Tensor,
-        _: Option<&Tensor>,
-        _: Option<&Tensor>,
-    ) -> Result<Option<Tensor>> {
-        Ok(None)
-    }
-    pub fn layer_norm(
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: f64,
-        _: bool,
-    ) -> Result<Option<Tensor>> {
-        Ok(None)
-    }
-    pub fn swiglu(_: &Tensor) -> Result<Option<Tensor>> {
-        Ok(None)
     }
 }
 
@@ -254,8 +234,7 @@ mod imp {
         k: Strided,
         v: Strided,
         shape: AttentionShape,
-        with_lse: bool,
-    ) -> Result<Option<(Tensor, Option<Tensor>)>> {
+    ) -> Result<Option<Tensor>> {
         let AttentionShape {
             batch,
             heads,
@@ -288,8 +267,8 @@ mod imp {
             return Ok(None);
         }
         match dtype {
-            DType::BF16 => flash_typed::<bf16>(q, k, v, shape, with_lse).map(Some),
-            DType::F16 => flash_typed::<f16>(q, k, v, shape, with_lse).map(Some),
+            DType::BF16 => flash_typed::<bf16>(q, k, v, shape).map(Some),
+            DType::F16 => flash_typed::<f16>(q, k, v, shape).map(Some),
             _ => Ok(None),
         }
     }
@@ -381,8 +360,7 @@ mod imp {
         k: Strided,
         v: Strided,
         shape: AttentionShape,
-        with_lse: bool,
-    ) -> Result<(Tensor, Option<Tensor>)> {
+    ) -> Result<Tensor> {
         let AttentionShape {
             batch,
             heads,
@@ -401,19 +379,14 @@ mod imp {
             q: geom(&q),
             k: geom(&k),
             v: geom(&v),
-            // out [batch, tokens, heads, head_dim], lse [batch, heads, tokens]
+            // out [batch, tokens, heads, head_dim]; no lse
             o: Geom {
                 b: (tokens * heads * head_dim) as i64,
                 h: head_dim as i64,
                 g: 0,
                 t: (heads * head_dim) as i64,
             },
-            lse: Geom {
-                b: (heads * tokens) as i64,
-                h: tokens as i64,
-                g: 0,
-                t: 1,
-            },
+            lse: Geom::default(),
             pos_b: 0,
             pos_t: 1,
             seq_len: tokens as i64,
@@ -427,15 +400,9 @@ mod imp {
                 with_view::<T, _>(v.tensor, v.offset, |vv, _| {
                     // Safety: every element is written by the kernel before it is read.
                     let out = unsafe { dev.alloc::<T>(batch * tokens * heads * head_dim)? };
-                    let lse = match with_lse {
-                        true => Some(unsafe { dev.alloc::<f32>(batch * heads * tokens)? }),
-                        false => None,
-                    };
                     let views = (&qv, &kv, &vv);
-                    launch_flash(dev, dtype, head_dim, batch, views, &out, lse.as_ref(), args)?;
-                    let out = wrap(out, dev, (batch, tokens, heads, head_dim));
-                    let lse = lse.map(|l| wrap(l, dev, (batch, heads, tokens)));
-                    Ok((out, lse))
+                    launch_flash(dev, dtype, head_dim, batch, views, &out, None, args)?;
+                    Ok(wrap(out, dev, (batch, tokens, heads, head_dim)))
                 })
             })
         })
@@ -1075,7 +1042,7 @@ mod tests {
             head_dim: 16,
             scale: 0.25,
         };
-        assert!(flash_attention(s, s, s, shape, true)?.is_none());
+        assert!(flash_attention(s, s, s, shape)?.is_none());
         Ok(())
     }
 }

@@ -317,33 +317,6 @@ impl DilatedAttention {
         let dh = q.dim(1)?;
         let gather = |t: &Tensor| t.index_select(rows, 0)?.reshape((problems, tokens, dh));
         let (q, k, v) = (gather(q)?, gather(k)?, gather(v)?);
-        if crate::cuda_ops::applies(&q) {
-            // Half precision on CUDA: every problem in one flash-attention launch, no scores kept.
-            let operand = |t| crate::cuda_ops::Strided {
-                tensor: t,
-                offset: 0,
-                batch: tokens * dh,
-                head: 0,
-                token: dh,
-            };
-            let shape = crate::cuda_ops::AttentionShape {
-                batch: problems,
-                heads: 1,
-                tokens,
-                head_dim: dh,
-                scale: self.scale as f32,
-            };
-            let fused = crate::cuda_ops::flash_attention(
-                operand(&q),
-                operand(&k),
-                operand(&v),
-                shape,
-                true,
-            )?;
-            if let Some((out, Some(lse))) = fused {
-                return Ok((out.reshape((problems * tokens, dh))?, lse.flatten_all()?));
-            }
-        }
         let mut outs = Vec::new();
         let mut lses = Vec::new();
         let per_problem = tokens * tokens;

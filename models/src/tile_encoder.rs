@@ -270,9 +270,7 @@ pub fn attention_from_qkv(qkv: &Tensor, heads: usize) -> Result<Tensor> {
             head_dim: d / heads,
             scale: scale as f32,
         };
-        if let Some((out, _)) =
-            cuda_ops::flash_attention(part(0), part(d), part(2 * d), shape, false)?
-        {
+        if let Some(out) = cuda_ops::flash_attention(part(0), part(d), part(2 * d), shape)? {
             return out.reshape((b, n, d));
         }
     }
