@@ -450,36 +450,26 @@ fn kernels(args: &[String]) -> anyhow::Result<()> {
             &att.forward(&qf, &kf, &vf)?,
         )?;
     }
-    // LayerNorm with a large mean (the case a one-pass variance gets wrong).
-    let (xh, xf) = rand(&[300, 1536], 20.0, 1.0)?;
-    let ln = LayerNorm::new(
-        Tensor::randn(1f32, 0.1, 1536, &dev)?,
-        Tensor::randn(0f32, 0.1, 1536, &dev)?,
-        1e-6,
-    )?;
-    put("layer_norm".into(), &ln.forward(&xh)?, &ln.forward(&xf)?)?;
-    let (xh, xf) = rand(&[200, 3072], 0.0, 1.0)?;
-    let ln = LayerNorm::new(
-        Tensor::randn(1f32, 0.1, 3072, &dev)?,
-        Tensor::randn(0f32, 0.1, 3072, &dev)?,
-        1e-5,
-    )?;
-    put(
-        "gelu + layer_norm 3072".into(),
-        &ln.forward_gelu(&xh)?,
-        &ln.forward_gelu(&xf)?,
-    )?;
-    let (xh, xf) = rand(&[77, 768], 0.0, 1.0)?;
-    let ln = LayerNorm::new(
-        Tensor::randn(1f32, 0.1, 768, &dev)?,
-        Tensor::randn(0f32, 0.1, 768, &dev)?,
-        1e-5,
-    )?;
-    put(
-        "layer_norm 768".into(),
-        &ln.forward(&xh)?,
-        &ln.forward(&xf)?,
-    )?;
+    // LayerNorm: the tile encoder's width with a large mean (what a one-pass variance gets
+    // wrong), the slide encoder's, and its FFN sub-LN with GELU in front (block-per-row kernel).
+    for (rows, dim, mean, eps, gelu) in [
+        (300, 1536, 20.0, 1e-6, false),
+        (77, 768, 0.0, 1e-5, false),
+        (200, 3072, 0.0, 1e-5, true),
+    ] {
+        let (xh, xf) = rand(&[rows, dim], mean, 1.0)?;
+        let ln = LayerNorm::new(
+            Tensor::randn(1f32, 0.1, dim, &dev)?,
+            Tensor::randn(0f32, 0.1, dim, &dev)?,
+            eps,
+        )?;
+        let run = |x: &Tensor| match gelu {
+            true => ln.forward_gelu(x),
+            false => ln.forward(x),
+        };
+        let name = format!("{}layer_norm {dim}", if gelu { "gelu + " } else { "" });
+        put(name, &run(&xh)?, &run(&xf)?)?;
+    }
     let (hh, hf) = rand(&[2, 33, 256], 0.0, 2.0)?;
     put("swiglu".into(), &swiglu_packed(&hh)?, &swiglu_packed(&hf)?)?;
     // Linear with bias, and with bias plus residual, on [B, N, K] rows.
