@@ -14,17 +14,16 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gigapath_store::catalog::{ClaimOptions, EmbeddedSlide, Job, NewJob, NewReport, QueueOutcome};
-use gigapath_store::vector::{combined_fingerprint, ReportPoint, REPORTS, SLIDES};
+use gigapath_store::catalog::{ClaimOptions, NewJob, NewReport, QueueOutcome};
+use gigapath_store::vector::{combined_fingerprint, ReportPoint, REPORTS};
 use gigapath_store::StoreError;
 use serde::Serialize;
 
 use crate::discover::find_slides;
 use crate::encoders::{slide_fingerprints, text_fingerprints};
-use crate::error::{PipelineError, Result};
+use crate::error::Result;
 use crate::pipeline::{Pipeline, Progress};
 use crate::reports::{read_reports, ReportRow, RowError};
 use crate::slide_job::{SlideJob, Timings};
@@ -286,9 +285,7 @@ impl Pipeline {
         let counts = self.block_on(self.store.catalog.job_counts())?;
         progress.run_started((counts.queued + counts.stale) as usize);
         while !stop.load(Ordering::Relaxed) {
-            let Some(job) =
-                self.block_on(self.store.catalog.claim_job(&self.worker_id, &options))?
-            else {
+            let Some(job) = self.claim_next(&options, &mut summary)? else {
                 if until_idle {
                     break;
                 }
@@ -299,94 +296,6 @@ impl Pipeline {
         }
         summary.seconds = start.elapsed().as_secs_f64();
         Ok(summary)
-    }
-
-    fn run_job(
-        &self,
-        job: Job,
-        lease: Duration,
-        progress: &dyn Progress,
-        summary: &mut RunSummary,
-    ) -> Result<()> {
-        let slide_job: SlideJob = match serde_json::from_value(job.payload.clone()) {
-            Ok(j) => j,
-            Err(e) => {
-                let reason = format!("malformed job payload: {e}");
-                self.block_on(
-                    self.store
-                        .catalog
-                        .fail_job(job.id, &self.worker_id, &reason),
-                )?;
-                return Ok(());
-            }
-        };
-        let id = slide_job.slide_id.clone();
-        let cancelled = Arc::new(AtomicBool::new(false));
-        let renewer = {
-            let (catalog, worker, cancelled) = (
-                self.store.catalog.clone(),
-                self.worker_id.clone(),
-                cancelled.clone(),
-            );
-            self.rt.spawn(async move {
-                loop {
-                    tokio::time::sleep(lease / 3).await;
-                    if catalog.renew_lease(job.id, &worker, lease).await.is_err() {
-                        cancelled.store(true, Ordering::Relaxed);
-                        return;
-                    }
-                }
-            })
-        };
-        let result = self.embed_slide(&slide_job, &cancelled, progress);
-        renewer.abort();
-        match result {
-            Ok(r) => {
-                let embedded = EmbeddedSlide {
-                    slide_id: id.clone(),
-                    tile_count: r.tile_count,
-                    fingerprint: r.fingerprint,
-                    fingerprints: r.fingerprints,
-                    collection: SLIDES.into(),
-                };
-                match self.block_on(self.store.catalog.complete_slide_job(
-                    job.id,
-                    &self.worker_id,
-                    &embedded,
-                )) {
-                    Ok(()) => {
-                        summary.slides_ok += 1;
-                        summary.tiles += r.tile_count;
-                        summary.timings.add(&r.timings);
-                        progress.slide_finished(&id, None);
-                    }
-                    Err(StoreError::LeaseLost { .. }) => {
-                        tracing::warn!("{id}: lease lost; another worker owns the job now")
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            Err(PipelineError::LeaseLost) => {
-                tracing::warn!("{id}: lease lost; stopped embedding it")
-            }
-            Err(e) => {
-                let reason = e.to_string();
-                tracing::error!("{id}: {reason}");
-                progress.slide_finished(&id, Some(&reason));
-                match self.block_on(
-                    self.store
-                        .catalog
-                        .fail_job(job.id, &self.worker_id, &reason),
-                ) {
-                    Ok(()) | Err(StoreError::LeaseLost { .. }) => {}
-                    Err(e) => return Err(e.into()),
-                }
-                self.block_on(self.store.catalog.mark_slide_failed(&id, &reason))?;
-                summary.slides_failed += 1;
-                summary.failures.push((id, reason));
-            }
-        }
-        Ok(())
     }
 
     /// Removes temporary files that a killed process left (feature files being written, tiling

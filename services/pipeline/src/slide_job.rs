@@ -9,9 +9,11 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use gigapath_store::catalog::{ClaimOptions, EmbeddedSlide, Job};
 use gigapath_store::vector::{SlidePoint, SLIDES};
+use gigapath_store::StoreError;
 use gigapath_store::{FeatureFile, FeatureFileWriter, FeatureMetadata};
 use gigapath_wsi::{
     outputs, tile_slide, BatchData, BatchFormat, Slide, StreamConfig, TileStream, TilingOptions,
@@ -20,6 +22,7 @@ use half::f16;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{PipelineError, Result};
+use crate::ingest::RunSummary;
 use crate::pipeline::{Pipeline, Progress};
 
 /// What an `embed_slide` job carries (its payload in the catalog).
@@ -176,6 +179,105 @@ impl Pipeline {
             timings: t,
             reused_features: reused,
         })
+    }
+
+    /// Claims the next slide job for this worker, or `None` when there is nothing to do.
+    pub(crate) fn claim_next(
+        &self,
+        options: &ClaimOptions,
+        _summary: &mut RunSummary,
+    ) -> Result<Option<Job>> {
+        Ok(self.block_on(self.store.catalog.claim_job(&self.worker_id, options))?)
+    }
+
+    /// Runs one claimed job: embeds its slide while a background task renews the lease, then
+    /// records the result (or the failure) if this worker still holds the job.
+    pub(crate) fn run_job(
+        &self,
+        job: Job,
+        lease: Duration,
+        progress: &dyn Progress,
+        summary: &mut RunSummary,
+    ) -> Result<()> {
+        let slide_job: SlideJob = match serde_json::from_value(job.payload.clone()) {
+            Ok(j) => j,
+            Err(e) => {
+                let reason = format!("malformed job payload: {e}");
+                self.block_on(
+                    self.store
+                        .catalog
+                        .fail_job(job.id, &self.worker_id, &reason),
+                )?;
+                return Ok(());
+            }
+        };
+        let id = slide_job.slide_id.clone();
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let renewer = {
+            let (catalog, worker, cancelled) = (
+                self.store.catalog.clone(),
+                self.worker_id.clone(),
+                cancelled.clone(),
+            );
+            self.rt.spawn(async move {
+                loop {
+                    tokio::time::sleep(lease / 3).await;
+                    if catalog.renew_lease(job.id, &worker, lease).await.is_err() {
+                        cancelled.store(true, Ordering::Relaxed);
+                        return;
+                    }
+                }
+            })
+        };
+        let result = self.embed_slide(&slide_job, &cancelled, progress);
+        renewer.abort();
+        match result {
+            Ok(r) => {
+                let embedded = EmbeddedSlide {
+                    slide_id: id.clone(),
+                    tile_count: r.tile_count,
+                    fingerprint: r.fingerprint,
+                    fingerprints: r.fingerprints,
+                    collection: SLIDES.into(),
+                };
+                match self.block_on(self.store.catalog.complete_slide_job(
+                    job.id,
+                    &self.worker_id,
+                    &embedded,
+                )) {
+                    Ok(()) => {
+                        summary.slides_ok += 1;
+                        summary.tiles += r.tile_count;
+                        summary.timings.add(&r.timings);
+                        progress.slide_finished(&id, None);
+                    }
+                    Err(StoreError::LeaseLost { .. }) => {
+                        tracing::warn!("{id}: lease lost; another worker owns the job now")
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(PipelineError::LeaseLost) => {
+                tracing::warn!("{id}: lease lost; stopped embedding it")
+            }
+            Err(e) => {
+                let reason = e.to_string();
+                tracing::error!("{id}: {reason}");
+                progress.slide_finished(&id, Some(&reason));
+                match self.block_on(
+                    self.store
+                        .catalog
+                        .fail_job(job.id, &self.worker_id, &reason),
+                ) {
+                    Ok(()) | Err(StoreError::LeaseLost { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                self.block_on(self.store.catalog.mark_slide_failed(&id, &reason))?;
+                summary.slides_failed += 1;
+                summary.failures.push((id, reason));
+            }
+        }
+        Ok(())
     }
 
     /// Streams the kept tiles through the tile encoder into the feature file; returns the
