@@ -51,6 +51,16 @@ pub struct ServeConfig {
     pub max_slide_ids: usize,
     /// Work per request (model + store) is cut off after this.
     pub request_timeout_seconds: u64,
+    /// A request's head must arrive within this many seconds, and its body again within this
+    /// many once the handler reads it; a slower client gets 408 and the connection is closed.
+    pub read_timeout_seconds: u64,
+    /// Open connections at once, all workers together; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// Connections waiting to be accepted (the listen backlog); more are refused by the OS.
+    pub backlog: usize,
+    /// Requests being received or worked on at once; more get 503 with `Retry-After`.
+    /// `/healthz`, `/readyz` and `/metrics` are not counted and always answer.
+    pub max_in_flight: usize,
     /// Slide paths in ingest requests must resolve (symlinks followed) under one of these.
     /// None: ingest over HTTP is refused.
     pub slide_roots: Vec<PathBuf>,
@@ -72,6 +82,10 @@ impl Default for ServeConfig {
             max_text_chars: 2000,
             max_slide_ids: 1000,
             request_timeout_seconds: 30,
+            read_timeout_seconds: 10,
+            max_connections: 1024,
+            backlog: 1024,
+            max_in_flight: 256,
             slide_roots: Vec::new(),
             prompts_dir: PathBuf::from("prompts"),
             run_worker: true,
@@ -359,6 +373,9 @@ impl Config {
             ("serve.max_k", sv.max_k, 10_000),
             ("serve.max_text_chars", sv.max_text_chars, 1_000_000),
             ("serve.max_slide_ids", sv.max_slide_ids, 1_000_000),
+            ("serve.max_connections", sv.max_connections, 1_000_000),
+            ("serve.backlog", sv.backlog, 65_535),
+            ("serve.max_in_flight", sv.max_in_flight, 1_000_000),
         ] {
             if v == 0 || v > max {
                 return bad(key, format!("{v} is not in 1..={max}"));
@@ -366,6 +383,9 @@ impl Config {
         }
         if sv.request_timeout_seconds == 0 {
             return bad("serve.request_timeout_seconds", "must be at least 1".into());
+        }
+        if sv.read_timeout_seconds == 0 {
+            return bad("serve.read_timeout_seconds", "must be at least 1".into());
         }
         gigapath_models::Precision::parse(&self.models.device, &self.models.dtype)
             .map_err(|e| PipelineError::Config(format!("models.device / models.dtype: {e}")))?;
