@@ -671,7 +671,7 @@ pub fn init_trainable(
     let base_slide = match (config.slide_trainable_layers, slide_dir) {
         (0, _) => None,
         (_, Some(dir)) => {
-            let w = find_file(dir, &["slide_encoder.pth", "model.safetensors"])?;
+            let w = crate::slide_encoder::ModelFiles::find(dir)?.weights;
             Some((var_builder(&w, Some("model"), DType::F32, device)?, w))
         }
         (_, None) => {

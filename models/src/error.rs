@@ -31,6 +31,15 @@ pub enum Error {
         /// The candle error, which names the tensor key and shapes.
         cause: candle_core::Error,
     },
+    /// A checkpoint file in a format gigapath does not read (legacy `torch.save`, a plain pickle,
+    /// a truncated safetensors file); the message says what the file is and how to convert it.
+    #[error("checkpoint {path}: {msg}")]
+    Checkpoint {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// What the file is and the fix.
+        msg: String,
+    },
     /// Inputs that do not fit the model (shape, dtype, coordinates off the grid, ...).
     #[error("invalid input: {0}")]
     Input(String),

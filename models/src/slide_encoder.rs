@@ -11,9 +11,10 @@
 //! fails on x and silently wraps y into the next row.
 //!
 //! Model folder: `slide_encoder.pth` (`{"model": state_dict}`, the official key names) and an
-//! optional `config.json` (schema of [`Config`]); without it, the official config.
+//! optional `config.json` (schema of [`Config`]); without it, the official config. The Hugging
+//! Face release folder, shared with the tile encoder, works too (see [`ModelFiles::find`]).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -157,6 +158,76 @@ impl Config {
             self.num_heads,
             self.embed_dim / self.num_heads,
         )
+    }
+}
+
+/// The files of a slide encoder in a model folder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelFiles {
+    /// The slide config, `None` for the official `gigapath_slide_enc12l768d` ([`Config::default`]).
+    pub config: Option<PathBuf>,
+    /// The checkpoint.
+    pub weights: PathBuf,
+    /// Whether the folder is the Hugging Face release, shared with the tile encoder.
+    pub release: bool,
+}
+
+/// Whether a `config.json` is timm's (the tile encoder's, as the hub ships it) rather than a
+/// slide config: timm's has `architecture` or `model_args`, which no slide config has.
+pub(crate) fn is_timm_config(path: &Path) -> crate::Result<bool> {
+    let v: serde_json::Value = read_json(path)?;
+    Ok(v.get("architecture").is_some() || v.get("model_args").is_some())
+}
+
+impl ModelFiles {
+    /// Finds the slide encoder's files in `dir`, in one of two layouts:
+    ///
+    /// - its own folder: `slide_encoder.pth` (or `model.safetensors`) and an optional slide
+    ///   `config.json` (schema of [`Config`]);
+    /// - the Hugging Face release (`huggingface-cli download prov-gigapath/prov-gigapath`), one
+    ///   folder for both encoders: `config.json` is the tile encoder's timm config, so the slide
+    ///   encoder takes `slide_encoder.pth` (or `slide_encoder.safetensors`) with the official
+    ///   config, or `slide_config.json` when one is there. `model.safetensors` is the tile
+    ///   encoder's in that layout and is never taken for the slide encoder.
+    pub fn find(dir: &Path) -> crate::Result<Self> {
+        let config_path = dir.join("config.json");
+        let own_config = dir.join("slide_config.json");
+        let release = config_path.is_file() && is_timm_config(&config_path)?;
+        if release {
+            let weights = find_file(dir, &["slide_encoder.pth", "slide_encoder.safetensors"])
+                .map_err(|_| {
+                    crate::Error::config(
+                        &config_path,
+                        "this folder holds a tile encoder (timm config.json) but no \
+                         slide_encoder.pth: download the whole Prov-GigaPath release \
+                         (`gigapath models fetch prov-gigapath --to DIR`) or point the slide \
+                         encoder at its own folder",
+                    )
+                })?;
+            return Ok(Self {
+                config: own_config.is_file().then_some(own_config),
+                weights,
+                release,
+            });
+        }
+        let config = if own_config.is_file() {
+            Some(own_config)
+        } else {
+            config_path.is_file().then_some(config_path)
+        };
+        Ok(Self {
+            config,
+            weights: find_file(dir, &["slide_encoder.pth", "model.safetensors"])?,
+            release,
+        })
+    }
+
+    /// The config these files describe (validated).
+    pub fn config(&self) -> crate::Result<Config> {
+        match &self.config {
+            Some(path) => Config::from_file(path),
+            None => Ok(Config::default()),
+        }
     }
 }
 
@@ -473,15 +544,12 @@ impl SlideEncoder {
         })
     }
 
-    /// Loads `slide_encoder.pth` (or `model.safetensors`) and the optional `config.json` in `dir`.
+    /// Loads the slide encoder of a model folder (see [`ModelFiles::find`]): its own folder, or
+    /// the Hugging Face release folder shared with the tile encoder.
     pub fn load(dir: &Path, precision: &Precision) -> crate::Result<Self> {
-        let config_path = dir.join("config.json");
-        let cfg = if config_path.is_file() {
-            Config::from_file(&config_path)?
-        } else {
-            Config::default()
-        };
-        let weights = find_file(dir, &["slide_encoder.pth", "model.safetensors"])?;
+        let files = ModelFiles::find(dir)?;
+        let cfg = files.config()?;
+        let weights = files.weights;
         let vb = var_builder(&weights, Some("model"), precision.dtype, &precision.device)?;
         Self::new(&cfg, vb).map_err(|cause| crate::Error::Weights {
             path: weights,

@@ -40,9 +40,16 @@ pub struct Config {
 }
 
 /// timm `model_args`: the overrides applied to the named architecture.
+///
+/// What timm writes is accepted: `img_size` as an int or `[h, w]` (square only: the tile
+/// encoder takes square tiles), and the other `VisionTransformer` arguments timm re-exports
+/// (`save_for_hf` / `push_to_hf_hub`) carry, in [`ModelArgs::extra`]. Of those, training-only
+/// ones (dropout, init) are ignored and the others must keep the value this implementation
+/// computes (see [`ModelArgs::check_extra`]); an unknown key is refused by name.
 #[derive(Debug, Clone, Deserialize)]
 pub struct ModelArgs {
-    /// Input side in pixels (224 for Prov-GigaPath).
+    /// Input side in pixels (224 for Prov-GigaPath); `[h, w]` in the file must be square.
+    #[serde(deserialize_with = "image_side")]
     pub img_size: usize,
     /// Input channels.
     #[serde(default = "three")]
@@ -72,6 +79,90 @@ pub struct ModelArgs {
     /// Whether qkv has a bias (timm default true).
     #[serde(default = "yes")]
     pub qkv_bias: bool,
+    /// Every other key, checked by [`ModelArgs::check_extra`].
+    #[serde(flatten)]
+    pub extra: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+/// `img_size` as timm writes it: `224` or `[224, 224]`.
+fn image_side<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<usize, D::Error> {
+    use serde::de::Error as _;
+    let v = serde_json::Value::deserialize(d)?;
+    let side = |v: &serde_json::Value| v.as_u64().filter(|&n| n > 0).map(|n| n as usize);
+    let parsed = match &v {
+        serde_json::Value::Number(_) => side(&v),
+        serde_json::Value::Array(hw) if hw.len() == 2 => match (side(&hw[0]), side(&hw[1])) {
+            (Some(h), Some(w)) if h == w => Some(h),
+            (Some(h), Some(w)) => {
+                return Err(D::Error::custom(format!(
+                    "img_size [{h}, {w}] is not square; the tile encoder takes square tiles"
+                )))
+            }
+            _ => None,
+        },
+        _ => None,
+    };
+    parsed.ok_or_else(|| {
+        D::Error::custom(format!(
+            "img_size {v} is not a positive integer or a [height, width] pair"
+        ))
+    })
+}
+
+/// `model_args` keys that only matter for training or initialisation: any value is accepted.
+const TRAINING_ONLY_ARGS: &[&str] = &[
+    "drop_rate",
+    "pos_drop_rate",
+    "patch_drop_rate",
+    "proj_drop_rate",
+    "attn_drop_rate",
+    "drop_path_rate",
+    "weight_init",
+    "fix_init",
+    // Interpolating positions for other input sizes: inputs here are always `img_size`.
+    "dynamic_img_size",
+    "dynamic_img_pad",
+    "pretrained_strict",
+];
+
+impl ModelArgs {
+    /// Checks the keys beyond the sizes: a key that would change the model must keep the value
+    /// this implementation computes (timm's default for the architecture), and unknown keys are
+    /// refused, each error naming the key.
+    pub fn check_extra(&self) -> std::result::Result<(), String> {
+        use serde_json::Value;
+        for (key, value) in &self.extra {
+            if TRAINING_ONLY_ARGS.contains(&key.as_str()) {
+                continue;
+            }
+            let supported: Vec<Value> = match key.as_str() {
+                "global_pool" => vec![Value::from("token")],
+                "class_token" => vec![Value::Bool(true)],
+                "pos_embed" => vec![Value::from("learn")],
+                "pre_norm" | "qk_norm" | "scale_attn_norm" | "scale_mlp_norm" | "fc_norm" => {
+                    vec![Value::Bool(false), Value::Null]
+                }
+                "final_norm" | "proj_bias" => vec![Value::Bool(true)],
+                "embed_layer" | "norm_layer" | "act_layer" | "block_fn" | "mlp_layer" => {
+                    vec![Value::Null]
+                }
+                _ => {
+                    return Err(format!(
+                        "model_args.{key} = {value} is not a timm VisionTransformer argument \
+                         gigapath knows; it may change the model, so it is refused"
+                    ))
+                }
+            };
+            if !supported.contains(value) {
+                let want: Vec<String> = supported.iter().map(|v| v.to_string()).collect();
+                return Err(format!(
+                    "model_args.{key} = {value} changes the model; gigapath implements only {}",
+                    want.join(" or ")
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 fn three() -> usize {
@@ -103,12 +194,20 @@ impl Config {
                 return Err(format!("global_pool {pool:?}: only \"token\" is supported"));
             }
         }
-        if a.reg_tokens != 0 || a.no_embed_class || !a.qkv_bias || a.num_classes != 0 {
-            return Err(
-                "reg_tokens, no_embed_class, qkv_bias = false and num_classes > 0 are not supported"
-                    .into(),
-            );
+        for (key, unsupported) in [
+            ("reg_tokens", a.reg_tokens != 0),
+            ("no_embed_class", a.no_embed_class),
+            ("qkv_bias", !a.qkv_bias),
+            ("num_classes", a.num_classes != 0),
+        ] {
+            if unsupported {
+                return Err(format!(
+                    "model_args.{key} changes the model: reg_tokens > 0, no_embed_class, \
+                     qkv_bias = false and num_classes > 0 are not supported"
+                ));
+            }
         }
+        a.check_extra()?;
         if a.patch_size == 0 || !a.img_size.is_multiple_of(a.patch_size) {
             return Err(format!(
                 "img_size {} is not a multiple of patch_size {}",
