@@ -274,6 +274,14 @@ fn the_page_searches_opens_a_slide_and_shows_its_zero_shot_panel() {
         );
     }
     assert_eq!(v["index_status"], 200);
+    // ... and all that under the page's Content-Security-Policy (violations are console errors).
+    assert!(
+        v["index_csp"].as_str().is_some_and(
+            |c| c.contains("default-src 'self'") && c.contains("frame-ancestors 'none'")
+        ),
+        "GET / without its Content-Security-Policy\n{}",
+        ctx()
+    );
 
     // Report search: every result card shows its report text.
     let reports = v["reports"]["cards"].as_array().unwrap();

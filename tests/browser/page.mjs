@@ -71,6 +71,11 @@ await context.route("**/*", (route) => {
   return route.abort("blockedbyclient");
 });
 const page = await context.newPage();
+// A Content-Security-Policy violation is a console error too (the page must run under its policy).
+await page.addInitScript(() => {
+  document.addEventListener("securitypolicyviolation", (e) =>
+    console.error(`CSP violation: ${e.violatedDirective} blocked ${e.blockedURI || "inline"}`));
+});
 page.setDefaultTimeout(STEP_MS);
 page.on("console", (m) => {
   if (m.type() === "error") out.console_errors.push(m.text());
@@ -134,6 +139,7 @@ try {
   step("open /");
   const res = await page.goto(base, { waitUntil: "load" });
   out.index_status = res.status();
+  out.index_csp = res.headers()["content-security-policy"] ?? null;
   out.title = await page.title();
 
   step("report search");

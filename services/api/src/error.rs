@@ -30,16 +30,25 @@ pub enum ApiError {
     /// what the request needs (e.g. an alignment checkpoint) (409).
     #[error("{0}")]
     Conflict(String),
+    /// The request body did not arrive within `serve.read_timeout_seconds` (408).
+    #[error("{0}")]
+    RequestTimeout(String),
     /// The body is over the configured limit (413).
     #[error("{0}")]
     PayloadTooLarge(String),
     /// The work did not finish within the request timeout (503).
     #[error("{0}")]
     Unavailable(String),
+    /// More requests in flight than `serve.max_in_flight` (503, with `Retry-After`).
+    #[error("{0}")]
+    Overloaded(String),
     /// A fault of ours (500): logged with details, answered without them.
     #[error("internal error")]
     Internal(String),
 }
+
+/// What an overloaded service asks clients to wait before retrying (`Retry-After`, seconds).
+pub const RETRY_AFTER_SECONDS: u64 = 1;
 
 /// The error body.
 #[derive(Serialize, ToSchema)]
@@ -64,8 +73,10 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::Conflict(_) => "conflict",
+            ApiError::RequestTimeout(_) => "request_timeout",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::Overloaded(_) => "overloaded",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -80,8 +91,9 @@ impl ResponseError for ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -91,8 +103,18 @@ impl ResponseError for ApiError {
             tracing::error!("internal error: {detail}");
         }
         let mut response = HttpResponse::build(self.status_code());
-        if let ApiError::MethodNotAllowed { allow, .. } = self {
-            response.insert_header((actix_web::http::header::ALLOW, allow.as_str()));
+        match self {
+            ApiError::MethodNotAllowed { allow, .. } => {
+                response.insert_header((actix_web::http::header::ALLOW, allow.as_str()));
+            }
+            ApiError::Overloaded(_) => {
+                response.insert_header((actix_web::http::header::RETRY_AFTER, RETRY_AFTER_SECONDS));
+            }
+            // The client was too slow to send its body: the connection is not reused.
+            ApiError::RequestTimeout(_) => {
+                response.force_close();
+            }
+            _ => {}
         }
         response.json(ErrorBody {
             error: ErrorDetail {

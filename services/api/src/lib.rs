@@ -12,6 +12,7 @@
 
 pub mod auth;
 pub mod error;
+pub mod limits;
 pub mod metrics;
 pub mod openapi;
 pub mod routes;
@@ -64,12 +65,30 @@ impl utoipa::Modify for SecurityAddon {
 }
 
 /// The web page: search, results with thumbnails, a slide view with its tissue overlay,
-/// zero-shot probabilities and a prompt heatmap. Self-contained (no external scripts or fonts).
+/// zero-shot probabilities and a prompt heatmap. Self-contained (no external scripts or fonts);
+/// its script and style are files of their own ([`app_js`], [`app_css`]), so that the
+/// Content-Security-Policy needs no inline allowance ([`limits::CONTENT_SECURITY_POLICY`]).
 #[get("/")]
 pub async fn index() -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/html; charset=utf-8")
         .body(include_str!("../static/index.html"))
+}
+
+/// The page's script.
+#[get("/app.js")]
+pub async fn app_js() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/javascript; charset=utf-8")
+        .body(include_str!("../static/app.js"))
+}
+
+/// The page's style sheet.
+#[get("/app.css")]
+pub async fn app_css() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/css; charset=utf-8")
+        .body(include_str!("../static/app.css"))
 }
 
 /// This document, with this server's limits (see [`openapi`]).
@@ -110,6 +129,8 @@ pub fn configure(state: web::Data<AppState>) -> impl FnOnce(&mut web::ServiceCon
             .service(routes::zeroshot::subtype)
             .service(routes::zeroshot::mutation)
             .service(index)
+            .service(app_js)
+            .service(app_css)
             .default_service(web::to(not_found));
     }
 }
@@ -241,23 +262,34 @@ impl Service {
         let (tx, rx) = std::sync::mpsc::channel();
         let server_state = state.clone();
         let bind = config.serve.bind.clone();
-        let timeout = Duration::from_secs(config.serve.request_timeout_seconds);
+        let serve = config.serve.clone();
+        let read_timeout = Duration::from_secs(serve.read_timeout_seconds);
+        let in_flight = web::Data::from(limits::InFlight::new(serve.max_in_flight));
+        let workers = std::thread::available_parallelism()
+            .map_or(2, |n| n.get())
+            .max(2);
+        // actix counts connections per worker; serve.max_connections is for them all.
+        let per_worker = serve.max_connections.div_ceil(workers).max(1);
         let server = std::thread::Builder::new()
             .name("http".into())
             .spawn(move || {
                 actix_web::rt::System::new().block_on(async move {
+                    // Outermost first: security headers on every answer (also 503s), then
+                    // metrics (they count refusals), then the in-flight cap.
                     let server = HttpServer::new(move || {
                         App::new()
+                            .app_data(in_flight.clone())
+                            .wrap(from_fn(limits::admit))
                             .wrap(from_fn(observe))
+                            .wrap(limits::security_headers())
                             .configure(configure(server_state.clone()))
                     })
-                    .client_request_timeout(timeout)
+                    .client_request_timeout(read_timeout)
+                    .client_disconnect_timeout(Duration::from_secs(1))
+                    .max_connections(per_worker)
+                    .backlog(u32::try_from(serve.backlog).unwrap_or(u32::MAX))
                     .shutdown_timeout(5)
-                    .workers(
-                        std::thread::available_parallelism()
-                            .map_or(2, |n| n.get())
-                            .max(2),
-                    )
+                    .workers(workers)
                     .bind(&bind);
                     let server = match server {
                         Ok(s) => s,

@@ -3,11 +3,12 @@
 //! document calls valid is one this server accepts, and every status it answers is listed:
 //!
 //! - the error statuses of every operation (400 for bodies and path parameters, 401 where a key
-//!   may be required, 403 on admin operations, 413 for bodies, 503 where the store or the models
-//!   are called under the request timeout), all with the `ErrorBody` schema;
+//!   may be required, 403 on admin operations, 408 and 413 for bodies, 503 with `Retry-After`
+//!   when overloaded (every operation but the probes) or where the store or the models are
+//!   called under the request timeout), all with the `ErrorBody` schema;
 //! - the limits of this server's `[serve]` configuration (`k`, text lengths, list sizes) and the
-//!   rules the handlers check (non-blank texts, one of two alternative fields, slide id syntax,
-//!   label names, inline prompt sizes).
+//!   rules the handlers check (non-blank texts, one of two alternative fields, slide and report
+//!   ids by [`crate::routes::ids`], label names, inline prompt sizes).
 //!
 //! Also the method table behind 405 answers ([`allowed_methods`]).
 
@@ -26,12 +27,11 @@ pub const MAX_INLINE_TEMPLATES: usize = 24;
 /// Most genes in one mutation request.
 pub const MAX_GENES: usize = 64;
 /// Longest slide or report id (characters).
-pub const MAX_ID_CHARS: usize = 512;
+pub use crate::routes::ids::MAX_ID_CHARS;
+use crate::routes::ids::{schema as id_schema, IdKind};
 /// Longest path in an ingest request (bytes on Linux; characters here).
 pub const MAX_PATH_CHARS: usize = 4096;
 
-/// Slide ids become folder names: no `/`, `\` or NUL, not `.` or `..` (see `routes::slides::check_id`).
-const ID_PATTERN: &str = r"^(?!\.\.?$)[^/\\\x00]+$";
 /// Label names in filters (see `routes::Filter`).
 const LABEL_PATTERN: &str = "^[A-Za-z0-9_-]+$";
 /// At least one character that is not Unicode White_Space (what `str::trim` removes; `\S` would
@@ -75,6 +75,7 @@ fn error_responses(doc: &mut Value) {
             let api = path.starts_with("/v1/") && path != "/v1/openapi.json";
             let calls_store =
                 (api && path != "/v1/prompt-sets") || path == "/metrics" || path == "/readyz";
+            let capped = !crate::limits::EXEMPT.contains(&path.as_str());
             let Some(responses) = op.get_mut("responses").and_then(Value::as_object_mut) else {
                 continue;
             };
@@ -93,24 +94,48 @@ fn error_responses(doc: &mut Value) {
                 add("403", "No API keys are configured, or the request reaches outside what the server allows");
             }
             if has_body {
+                add(
+                    "408",
+                    "The request body did not arrive within serve.read_timeout_seconds",
+                );
                 add("413", "Request body over serve.max_body_bytes");
             }
-            if calls_store {
-                add(
-                    "503",
-                    "The store or the models did not answer within the request timeout",
+            if capped {
+                let why = if calls_store {
+                    "Overloaded (serve.max_in_flight requests in flight; retry after Retry-After \
+                     seconds), or the store or the models did not answer within the request timeout"
+                } else {
+                    "Overloaded (serve.max_in_flight requests in flight; retry after Retry-After seconds)"
+                };
+                let r = responses
+                    .entry("503")
+                    .or_insert_with(|| error_response(why));
+                merge(
+                    r,
+                    json!({"headers": {"Retry-After": {
+                        "description": "Seconds to wait before retrying, when overloaded",
+                        "schema": {"type": "integer", "minimum": 1}}}}),
                 );
+            } else if calls_store {
+                responses.entry("503").or_insert_with(|| {
+                    error_response(
+                        "The store or the models did not answer within the request timeout",
+                    )
+                });
             }
         }
     }
 }
 
-/// Slide ids and picture names in paths.
+/// Slide ids and picture names in the paths of `/v1/slides/{id}...`.
 fn path_parameters(doc: &mut Value) {
     let Some(paths) = doc["paths"].as_object_mut() else {
         return;
     };
-    for item in paths.values_mut() {
+    for (path, item) in paths.iter_mut() {
+        if !path.starts_with("/v1/slides/{id}") {
+            continue;
+        }
         let Some(item) = item.as_object_mut() else {
             continue;
         };
@@ -121,7 +146,7 @@ fn path_parameters(doc: &mut Value) {
             for p in params {
                 let schema = match p["name"].as_str() {
                     Some("id") => {
-                        json!({"type": "string", "minLength": 1, "maxLength": MAX_ID_CHARS, "pattern": ID_PATTERN, "example": "SYN-0001"})
+                        merge_with(&id_schema(IdKind::Slide), json!({"example": "SYN-0001"}))
                     }
                     Some("picture") => {
                         json!({"type": "string", "enum": crate::routes::slides::PICTURES})
@@ -171,9 +196,9 @@ fn exactly_one(doc: &mut Value, component: &str, a: (&str, &str), b: (&str, &str
 
 fn request_constraints(doc: &mut Value, cfg: &ServeConfig) {
     let text = json!({"minLength": 1, "maxLength": cfg.max_text_chars, "pattern": NON_BLANK});
-    let id = json!({"minLength": 1, "maxLength": MAX_ID_CHARS});
+    let slide_id = id_schema(IdKind::Slide);
     let k = json!({"minimum": 1, "maximum": cfg.max_k});
-    let slide_ids = json!({"minItems": 1, "maxItems": cfg.max_slide_ids, "items": {"type": "string", "minLength": 1, "maxLength": MAX_ID_CHARS}, "example": ["SYN-0001", "SYN-0002"]});
+    let slide_ids = json!({"minItems": 1, "maxItems": cfg.max_slide_ids, "items": slide_id, "example": ["SYN-0001", "SYN-0002"]});
 
     constrain(
         doc,
@@ -181,7 +206,7 @@ fn request_constraints(doc: &mut Value, cfg: &ServeConfig) {
         "query",
         merge_with(&text, json!({"example": "clear cell renal cell carcinoma"})),
     );
-    constrain(doc, "SlideSearch", "report_id", id.clone());
+    constrain(doc, "SlideSearch", "report_id", id_schema(IdKind::Report));
     constrain(doc, "SlideSearch", "k", k.clone());
     exactly_one(
         doc,
@@ -196,7 +221,7 @@ fn request_constraints(doc: &mut Value, cfg: &ServeConfig) {
         "query",
         merge_with(&text, json!({"example": "papillary renal cell carcinoma"})),
     );
-    constrain(doc, "ReportSearch", "slide_id", id.clone());
+    constrain(doc, "ReportSearch", "slide_id", slide_id.clone());
     constrain(doc, "ReportSearch", "k", k);
     exactly_one(
         doc,
@@ -211,6 +236,18 @@ fn request_constraints(doc: &mut Value, cfg: &ServeConfig) {
         "labels",
         json!({"propertyNames": {"type": "string", "pattern": LABEL_PATTERN}}),
     );
+    // A slide id filter: one slide id or a list of them, by the id rule.
+    if let Some(p) = at(doc, "/components/schemas/Filter/properties/slide_id") {
+        let description = p.get("description").cloned();
+        *p = json!({"oneOf": [
+            {"type": "null"},
+            slide_id,
+            {"type": "array", "minItems": 1, "items": slide_id},
+        ]});
+        if let Some(d) = description {
+            p["description"] = d;
+        }
+    }
     if let Some(one) = at(doc, "/components/schemas/OneOrMany/oneOf/0") {
         merge(one, json!({"minLength": 1}));
     }
@@ -315,7 +352,9 @@ fn routes() -> &'static Vec<(Vec<String>, BTreeSet<String>)> {
                 (segments(path), methods)
             })
             .collect();
-        routes.push((segments("/"), BTreeSet::from(["GET".to_string()])));
+        for page in ["/", "/app.js", "/app.css"] {
+            routes.push((segments(page), BTreeSet::from(["GET".to_string()])));
+        }
         routes
     })
 }
@@ -398,6 +437,19 @@ mod tests {
         }
         assert!(doc["paths"]["/healthz"]["get"].get("parameters").is_none());
         let id = &doc["paths"]["/v1/slides/{id}"]["get"]["parameters"][0]["schema"];
-        assert_eq!(id["pattern"], ID_PATTERN);
+        assert_eq!(id["pattern"], crate::routes::ids::SLIDE_ID_PATTERN);
+        assert_eq!(id["maxLength"], MAX_ID_CHARS);
+        assert_eq!(
+            s["SlideSearch"]["properties"]["report_id"]["pattern"],
+            crate::routes::ids::REPORT_ID_PATTERN
+        );
+        let overloaded = &search["503"];
+        assert!(
+            overloaded["headers"]["Retry-After"].is_object(),
+            "{overloaded}"
+        );
+        assert!(doc["paths"]["/healthz"]["get"]["responses"]
+            .get("503")
+            .is_none());
     }
 }

@@ -278,13 +278,18 @@ fn page_and_prompt_sets(addr: SocketAddr, fx: &Fixture) {
     );
     let html = text(&page);
     assert!(html.to_lowercase().contains("<html"), "not a page");
+    // Its script is a file of its own (the Content-Security-Policy allows no inline script).
+    assert!(html.contains(r#"<script src="/app.js">"#), "{html}");
+    let script = get(addr, "/app.js");
+    assert_eq!(script.status, 200);
+    let script = text(&script);
     for endpoint in [
         "/v1/search/",
         "/v1/zero-shot/subtype",
         "/v1/prompt-sets",
         "heatmap",
     ] {
-        assert!(html.contains(endpoint), "the page does not call {endpoint}");
+        assert!(script.contains(endpoint), "the page does not call {endpoint}");
     }
 
     // Prompt sets: what the prompts folder holds, with their sizes.

@@ -49,7 +49,10 @@ pub async fn readyz(state: web::Data<AppState>) -> ApiResult<web::Json<Ready>> {
 /// Prometheus metrics (text exposition format).
 #[utoipa::path(responses((status = 200, content_type = "text/plain", body = String)))]
 #[get("/metrics")]
-pub async fn metrics(state: web::Data<AppState>) -> ApiResult<HttpResponse> {
+pub async fn metrics(
+    state: web::Data<AppState>,
+    in_flight: Option<web::Data<crate::limits::InFlight>>,
+) -> ApiResult<HttpResponse> {
     let store = state.pipeline.store.clone();
     let (slides, reports, jobs) = state
         .store(async move {
@@ -90,6 +93,11 @@ pub async fn metrics(state: web::Data<AppState>) -> ApiResult<HttpResponse> {
             "Slides this process's worker embedded.",
             m.slides_embedded_by_worker
                 .load(std::sync::atomic::Ordering::Relaxed) as f64,
+        ),
+        (
+            "gigapath_http_requests_in_flight",
+            "Requests being received or worked on (capped at serve.max_in_flight; probes not counted).",
+            in_flight.map_or(0.0, |f| f.current() as f64),
         ),
     ]);
     Ok(HttpResponse::Ok()

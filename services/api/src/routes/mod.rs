@@ -1,6 +1,7 @@
 //! One module per API resource; each handler validates, calls, and maps the result.
 
 pub mod health;
+pub mod ids;
 pub mod ingest;
 pub mod search;
 pub mod slides;
@@ -9,6 +10,7 @@ pub mod zeroshot;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::time::Duration;
 
 use actix_web::{dev::Payload, web, FromRequest, HttpRequest};
 use gigapath_pipeline::config::ServeConfig;
@@ -22,7 +24,9 @@ use crate::error::{ApiError, ApiResult};
 /// A JSON request body that must be an object, deserialized into `T`. Like `web::Json<T>` (same
 /// limits, content type and errors), but a top-level array is refused: serde would otherwise
 /// fill a struct's fields from it by position, accepting bodies the OpenAPI document calls
-/// invalid.
+/// invalid. The whole body must arrive within `serve.read_timeout_seconds` of the handler
+/// starting to read it, else 408 (a client trickling its body cannot hold a worker's request
+/// slot and buffer for longer).
 pub struct Body<T>(pub T);
 
 impl<T> Body<T> {
@@ -44,8 +48,21 @@ impl<T: DeserializeOwned + 'static> FromRequest for Body<T> {
 
     fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
         let json = web::Json::<serde_json::Value>::from_request(req, payload);
+        let deadline = req
+            .app_data::<web::Data<crate::state::AppState>>()
+            .map(|s| s.config.serve.read_timeout_seconds);
         Box::pin(async move {
-            let value = json.await?.into_inner();
+            let value = match deadline {
+                Some(secs) => actix_web::rt::time::timeout(Duration::from_secs(secs), json)
+                    .await
+                    .map_err(|_| {
+                        ApiError::RequestTimeout(format!(
+                            "the request body did not arrive within {secs} s (serve.read_timeout_seconds)"
+                        ))
+                    })??,
+                None => json.await?,
+            }
+            .into_inner();
             if !value.is_object() {
                 return Err(ApiError::BadRequest(
                     "invalid JSON body: expected a JSON object".into(),
@@ -114,6 +131,9 @@ impl Filter {
             if let Some(v) = v {
                 f = f.any_of(key, nonempty(name, v.values())?);
             }
+        }
+        if let Some(v) = &self.slide_id {
+            ids::check_all(ids::IdKind::Slide, "filter.slide_id", &v.values())?;
         }
         for (k, v) in &self.labels {
             if k.is_empty()

@@ -5,6 +5,7 @@ use gigapath_store::vector::{PayloadFilter, SearchRequest, JOINT, REPORTS, SLIDE
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use super::ids::{self, IdKind};
 use super::{check_k, check_text, default_k, Filter, FilterTarget, Hit};
 use crate::auth::ReadAccess;
 use crate::error::{ApiError, ApiResult};
@@ -122,6 +123,9 @@ pub async fn search_slides(
 ) -> ApiResult<web::Json<SearchResponse>> {
     let cfg = &state.config.serve;
     exactly_one(("query", &req.query), ("report_id", &req.report_id))?;
+    if let Some(id) = &req.report_id {
+        ids::check(IdKind::Report, "report_id", id)?;
+    }
     let k = check_k(req.k, cfg)?;
     let filter = req.filter.to_payload_filter(FilterTarget::Slides)?;
     let query = match (&req.query, &req.report_id) {
@@ -153,6 +157,9 @@ pub async fn search_reports(
 ) -> ApiResult<web::Json<SearchResponse>> {
     let cfg = &state.config.serve;
     exactly_one(("query", &req.query), ("slide_id", &req.slide_id))?;
+    if let Some(id) = &req.slide_id {
+        ids::check(IdKind::Slide, "slide_id", id)?;
+    }
     let k = check_k(req.k, cfg)?;
     let filter = req.filter.to_payload_filter(FilterTarget::Reports)?;
     let fingerprint = state.fingerprints().await?.reports;

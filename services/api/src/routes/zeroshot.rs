@@ -159,6 +159,7 @@ async fn slide_joints(
             cfg.max_slide_ids
         )));
     }
+    super::ids::check_all(super::ids::IdKind::Slide, "slide_ids", ids)?;
     let fingerprints = state.fingerprints().await?;
     let store = state.pipeline.store.clone();
     let wanted = ids.to_vec();
