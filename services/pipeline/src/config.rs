@@ -3,7 +3,7 @@
 //! Layers, later wins: built-in defaults, `DATA_DIR/gigapath.toml` (written by the first ingest
 //! so that workers and the service on that data dir use the same models), `--config FILE`,
 //! environment variables (`GIGAPATH_QDRANT_URL`, `GIGAPATH_QDRANT_API_KEY`,
-//! `GIGAPATH_CATALOG_URL`, `GIGAPATH_TILE_ENCODER`, `GIGAPATH_SLIDE_ENCODER`,
+//! `GIGAPATH_CATALOG_URL`, `GIGAPATH_WEIGHTS`, `GIGAPATH_TILE_ENCODER`, `GIGAPATH_SLIDE_ENCODER`,
 //! `GIGAPATH_TEXT_ENCODER`, `GIGAPATH_ALIGNMENT`, `GIGAPATH_DEVICE`, `GIGAPATH_DTYPE`), then
 //! flags. Tables merge key by key, so a file may set only what it changes. Relative paths are
 //! taken from the working directory.
@@ -111,6 +111,11 @@ impl std::fmt::Debug for ServeConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelsConfig {
+    /// The Prov-GigaPath release in one folder, as `gigapath models fetch prov-gigapath` or
+    /// `huggingface-cli download prov-gigapath/prov-gigapath` writes it (timm `config.json`,
+    /// `pytorch_model.bin` / `model.safetensors`, `slide_encoder.pth`): both encoders come from
+    /// it unless `tile_encoder` / `slide_encoder` name their own folders.
+    pub weights: Option<PathBuf>,
     /// Tile encoder folder: timm `config.json` + `pytorch_model.bin` or `model.safetensors`.
     pub tile_encoder: Option<PathBuf>,
     /// Slide encoder folder: `slide_encoder.pth` (+ optional `config.json`).
@@ -134,9 +139,22 @@ pub struct ModelsConfig {
     pub alignment: Option<PathBuf>,
 }
 
+impl ModelsConfig {
+    /// The tile encoder's folder: `tile_encoder`, else the release folder `weights`.
+    pub fn tile_dir(&self) -> Option<&Path> {
+        self.tile_encoder.as_deref().or(self.weights.as_deref())
+    }
+
+    /// The slide encoder's folder: `slide_encoder`, else the release folder `weights`.
+    pub fn slide_dir(&self) -> Option<&Path> {
+        self.slide_encoder.as_deref().or(self.weights.as_deref())
+    }
+}
+
 impl Default for ModelsConfig {
     fn default() -> Self {
         ModelsConfig {
+            weights: None,
             tile_encoder: None,
             slide_encoder: None,
             text_encoder: Some(default_text_encoder()),
@@ -251,6 +269,7 @@ impl Config {
     pub fn absolutize(&mut self) {
         let m = &mut self.models;
         for slot in [
+            &mut m.weights,
             &mut m.tile_encoder,
             &mut m.slide_encoder,
             &mut m.text_encoder,
@@ -274,6 +293,7 @@ impl Config {
         }
         let m = &mut self.models;
         for (name, slot) in [
+            ("GIGAPATH_WEIGHTS", &mut m.weights),
             ("GIGAPATH_TILE_ENCODER", &mut m.tile_encoder),
             ("GIGAPATH_SLIDE_ENCODER", &mut m.slide_encoder),
             ("GIGAPATH_TEXT_ENCODER", &mut m.text_encoder),

@@ -26,22 +26,25 @@ fn required<'a>(
         .ok_or(PipelineError::MissingModel { what, key, env })
 }
 
+/// The tile encoder's folder: `models.tile_encoder`, else the release folder `models.weights`.
 fn tile_dir(cfg: &ModelsConfig) -> Result<&Path> {
-    required(
-        &cfg.tile_encoder,
-        "the tile encoder",
-        "tile_encoder",
-        "GIGAPATH_TILE_ENCODER",
-    )
+    cfg.tile_dir().ok_or(PipelineError::MissingModel {
+        what: "the tile encoder",
+        key: "weights (the Prov-GigaPath release folder, see `gigapath models fetch`) or \
+              models.tile_encoder",
+        env: "GIGAPATH_WEIGHTS / GIGAPATH_TILE_ENCODER",
+    })
 }
 
+/// The slide encoder's folder: `models.slide_encoder`, else the release folder `models.weights`
+/// (the slide encoder recognises the release layout, see `gigapath_models::slide_encoder`).
 fn slide_dir(cfg: &ModelsConfig) -> Result<&Path> {
-    required(
-        &cfg.slide_encoder,
-        "the slide encoder",
-        "slide_encoder",
-        "GIGAPATH_SLIDE_ENCODER",
-    )
+    cfg.slide_dir().ok_or(PipelineError::MissingModel {
+        what: "the slide encoder",
+        key: "weights (the Prov-GigaPath release folder, see `gigapath models fetch`) or \
+              models.slide_encoder",
+        env: "GIGAPATH_WEIGHTS / GIGAPATH_SLIDE_ENCODER",
+    })
 }
 
 fn text_dir(cfg: &ModelsConfig) -> Result<&Path> {
@@ -261,5 +264,68 @@ impl TextModel {
             .encoder
             .encode(texts, self.pool, self.normalize)?
             .to_vec2::<f32>()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gigapath_models::init::{init_slide_encoder, init_tile_encoder, TINY};
+
+    /// The release layout (one folder for both encoders) from small generated encoders: the
+    /// tile encoder's timm `config.json` and weights, the slide encoder's weights as
+    /// `slide_encoder.safetensors` and its (non-official) config as `slide_config.json`.
+    fn release_folder(root: &Path) -> PathBuf {
+        let (tile, slide) = TINY;
+        init_tile_encoder(&root.join("tile"), tile, 1).unwrap();
+        init_slide_encoder(&root.join("slide"), slide, 2).unwrap();
+        let release = root.join("release");
+        std::fs::create_dir_all(&release).unwrap();
+        for (from, to) in [
+            ("tile/config.json", "config.json"),
+            ("tile/model.safetensors", "model.safetensors"),
+            ("slide/model.safetensors", "slide_encoder.safetensors"),
+            ("slide/config.json", "slide_config.json"),
+        ] {
+            std::fs::copy(root.join(from), release.join(to)).unwrap();
+        }
+        release
+    }
+
+    #[test]
+    fn one_weights_key_serves_both_encoders_and_explicit_keys_win() {
+        let root = tempfile::tempdir().unwrap();
+        let release = release_folder(root.path());
+        let cfg = ModelsConfig {
+            weights: Some(release.clone()),
+            ..ModelsConfig::default()
+        };
+        let models = SlideModels::load(&cfg).unwrap();
+        assert_eq!((models.tile_dim(), models.slide_dim()), (96, 128));
+        let features = vec![f16::from_f32(0.5); 2 * 96];
+        let emb = models.encode_slide(&features, &[[0, 0], [1, 0]]).unwrap();
+        assert_eq!(emb.len(), 128);
+
+        // An explicit slide folder wins over the release folder.
+        let cfg = ModelsConfig {
+            slide_encoder: Some(root.path().join("slide")),
+            ..cfg
+        };
+        assert_eq!(slide_dir(&cfg).unwrap(), root.path().join("slide"));
+        assert_eq!(tile_dir(&cfg).unwrap(), release);
+        let fps = slide_fingerprints(&cfg).unwrap();
+        assert_eq!(
+            fps["slide"],
+            model_fingerprint(&root.path().join("slide")).unwrap()
+        );
+
+        let err = SlideModels::load(&ModelsConfig::default())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("models.weights") && err.contains("GIGAPATH_WEIGHTS"),
+            "{err}"
+        );
     }
 }

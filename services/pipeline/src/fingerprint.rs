@@ -18,6 +18,9 @@ const MODEL_FILES: &[&str] = &[
     "model.safetensors",
     "pytorch_model.bin",
     "slide_encoder.pth",
+    // The slide encoder's files in a release folder shared with the tile encoder.
+    "slide_encoder.safetensors",
+    "slide_config.json",
     "tokenizer.json",
     "vocab.txt",
     "tokenizer_config.json",

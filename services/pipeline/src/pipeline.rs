@@ -157,12 +157,16 @@ fn worker_id() -> String {
 fn dims_from_models(config: &Config) -> Result<Dims> {
     let mut dims = config.store.dims;
     let m = &config.models;
-    if let Some(dir) = &m.slide_encoder {
-        let cfg = dir.join("config.json");
-        dims.slide = if cfg.is_file() {
-            json_usize(&cfg, "embed_dim")?.unwrap_or(768)
-        } else {
-            768 // the official gigapath_slide_enc12l768d
+    if let Some(dir) = m.slide_dir() {
+        // `slide_config.json` in a release folder shared with the tile encoder (whose timm
+        // `config.json` has no top-level embed_dim), else the slide folder's own config.
+        let cfg = ["slide_config.json", "config.json"]
+            .iter()
+            .map(|f| dir.join(f))
+            .find(|p| p.is_file());
+        dims.slide = match cfg {
+            Some(cfg) => json_usize(&cfg, "embed_dim")?.unwrap_or(768),
+            None => 768, // the official gigapath_slide_enc12l768d
         };
     }
     if let Some(dir) = &m.alignment {

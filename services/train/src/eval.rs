@@ -108,8 +108,8 @@ pub fn evaluate(
         })
     };
     let (tile_dir, slide_dir, text_dir) = (
-        dir(&m.tile_encoder, "tile_encoder")?,
-        dir(&m.slide_encoder, "slide_encoder")?,
+        dir(&m.tile_dir().map(PathBuf::from), "tile_encoder")?,
+        dir(&m.slide_dir().map(PathBuf::from), "slide_encoder")?,
         dir(&m.text_encoder, "text_encoder")?,
     );
     let actual = BTreeMap::from([

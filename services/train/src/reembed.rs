@@ -84,8 +84,7 @@ pub fn reembed(pipeline: &Pipeline, progress: &dyn TrainProgress) -> Result<Reem
 
     let precision = Precision::parse(&models.device, &models.dtype)?;
     let slide_dir = models
-        .slide_encoder
-        .as_ref()
+        .slide_dir()
         .ok_or_else(|| TrainError::Data("models.slide_encoder is not configured".into()))?;
     let slide_encoder = SlideEncoder::load(slide_dir, &precision)?;
     progress.phase("re-embedding slides", work.len() as u64, 0);

@@ -122,8 +122,8 @@ fn load_bases(pipeline: &Pipeline) -> Result<Bases> {
         })
     };
     let (tile_dir, slide_dir, text_dir) = (
-        need(&m.tile_encoder, "tile_encoder")?,
-        need(&m.slide_encoder, "slide_encoder")?,
+        need(&m.tile_dir().map(PathBuf::from), "tile_encoder")?,
+        need(&m.slide_dir().map(PathBuf::from), "slide_encoder")?,
         need(&m.text_encoder, "text_encoder")?,
     );
     let precision = Precision::parse(&m.device, &m.dtype)?;
