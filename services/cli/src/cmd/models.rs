@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 pub enum ModelsCommand {
     /// Write `DIR/tile` and `DIR/slide`: a small tile encoder (timm ViT) and a matching small
     /// LongNet slide encoder with seeded random weights. They run the real code paths; they are
-    /// not trained models (real Prov-GigaPath weights are gated and never downloaded here).
+    /// not trained models (the real, gated weights: `gigapath models fetch`).
     Init(InitArgs),
     /// Download a released model from the Hugging Face hub into one folder (opt-in; nothing
     /// else in gigapath downloads weights). `prov-gigapath` is the gated
