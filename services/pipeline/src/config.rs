@@ -196,6 +196,9 @@ pub struct TilingConfig {
     pub tissue_threshold: f64,
     /// Level-0 um/px for slides that record none.
     pub mpp: Option<f64>,
+    /// A slide whose tile grid (kept or not) has more tiles than this fails before any pixel
+    /// is read (a wrong mpp or a forged header, not a real slide).
+    pub max_tiles: u64,
 }
 
 impl Default for TilingConfig {
@@ -204,6 +207,7 @@ impl Default for TilingConfig {
             method: "otsu".into(),
             tissue_threshold: 0.1,
             mpp: None,
+            max_tiles: gigapath_wsi::grid::DEFAULT_MAX_TILES,
         }
     }
 }
@@ -348,6 +352,16 @@ impl Config {
         let t = self.tiling.tissue_threshold;
         if !(t.is_finite() && (0.0..1.0).contains(&t)) {
             return bad("tiling.tissue_threshold", format!("{t} is not in [0, 1)"));
+        }
+        let max_view_tiles = gigapath_wsi::grid::MAX_VIEW_PX;
+        if !(1..=max_view_tiles).contains(&self.tiling.max_tiles) {
+            return bad(
+                "tiling.max_tiles",
+                format!(
+                    "{} is not in 1..={max_view_tiles} (the tissue view's pixel cap)",
+                    self.tiling.max_tiles
+                ),
+            );
         }
         if let Some(mpp) = self.tiling.mpp {
             gigapath_wsi::mpp::validate(mpp)
@@ -562,6 +576,7 @@ mod tests {
                 "tiling.tissue_threshold",
             ),
             ("[ingest]\nbatch_size = 0\n", "ingest.batch_size"),
+            ("[tiling]\nmax_tiles = 0\n", "tiling.max_tiles"),
             ("[models]\ndevice = \"tpu\"\n", "models.device"),
             ("[ingest]\nbogus = 1\n", "bogus"),
         ] {

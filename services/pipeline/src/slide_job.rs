@@ -95,6 +95,7 @@ impl Pipeline {
                 .parse()
                 .map_err(PipelineError::Config)?,
             tissue_threshold: self.config.tiling.tissue_threshold,
+            max_tiles: self.config.tiling.max_tiles,
         };
         let tiling = tile_slide(&slide, &opts)?;
         if tiling.tiles.is_empty() {

@@ -37,6 +37,10 @@ pub enum WsiError {
         height: u64,
         tile_px: u32,
     },
+    /// A plan that would read absurd numbers of pixels (a wrong mpp, a forged header): refused
+    /// before any pixel work, naming the limit.
+    #[error("{}: refusing to tile: {reason}", path.display())]
+    AbsurdPlan { path: PathBuf, reason: String },
     #[error("{}: {msg}", path.display())]
     Io { path: PathBuf, msg: String },
     #[error("{}: {msg}", path.display())]

@@ -34,8 +34,18 @@ pub const TARGET_MPP: f64 = 0.5;
 pub const SNAP_TOLERANCE: f64 = 0.2;
 /// Reference tissue threshold: keep tiles whose tissue fraction is above it.
 pub const DEFAULT_TISSUE_THRESHOLD: f64 = 0.1;
-/// The segmentation view holds at most this many pixels (about 120 MB of RGB).
-const MAX_MASK_PX: u64 = 40_000_000;
+/// The segmentation view holds at most this many pixels (about 120 MB of RGB); a slide whose
+/// view would need more at one view pixel per tile is refused.
+pub const MAX_VIEW_PX: u64 = 40_000_000;
+/// Default most tiles in a slide's grid (kept or not): 2 M tiles of 256 px at 0.5 um/px cover
+/// 26 cm^2, ten times the largest glass slide. Configurable ([`TilingOptions::max_tiles`]).
+pub const DEFAULT_MAX_TILES: u64 = 2_000_000;
+/// Least level-0 tile side: a tile of fewer level-0 pixels is upsampled more than 16x, which
+/// means a level-0 resolution coarser than 8 um/px: not a microscope slide (or a wrong mpp).
+pub const MIN_LEVEL0_TILE_PX: u32 = 16;
+/// Largest tile side read from the slide (at the read level): a tile is read whole, so this
+/// bounds each reader's buffer (2048^2 px, about 29 MB with OpenSlide's ARGB).
+pub const MAX_READ_PX: u32 = 2048;
 
 /// How the tile grid of one slide is cut and read.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -71,13 +81,35 @@ pub fn snap_mpp(mpp: f64) -> Option<f64> {
     ((mpp - nominal).abs() / nominal < SNAP_TOLERANCE).then_some(nominal)
 }
 
-/// Plans the tile grid of `slide` (needs its mpp).
+/// Plans the tile grid of `slide` (needs its mpp), with at most [`DEFAULT_MAX_TILES`] tiles.
 pub fn plan(slide: &Slide) -> Result<TilePlan> {
+    plan_with_limit(slide, DEFAULT_MAX_TILES)
+}
+
+/// Plans the tile grid of `slide`, refusing (before any pixel is read) a plan whose level-0
+/// tile side is under [`MIN_LEVEL0_TILE_PX`], whose grid has more than `max_tiles` tiles, or
+/// whose tiles would be read more than [`MAX_READ_PX`] px a side.
+pub fn plan_with_limit(slide: &Slide, max_tiles: u64) -> Result<TilePlan> {
     let mpp = slide.mpp()?;
     let true_mpp = mpp.mean();
     let snapped = snap_mpp(true_mpp);
     let nominal_mpp = snapped.unwrap_or(true_mpp);
-    let level0_tile_px = (TILE_PX as f64 * TARGET_MPP / nominal_mpp).round().max(1.0) as u32;
+    let absurd = |reason: String| WsiError::AbsurdPlan {
+        path: slide.path().to_path_buf(),
+        reason,
+    };
+    let level0_tile_f = (TILE_PX as f64 * TARGET_MPP / nominal_mpp).round();
+    if level0_tile_f < MIN_LEVEL0_TILE_PX as f64 {
+        return Err(absurd(format!(
+            "at {true_mpp} um/px ({}) a {TILE_PX} px tile at {TARGET_MPP} um/px spans {level0_tile_f} \
+             level-0 px, under the minimum of {MIN_LEVEL0_TILE_PX} (level-0 resolution must be at most \
+             {} um/px); check the slide's mpp or --mpp",
+            mpp.source,
+            TILE_PX as f64 * TARGET_MPP / MIN_LEVEL0_TILE_PX as f64
+        )));
+    }
+    // At most 2^31: a tile side beyond any slide fails the grid checks below.
+    let level0_tile_px = level0_tile_f.min(i32::MAX as f64) as u32;
     let (w0, h0) = slide.level0_size();
     let (grid_width, grid_height) = (w0 / level0_tile_px as u64, h0 / level0_tile_px as u64);
     if grid_width == 0 || grid_height == 0 {
@@ -87,6 +119,13 @@ pub fn plan(slide: &Slide) -> Result<TilePlan> {
             height: h0,
             tile_px: level0_tile_px,
         });
+    }
+    let tiles = grid_width.saturating_mul(grid_height);
+    if tiles > max_tiles {
+        return Err(absurd(format!(
+            "{w0} x {h0} px at {level0_tile_px} level-0 px per tile is a grid of {grid_width} x \
+             {grid_height} = {tiles} tiles, over the maximum of {max_tiles} (tiling.max_tiles)"
+        )));
     }
     let per_tile = |d: f64| level0_tile_px as f64 / d;
     let (read_level, level) = slide
@@ -100,8 +139,17 @@ pub fn plan(slide: &Slide) -> Result<TilePlan> {
     let read_px = if exact {
         TILE_PX
     } else {
-        per_tile(level.downsample).round().max(1.0) as u32
+        per_tile(level.downsample)
+            .round()
+            .clamp(1.0, u32::MAX as f64) as u32
     };
+    if read_px > MAX_READ_PX {
+        return Err(absurd(format!(
+            "a tile spans {read_px} px at level {read_level} (downsample {}), the closest level to \
+             {TARGET_MPP} um/px; over the maximum of {MAX_READ_PX} px read per tile side",
+            level.downsample
+        )));
+    }
     if level0_tile_px < TILE_PX {
         tracing::warn!(
             "{}: level 0 is coarser than {TARGET_MPP} um/px ({true_mpp} um/px); tiles are upsampled",
@@ -145,6 +193,8 @@ pub struct TilingOptions {
     pub method: TissueMethod,
     /// Keep a tile when its tissue fraction is above this, in [0, 1).
     pub tissue_threshold: f64,
+    /// A slide whose grid has more tiles than this is refused before any pixel is read.
+    pub max_tiles: u64,
 }
 
 impl Default for TilingOptions {
@@ -152,6 +202,7 @@ impl Default for TilingOptions {
         TilingOptions {
             method: TissueMethod::Otsu,
             tissue_threshold: DEFAULT_TISSUE_THRESHOLD,
+            max_tiles: DEFAULT_MAX_TILES,
         }
     }
 }
@@ -180,15 +231,17 @@ pub fn tile_slide(slide: &Slide, opts: &TilingOptions) -> Result<Tiling> {
             why: "must be in [0, 1)",
         });
     }
-    let plan = plan(slide)?;
-    // As many view pixels per tile as memory allows, from 32 (4 um at 20x) down to 4.
-    let area = plan.level0_width as f64 * plan.level0_height as f64;
-    let mask_px_per_tile = [32u32, 16, 8, 4]
-        .into_iter()
-        .find(|m| area / (plan.level0_tile_px as f64 / *m as f64).powi(2) <= MAX_MASK_PX as f64)
-        .unwrap_or(4);
+    let plan = plan_with_limit(slide, opts.max_tiles)?;
+    let mask_px_per_tile = view_px_per_tile(&plan).ok_or_else(|| WsiError::AbsurdPlan {
+        path: slide.path().to_path_buf(),
+        reason: format!(
+            "the tissue view would exceed {MAX_VIEW_PX} px even at one view pixel per tile \
+             ({} x {} tiles)",
+            plan.grid_width, plan.grid_height
+        ),
+    })?;
     let view_downsample = plan.level0_tile_px as f64 / mask_px_per_tile as f64;
-    let view = thumbnail::read_downsampled(slide, view_downsample)?;
+    let view = thumbnail::read_downsampled(slide, view_downsample, MAX_VIEW_PX)?;
     let params = SegmentParams::for_mask_scale(opts.method, mask_px_per_tile);
     let mask = tissue::segment(&view, &params);
     let tiles = keep_tiles(&plan, &mask, mask_px_per_tile, opts.tissue_threshold);
@@ -208,6 +261,20 @@ pub fn tile_slide(slide: &Slide, opts: &TilingOptions) -> Result<Tiling> {
         view_downsample,
         tiles,
     })
+}
+
+/// View pixels per tile side: as many as [`MAX_VIEW_PX`] allows, from 32 (4 um at 20x) down to
+/// 1, never more than the level-0 pixels of a tile (the view is never finer than level 0);
+/// `None` when even one per tile is over the cap.
+pub fn view_px_per_tile(plan: &TilePlan) -> Option<u32> {
+    let view_px = |m: u32| {
+        let ds = plan.level0_tile_px as f64 / m as f64;
+        (plan.level0_width as f64 / ds).ceil() * (plan.level0_height as f64 / ds).ceil()
+    };
+    [32u32, 16, 8, 4, 2, 1]
+        .into_iter()
+        .filter(|&m| m <= plan.level0_tile_px)
+        .find(|&m| view_px(m) <= MAX_VIEW_PX as f64)
 }
 
 /// Tiles whose share of tissue mask pixels is above `threshold`, row-major.

@@ -4,10 +4,10 @@
 //! Segmentation runs on this view; its pixel grid is chosen so that every tile covers a whole
 //! number of its pixels (see [`crate::grid`]).
 
-use crate::error::Result;
+use crate::error::{Result, WsiError};
 use crate::slide::Slide;
 
-/// Level-0 pixels of a strip read in one OpenSlide call (about 64 MB of ARGB).
+/// Source pixels of a block read in one OpenSlide call (about 64 MB of ARGB).
 const STRIP_PX: u64 = 16 << 20;
 
 /// Packed RGB image.
@@ -27,11 +27,30 @@ impl RgbImage {
 
 /// Reads the slide at level-0 `downsample` (>= 1): output pixel (i, j) is the mean of the
 /// source pixels whose level-0 footprint falls in [i*ds, (i+1)*ds) x [j*ds, (j+1)*ds).
-/// The size is `ceil(W0 / ds) x ceil(H0 / ds)`.
-pub fn read_downsampled(slide: &Slide, downsample: f64) -> Result<RgbImage> {
+/// The size is `ceil(W0 / ds) x ceil(H0 / ds)`, refused above `max_px` pixels before anything
+/// is allocated; source pixels are read in blocks of at most about [`STRIP_PX`] whatever the
+/// slide's width.
+pub fn read_downsampled(slide: &Slide, downsample: f64, max_px: u64) -> Result<RgbImage> {
     let (w0, h0) = slide.level0_size();
-    let out_w = (w0 as f64 / downsample).ceil() as u32;
-    let out_h = (h0 as f64 / downsample).ceil() as u32;
+    let too_big = |what: String| WsiError::AbsurdPlan {
+        path: slide.path().to_path_buf(),
+        reason: what,
+    };
+    if !(downsample.is_finite() && downsample >= 1.0) {
+        return Err(too_big(format!(
+            "a view at downsample {downsample} would be finer than level 0"
+        )));
+    }
+    let (out_w, out_h) = (
+        (w0 as f64 / downsample).ceil(),
+        (h0 as f64 / downsample).ceil(),
+    );
+    if out_w * out_h > max_px as f64 {
+        return Err(too_big(format!(
+            "a {out_w} x {out_h} px view at downsample {downsample} is over the {max_px} px cap"
+        )));
+    }
+    let (out_w, out_h) = (out_w as u32, out_h as u32);
     // The coarsest level no coarser than the target (1% slack for OpenSlide's 4.0003-style
     // downsamples), so that every output pixel averages at least one real pixel.
     let (level, lvl) = slide
@@ -44,39 +63,49 @@ pub fn read_downsampled(slide: &Slide, downsample: f64) -> Result<RgbImage> {
     // Source pixels of `level` per output pixel.
     let f = downsample / lvl.downsample;
     let mut pixels = vec![0u8; out_w as usize * out_h as usize * 3];
-    let rows_per_strip = ((STRIP_PX as f64 / (lvl.width as f64 * f)).floor() as u32).max(1);
+    // Blocks of output pixels whose source block holds at most about STRIP_PX pixels: bands of
+    // about 4096 source rows, cut into columns.
+    let rows_per_band = ((4096.0 / f).floor() as u32).clamp(1, out_h);
+    let band_src_rows = (rows_per_band as f64 * f).ceil() + 1.0;
+    let cols_per_block = ((STRIP_PX as f64 / (band_src_rows * f)).floor() as u32).clamp(1, out_w);
     let mut row = 0u32;
     while row < out_h {
-        let rows = rows_per_strip.min(out_h - row);
+        let rows = rows_per_band.min(out_h - row);
         let src_y0 = (row as f64 * f).floor() as u64;
         let src_y1 = (((row + rows) as f64 * f).ceil() as u64)
             .min(lvl.height)
             .max(src_y0 + 1);
-        let src_h = (src_y1 - src_y0) as u32;
-        let src_w = lvl.width as u32;
-        let y0_level0 = (src_y0 as f64 * lvl.downsample).round() as u64;
-        let strip = slide.read_rgb(level, 0, y0_level0, src_w, src_h)?;
-        for j in row..row + rows {
-            let (sy0, sy1) = source_span(j, f, src_y0, src_y1);
-            for i in 0..out_w {
-                let (sx0, sx1) = source_span(i, f, 0, lvl.width);
-                let mut acc = [0u64; 3];
-                let mut n = 0u64;
-                for sy in sy0..sy1 {
-                    let base = ((sy - src_y0) as usize * src_w as usize) * 3;
-                    for sx in sx0..sx1 {
-                        let k = base + sx as usize * 3;
-                        acc[0] += strip[k] as u64;
-                        acc[1] += strip[k + 1] as u64;
-                        acc[2] += strip[k + 2] as u64;
-                        n += 1;
-                    }
-                }
-                let o = (j as usize * out_w as usize + i as usize) * 3;
-                for c in 0..3 {
-                    pixels[o + c] = ((acc[c] + n / 2) / n) as u8;
+        let mut col = 0u32;
+        while col < out_w {
+            let cols = cols_per_block.min(out_w - col);
+            let src_x0 = ((col as f64 * f).floor() as u64).min(lvl.width.saturating_sub(1));
+            let src_x1 = (((col + cols) as f64 * f).ceil() as u64)
+                .min(lvl.width)
+                .max(src_x0 + 1);
+            let block = Block {
+                x0: src_x0,
+                x1: src_x1,
+                y0: src_y0,
+                y1: src_y1,
+            };
+            let to_level0 = |v: u64| (v as f64 * lvl.downsample).round() as u64;
+            let src = slide.read_rgb(
+                level,
+                to_level0(src_x0),
+                to_level0(src_y0),
+                block.width() as u32,
+                block.height() as u32,
+            )?;
+            for j in row..row + rows {
+                let (sy0, sy1) = source_span(j, f, src_y0, src_y1);
+                for i in col..col + cols {
+                    let (sx0, sx1) = source_span(i, f, src_x0, src_x1);
+                    let mean = block.mean(&src, (sx0, sx1), (sy0, sy1));
+                    let o = (j as usize * out_w as usize + i as usize) * 3;
+                    pixels[o..o + 3].copy_from_slice(&mean);
                 }
             }
+            col += cols;
         }
         row += rows;
     }
@@ -85,6 +114,41 @@ pub fn read_downsampled(slide: &Slide, downsample: f64) -> Result<RgbImage> {
         height: out_h,
         pixels,
     })
+}
+
+/// A rectangle of source pixels [x0, x1) x [y0, y1) of one level, read as packed RGB.
+struct Block {
+    x0: u64,
+    x1: u64,
+    y0: u64,
+    y1: u64,
+}
+
+impl Block {
+    fn width(&self) -> u64 {
+        self.x1 - self.x0
+    }
+
+    fn height(&self) -> u64 {
+        self.y1 - self.y0
+    }
+
+    /// Rounded mean RGB of the source pixels [sx0, sx1) x [sy0, sy1) (level coordinates).
+    fn mean(&self, rgb: &[u8], (sx0, sx1): (u64, u64), (sy0, sy1): (u64, u64)) -> [u8; 3] {
+        let mut acc = [0u64; 3];
+        let mut n = 0u64;
+        for sy in sy0..sy1 {
+            let base = (sy - self.y0) as usize * self.width() as usize * 3;
+            for sx in sx0..sx1 {
+                let k = base + (sx - self.x0) as usize * 3;
+                acc[0] += rgb[k] as u64;
+                acc[1] += rgb[k + 1] as u64;
+                acc[2] += rgb[k + 2] as u64;
+                n += 1;
+            }
+        }
+        acc.map(|c| ((c + n / 2) / n.max(1)) as u8)
+    }
 }
 
 /// Source pixels [a, b) averaged into output pixel `i` at `f` source pixels per output pixel,

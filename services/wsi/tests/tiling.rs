@@ -56,6 +56,7 @@ fn check_tiling(path: &Path, expect_l: u32, expect_read_level: usize, expect_res
         let opts = TilingOptions {
             method,
             tissue_threshold: 0.1,
+            ..TilingOptions::default()
         };
         let tiling = tile_slide(&slide, &opts).unwrap();
         let plan = &tiling.plan;
@@ -317,6 +318,7 @@ fn glass_only_slide_keeps_no_tiles() {
             &TilingOptions {
                 method,
                 tissue_threshold: 0.1,
+                ..TilingOptions::default()
             },
         )
         .unwrap();
@@ -362,4 +364,145 @@ fn corrupt_tile_data_is_an_error_naming_the_slide_not_a_panic() {
     );
     // The stream stops at the first error.
     assert!(results.last().unwrap().is_err());
+}
+
+/// Writes a tiled TIFF whose header declares `side` x `side` px in `tile` px tiles, every tile
+/// pointing at the same 64 bytes: a few hundred KB on disk however large the declared image.
+fn write_declared_tiff(path: &Path, side: u32, tile: u32) {
+    use tiff::encoder::{TiffEncoder, TiffKindStandard};
+    use tiff::tags::Tag;
+    let file = std::fs::File::create(path).unwrap();
+    let mut tiff =
+        TiffEncoder::<_, TiffKindStandard>::new_generic(std::io::BufWriter::new(file)).unwrap();
+    let mut dir = tiff.image_directory().unwrap();
+    let blob = dir.write_data(&[200u8; 64][..]).unwrap();
+    let n = (side.div_ceil(tile) as usize).pow(2);
+    dir.write_tag(Tag::ImageWidth, side).unwrap();
+    dir.write_tag(Tag::ImageLength, side).unwrap();
+    dir.write_tag(Tag::BitsPerSample, &[8u16, 8, 8][..])
+        .unwrap();
+    dir.write_tag(Tag::Compression, 1u16).unwrap();
+    dir.write_tag(Tag::PhotometricInterpretation, 2u16).unwrap();
+    dir.write_tag(Tag::SamplesPerPixel, 3u16).unwrap();
+    dir.write_tag(Tag::PlanarConfiguration, 1u16).unwrap();
+    dir.write_tag(Tag::TileWidth, tile).unwrap();
+    dir.write_tag(Tag::TileLength, tile).unwrap();
+    dir.write_tag(Tag::TileOffsets, &vec![blob as u32; n][..])
+        .unwrap();
+    dir.write_tag(Tag::TileByteCounts, &vec![64u32; n][..])
+        .unwrap();
+    dir.finish().unwrap();
+}
+
+/// A 300 KB TIFF that declares 10^7 x 10^7 px (tiling it once asked for 73 GB): refused from
+/// its header, by the tile limit and, with that limit lifted, by the view cap, in well under a
+/// second and without reading a pixel.
+#[test]
+fn forged_huge_tiff_is_refused_before_any_allocation() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("huge.tiff");
+    write_declared_tiff(&path, 10_000_000, 65_536);
+    assert!(std::fs::metadata(&path).unwrap().len() < 1 << 20);
+    let slide = Slide::open(&path, Some(0.5)).unwrap();
+    assert_eq!(slide.level0_size(), (10_000_000, 10_000_000));
+
+    let started = std::time::Instant::now();
+    let err = tile_slide(&slide, &TilingOptions::default())
+        .err()
+        .expect("a 1.5 G-tile grid was accepted");
+    let msg = err.to_string();
+    assert!(matches!(err, WsiError::AbsurdPlan { .. }), "{msg}");
+    assert!(
+        msg.contains("39062 x 39062") && msg.contains("maximum of 2000000 (tiling.max_tiles)"),
+        "{msg}"
+    );
+
+    let lifted = TilingOptions {
+        max_tiles: u64::MAX,
+        ..TilingOptions::default()
+    };
+    let msg = tile_slide(&slide, &lifted).err().unwrap().to_string();
+    assert!(
+        msg.contains("tissue view would exceed 40000000 px"),
+        "{msg}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "took {:?}: pixels were read",
+        started.elapsed()
+    );
+}
+
+/// The limit is the caller's: a 20x slide of 8 x 6 tiles passes at 48 and fails at 47.
+#[test]
+fn max_tiles_is_configurable() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.svs");
+    let spec = SlideSpec {
+        width: 2048,
+        height: 1536,
+        mpp: 0.5,
+        downsamples: vec![1, 4],
+        metadata: Metadata::Aperio { app_mag: 20 },
+        jpeg_quality: 90,
+    };
+    synth::write_slide(&path, &spec, &Scene::blobs(1024.0, 768.0)).unwrap();
+    let slide = Slide::open(&path, None).unwrap();
+    let opts = |max_tiles| TilingOptions {
+        max_tiles,
+        ..TilingOptions::default()
+    };
+    let tiling = tile_slide(&slide, &opts(48)).unwrap();
+    assert_eq!((tiling.plan.grid_width, tiling.plan.grid_height), (8, 6));
+    let msg = tile_slide(&slide, &opts(47)).err().unwrap().to_string();
+    assert!(
+        msg.contains("8 x 6 = 48 tiles, over the maximum of 47"),
+        "{msg}"
+    );
+}
+
+/// Coarse resolutions, from the file or the user, would cut tiles of a few level-0 pixels (an
+/// Aperio `MPP = 49.99` gave 468,616 tiles of 3 px; `--mpp 100` a 12.9 GB view): refused by the
+/// minimum tile side, naming it and the mpp's source.
+#[test]
+fn coarse_mpp_is_refused_by_the_minimum_tile_side() {
+    let dir = tempfile::tempdir().unwrap();
+    let aperio = dir.path().join("coarse.svs");
+    let spec = SlideSpec {
+        width: 2048,
+        height: 2048,
+        mpp: 49.99,
+        downsamples: vec![1, 4],
+        metadata: Metadata::Aperio { app_mag: 1 },
+        jpeg_quality: 90,
+    };
+    synth::write_slide(&aperio, &spec, &scene()).unwrap();
+    let slide = Slide::open(&aperio, None).unwrap();
+    assert_eq!(slide.mpp().unwrap().source, MppSource::Openslide);
+    let msg = tile_slide(&slide, &TilingOptions::default())
+        .err()
+        .expect("3 px tiles accepted")
+        .to_string();
+    assert!(
+        msg.contains("spans 3 level-0 px, under the minimum of 16")
+            && msg.contains("at most 8 um/px")
+            && msg.contains("openslide properties"),
+        "{msg}"
+    );
+
+    let bare = write(dir.path(), "nompp.tiff", 0.5, vec![1, 4], Metadata::None);
+    let slide = Slide::open(&bare, Some(100.0)).unwrap();
+    let msg = tile_slide(&slide, &TilingOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        msg.contains("under the minimum of 16") && msg.contains("--mpp"),
+        "{msg}"
+    );
+    // 8 um/px is the coarsest accepted: 16 px tiles, a view no finer than level 0.
+    let slide = Slide::open(&bare, Some(8.0)).unwrap();
+    let tiling = tile_slide(&slide, &TilingOptions::default()).unwrap();
+    assert_eq!(tiling.plan.level0_tile_px, 16);
+    assert!(tiling.view_downsample >= 1.0);
 }

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 use gigapath_wsi::{
-    grid::DEFAULT_TISSUE_THRESHOLD, outputs, tile_slide, Slide, TilingOptions, TissueMethod,
+    grid::{DEFAULT_MAX_TILES, DEFAULT_TISSUE_THRESHOLD},
+    outputs, tile_slide, Slide, TilingOptions, TissueMethod,
 };
 
 #[derive(Args)]
@@ -25,6 +26,9 @@ pub struct TileArgs {
     /// (CLAM-like: HSV saturation, median blur, threshold, close, area filters).
     #[arg(long, default_value = "otsu", value_parser = parse_method)]
     pub method: TissueMethod,
+    /// Refuse a slide whose grid (kept or not) has more tiles than this, before reading pixels.
+    #[arg(long, default_value_t = DEFAULT_MAX_TILES)]
+    pub max_tiles: u64,
 }
 
 fn parse_method(s: &str) -> std::result::Result<TissueMethod, String> {
@@ -40,6 +44,7 @@ pub fn run(args: TileArgs) -> Result<()> {
     let opts = TilingOptions {
         method: args.method,
         tissue_threshold: args.tissue_threshold,
+        max_tiles: args.max_tiles,
     };
     let tiling = tile_slide(&slide, &opts)?;
     let summary = outputs::write_tiling(&output, &slide, &tiling)
