@@ -24,6 +24,10 @@ pub struct StoreConfig {
     pub catalog_url: Option<String>,
     /// Vector dimensions of the collections (checked against an existing store at open).
     pub dims: Dims,
+    /// The embedded vector store refuses a write that would leave less than this many MiB
+    /// free on the data dir's file system (its engine cannot survive a full disk); 0 disables
+    /// the check.
+    pub min_free_mb: u64,
 }
 
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
@@ -82,6 +86,7 @@ impl Default for StoreConfig {
             vectors: VectorBackendConfig::Embedded,
             catalog_url: None,
             dims: Dims::default(),
+            min_free_mb: crate::disk::DEFAULT_MIN_FREE_MB,
         }
     }
 }

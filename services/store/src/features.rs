@@ -15,7 +15,8 @@
 //! numbers; `finish` fills the slot (JSON padded with spaces, as the safetensors format allows).
 //! The file is written under a temporary name in the destination folder, fsynced, hashed and then
 //! renamed, and the folder fsynced: no partial file is ever visible under the final name, and a
-//! writer dropped without `finish` (error, panic) removes its temporary file. Readers are any
+//! writer dropped without `finish` (error, panic, a full disk: reported as "disk full" with the
+//! space left) removes its temporary file. Readers are any
 //! safetensors reader; [`FeatureFile::read`] adds the checks this format needs.
 //!
 //! Not here: computing features (models / pipeline) or choosing tiles (wsi).
@@ -31,6 +32,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::catalog::FeatureFileRecord;
+use crate::disk;
 use crate::error::{Result, StoreError};
 
 pub const FORMAT: &str = "gigapath-features";
@@ -198,12 +200,12 @@ impl FeatureFileWriter {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        std::fs::create_dir_all(&dir).map_err(|e| StoreError::io("create folder", &dir, e))?;
+        std::fs::create_dir_all(&dir).map_err(|e| disk::io_error("create folder", &dir, e))?;
         let tmp = tempfile::Builder::new()
             .prefix(".features-")
             .suffix(".tmp")
             .tempfile_in(&dir)
-            .map_err(|e| StoreError::io("create temporary file in", &dir, e))?;
+            .map_err(|e| disk::io_error("create temporary file in", &dir, e))?;
         let file = tmp
             .as_file()
             .try_clone()
@@ -213,7 +215,7 @@ impl FeatureFileWriter {
         let header_slot = widest.div_ceil(8) * 8;
         let mut out = BufWriter::with_capacity(1 << 20, file);
         out.seek(SeekFrom::Start(8 + header_slot as u64))
-            .map_err(|e| StoreError::io("write", tmp.path(), e))?;
+            .map_err(|e| disk::io_error("write", tmp.path(), e))?;
         Ok(FeatureFileWriter {
             final_path,
             tmp,
@@ -308,7 +310,7 @@ impl FeatureFileWriter {
     ) -> Result<()> {
         self.out
             .write_all(bytes)
-            .map_err(|e| StoreError::io("write", self.tmp.path(), e))?;
+            .map_err(|e| disk::io_error("write", self.tmp.path(), e))?;
         self.grid.extend_from_slice(grid_xy);
         self.origins.extend_from_slice(origins_level0);
         self.rows += n as u64;
@@ -324,7 +326,7 @@ impl FeatureFileWriter {
             ));
         }
         let tmp_path = self.tmp.path().to_path_buf();
-        let io = |e| StoreError::io("write", &tmp_path, e);
+        let io = |e| disk::io_error("write", &tmp_path, e);
         let features_bytes = self.rows * self.dim as u64 * 2;
         let origins_end = features_bytes + self.rows * 16;
         let grid_end = origins_end + self.rows * 8;
@@ -357,7 +359,7 @@ impl FeatureFileWriter {
         let final_path = self.final_path.clone();
         self.tmp
             .persist(&final_path)
-            .map_err(|e| StoreError::io("rename temporary file to", &final_path, e.error))?;
+            .map_err(|e| disk::io_error("rename temporary file to", &final_path, e.error))?;
         sync_parent(&final_path)?;
         Ok(FeatureFileInfo {
             path: final_path,
@@ -408,7 +410,7 @@ fn sync_parent(path: &Path) -> Result<()> {
     if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         File::open(dir)
             .and_then(|d| d.sync_all())
-            .map_err(|e| StoreError::io("sync folder", dir, e))?;
+            .map_err(|e| disk::io_error("sync folder", dir, e))?;
     }
     Ok(())
 }
@@ -815,6 +817,38 @@ mod tests {
             // dropped: an error or a panic in the pipeline
         }
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    /// Issue 13 item 6: a feature file that does not fit fails with "disk full" and the space
+    /// left, and leaves no partial file (nor its temporary one) behind.
+    #[test]
+    fn full_disk_fails_cleanly_without_partial_files() {
+        let Some(small) = crate::disk::LoopDisk::new(16) else {
+            return;
+        };
+        let dir = small.path().join("features");
+        let path = dir.join("s.safetensors");
+        let mut w = FeatureFileWriter::create(&path, 1536, meta()).unwrap();
+        let (f, g, o) = batch(0, 256, 1536);
+        let failed = (0..100).find_map(|_| w.append(&f, &g, &o).err());
+        // The pipeline drops the writer on an error, as here.
+        let err = match failed {
+            Some(e) => {
+                drop(w);
+                e
+            }
+            None => w.finish().map(|_| ()).unwrap_err(),
+        };
+        let msg = err.to_string();
+        assert!(
+            msg.contains("disk full") && msg.contains("MB free") && msg.contains(".tmp"),
+            "{msg}"
+        );
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            0,
+            "a partial file was left"
+        );
     }
 
     #[test]

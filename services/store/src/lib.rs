@@ -14,6 +14,7 @@
 
 pub mod catalog;
 pub mod config;
+pub mod disk;
 pub mod error;
 pub mod features;
 pub mod vector;

@@ -24,12 +24,23 @@
 //!   (Several processes sharing vectors need the Qdrant server backend.)
 //! - The WAL is never truncated by 0.7.2 (no `ack`); it grows by roughly the size of the
 //!   written points. Acceptable at cohort scale; noted for the upgrade.
+//! - On a full disk `flush` panics (`segments flushed: No space left on device`), `Drop` flushes
+//!   too, and a page of a sparse memory-mapped segment file written on a full disk is a SIGBUS.
+//!   So a write first checks that the disk keeps the configured reserve free after it
+//!   ([`crate::disk::ensure_free`]; refused with a "disk full" error naming the folder, nothing
+//!   written), and as a backstop every call that flushes (`flush`, `Drop`, `load`, `new`) runs
+//!   inside `catch_unwind`, its panic becoming an error (and its message kept off stderr). A
+//!   refused or failed write was not acknowledged; everything acknowledged before it is on disk,
+//!   and the store works again (and reopens) once space is freed.
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
+use std::mem::ManuallyDrop;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, Once, RwLock};
 
 use async_trait::async_trait;
 use qdrant_edge::{
@@ -46,6 +57,7 @@ use super::{
     CollectionSpec, CollectionStats, PayloadFilter, Point, SearchHit, SearchRequest, VectorStore,
     FINGERPRINT_KEY,
 };
+use crate::disk;
 use crate::error::{Result, StoreError};
 
 /// Vectors in qdrant-edge shards on local disk. Cheap to clone (shared state).
@@ -58,6 +70,8 @@ struct Inner {
     root: PathBuf,
     collections: RwLock<HashMap<String, Arc<Shard>>>,
     optimizing: AtomicBool,
+    /// A write must leave at least this many bytes free on the store's file system.
+    min_free_bytes: u64,
     /// Held (flock) while the store is open; released when the file closes.
     _lock: File,
 }
@@ -65,14 +79,23 @@ struct Inner {
 struct Shard {
     spec: CollectionSpec,
     path: PathBuf,
-    edge: EdgeShard,
+    /// Dropped by hand, inside `catch_unwind` (its `Drop` flushes, which panics on a full disk).
+    edge: ManuallyDrop<EdgeShard>,
     write_lock: Mutex<()>,
+    min_free_bytes: u64,
 }
 
 impl EmbeddedStore {
-    /// Opens (creating if needed) the store folder and takes its process lock. Collections are
-    /// opened by [`VectorStore::ensure_collection`].
+    /// Opens (creating if needed) the store folder and takes its process lock, with the
+    /// default free-space reserve ([`disk::DEFAULT_MIN_FREE_MB`]). Collections are opened by
+    /// [`VectorStore::ensure_collection`].
     pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
+        Self::open_with_reserve(root, disk::DEFAULT_MIN_FREE_MB << 20)
+    }
+
+    /// [`EmbeddedStore::open`], refusing any write that would leave less than
+    /// `min_free_bytes` free on the store's file system (0: no check).
+    pub fn open_with_reserve(root: impl Into<PathBuf>, min_free_bytes: u64) -> Result<Self> {
         let root = root.into();
         fs::create_dir_all(&root).map_err(|e| StoreError::io("create vector dir", &root, e))?;
         let lock_path = root.join(".lock");
@@ -101,6 +124,7 @@ impl EmbeddedStore {
                 root,
                 collections: RwLock::new(HashMap::new()),
                 optimizing: AtomicBool::new(false),
+                min_free_bytes,
                 _lock: lock,
             }),
         })
@@ -157,11 +181,13 @@ impl EmbeddedStore {
 }
 
 impl Shard {
-    fn open(root: &Path, spec: &CollectionSpec) -> Result<Shard> {
+    fn open(root: &Path, spec: &CollectionSpec, min_free_bytes: u64) -> Result<Shard> {
         let path = root.join(&spec.name);
         let fresh = is_fresh_shard_dir(&path)?;
         let edge = if fresh {
-            fs::create_dir_all(&path).map_err(|e| StoreError::io("create shard dir", &path, e))?;
+            fs::create_dir_all(&path).map_err(|e| disk::io_error("create shard dir", &path, e))?;
+            // A new shard allocates a 32 MB write-ahead-log segment at once.
+            disk::ensure_free(&path, WAL_SEGMENT_BYTES, min_free_bytes)?;
             let mut config = EdgeConfig::builder().on_disk_payload(true);
             for v in &spec.vectors {
                 config = config.vector(
@@ -169,15 +195,19 @@ impl Shard {
                     EdgeVectorParams::builder(v.dim, Distance::Cosine).build(),
                 );
             }
-            EdgeShard::new(&path, config.build()).map_err(|e| edge_err(&path, e))?
+            let config = config.build();
+            guarded(&path, "create", || EdgeShard::new(&path, config))?
+                .map_err(|e| edge_err(&path, e))?
         } else {
-            EdgeShard::load(&path, None).map_err(|e| edge_err(&path, e))?
+            guarded(&path, "load", || EdgeShard::load(&path, None))?
+                .map_err(|e| edge_err(&path, e))?
         };
         let shard = Shard {
             spec: spec.clone(),
             path,
-            edge,
+            edge: ManuallyDrop::new(edge),
             write_lock: Mutex::new(()),
+            min_free_bytes,
         };
         shard.check_layout()?;
         shard.ensure_indexes()?;
@@ -235,7 +265,7 @@ impl Shard {
         if missing.is_empty() {
             return Ok(());
         }
-        self.write(|edge| {
+        self.write(1 << 20, |edge| {
             for key in &missing {
                 let field_name = json_path(key)?;
                 edge.update(UpdateOperation::FieldIndexOperation(
@@ -252,14 +282,16 @@ impl Shard {
         })
     }
 
-    /// Runs a write under the shard lock and flushes before releasing it (see module docs).
-    fn write<T>(&self, f: impl FnOnce(&EdgeShard) -> Result<T>) -> Result<T> {
+    /// Runs a write of about `bytes` under the shard lock, after checking the disk keeps its
+    /// reserve, and flushes before releasing the lock (see module docs).
+    fn write<T>(&self, bytes: u64, f: impl FnOnce(&EdgeShard) -> Result<T>) -> Result<T> {
         let _guard = self
             .write_lock
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
+        disk::ensure_free(&self.path, bytes, self.min_free_bytes)?;
         let out = f(&self.edge)?;
-        self.edge.flush();
+        guarded(&self.path, "flush", || self.edge.flush())?;
         Ok(out)
     }
 
@@ -268,6 +300,7 @@ impl Shard {
         if points.is_empty() {
             return Ok(());
         }
+        let bytes = upsert_bytes(&points);
         let structs = points
             .iter()
             .map(|p| {
@@ -280,7 +313,7 @@ impl Shard {
                 PointStruct::new(PointId::Uuid(point_uuid(&p.id)), vectors, payload).into()
             })
             .collect();
-        self.write(|edge| {
+        self.write(bytes, |edge| {
             edge.update(UpdateOperation::PointOperation(
                 PointOperations::UpsertPoints(PointInsertOperations::PointsList(structs)),
             ))
@@ -292,8 +325,9 @@ impl Shard {
         if ids.is_empty() {
             return Ok(());
         }
+        let bytes = 1 << 20;
         let ids = ids.iter().map(|id| PointId::Uuid(point_uuid(id))).collect();
-        self.write(|edge| {
+        self.write(bytes, |edge| {
             edge.update(UpdateOperation::PointOperation(
                 PointOperations::DeletePoints { ids },
             ))
@@ -462,8 +496,94 @@ impl Shard {
     }
 
     fn optimize(&self) -> Result<bool> {
-        self.write(|edge| edge.optimize().map_err(|e| edge_err(&self.path, e)))
+        // An optimisation rewrites segments: it may need as much again as the shard holds.
+        let bytes = dir_bytes(&self.path);
+        self.write(bytes, |edge| {
+            guarded(&self.path, "optimize", || edge.optimize())?
+                .map_err(|e| edge_err(&self.path, e))
+        })
     }
+}
+
+impl Drop for Shard {
+    fn drop(&mut self) {
+        let path = self.path.clone();
+        // SAFETY: `edge` is never used again: this is the shard's own drop.
+        let edge = unsafe { ManuallyDrop::take(&mut self.edge) };
+        if let Err(err) = guarded(&path, "close (flush)", move || drop(edge)) {
+            tracing::error!("{err}");
+        }
+    }
+}
+
+/// Size of one write-ahead-log segment of qdrant-edge 0.7.2 (`WalOptions::default`).
+const WAL_SEGMENT_BYTES: u64 = 32 << 20;
+
+/// Disk an upsert may take: the WAL entry, the vectors and the payload, each about the size of
+/// the points, plus a WAL segment in case this write opens a new one.
+fn upsert_bytes(points: &[Point]) -> u64 {
+    let one = |p: &Point| {
+        let floats: usize = p.vectors.values().map(Vec::len).sum();
+        let payload = serde_json::to_string(&p.payload).map_or(0, |s| s.len());
+        (floats * 4 + payload + p.id.len() + 64) as u64
+    };
+    3 * points.iter().map(one).sum::<u64>() + WAL_SEGMENT_BYTES
+}
+
+/// Bytes of the files under `dir` (allocated size is not needed: an estimate).
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+thread_local! {
+    /// Set while this thread runs a [`guarded`] call: its panic is reported as an error, so
+    /// the panic hook keeps quiet.
+    static GUARDED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f`, a qdrant-edge call that may panic (see module docs), turning a panic into an error
+/// on the shard at `path` ("disk full" when the message says so).
+fn guarded<T>(path: &Path, what: &str, f: impl FnOnce() -> T) -> Result<T> {
+    static QUIET_HOOK: Once = Once::new();
+    QUIET_HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !GUARDED.with(Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+    let was = GUARDED.with(|g| g.replace(true));
+    let out = catch_unwind(AssertUnwindSafe(f));
+    GUARDED.with(|g| g.set(was));
+    out.map_err(|panic| {
+        let msg = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("(no message)");
+        let full = ["No space left", "ENOSPC", "os error 28", "Disk quota"]
+            .iter()
+            .any(|m| msg.contains(m));
+        if full {
+            disk::full_disk(
+                path,
+                std::io::Error::other(format!("qdrant-edge {what}: {msg}")),
+            )
+        } else {
+            edge_err(path, format!("{what} failed inside qdrant-edge: {msg}"))
+        }
+    })
 }
 
 /// A shard folder that holds neither a config nor segments (absent, empty, or left by a crash
@@ -566,7 +686,9 @@ impl VectorStore for EmbeddedStore {
         }
         let root = self.inner.root.clone();
         let spec_owned = spec.clone();
-        let shard = tokio::task::spawn_blocking(move || Shard::open(&root, &spec_owned)).await??;
+        let min_free = self.inner.min_free_bytes;
+        let shard = tokio::task::spawn_blocking(move || Shard::open(&root, &spec_owned, min_free))
+            .await??;
         let mut map = self
             .inner
             .collections
@@ -817,6 +939,90 @@ mod tests {
             store.count(SLIDES, &PayloadFilter::none()).await.unwrap(),
             800
         );
+    }
+
+    /// Issue 13 item 6: on a full disk qdrant-edge panicked in its flush (exit 101) and the
+    /// store could not reopen. Now a write that would eat into the reserve is refused with an
+    /// error naming the disk, reads go on, nothing acknowledged is lost, and once space is
+    /// freed writes work again and the store reopens with everything.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn full_disk_refuses_writes_cleanly_and_recovers() {
+        let Some(small) = disk::LoopDisk::new(400) else {
+            return;
+        };
+        let root = small.path().join("vectors");
+        let reserve = 64 << 20;
+        let open = |root: PathBuf| async move {
+            let store = EmbeddedStore::open_with_reserve(root, reserve).unwrap();
+            for spec in CollectionSpec::standard(&dims()) {
+                store.ensure_collection(&spec).await.unwrap();
+            }
+            store
+        };
+        let store = open(root.clone()).await;
+        conformance::upsert_sample(&store, "", 50).await;
+
+        let filler = small.fill(reserve / 2);
+        let late = conformance::slide_point("late", "fp", &dims(), 7);
+        let err = store
+            .upsert(SLIDES, vec![late.clone()])
+            .await
+            .expect_err("a write into the reserve was accepted");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("disk full")
+                && msg.contains(&root.join(SLIDES).display().to_string())
+                && msg.contains("store.min_free_mb"),
+            "{msg}"
+        );
+        assert!(
+            matches!(&err, StoreError::Io { err, .. } if err.kind() == std::io::ErrorKind::StorageFull)
+        );
+        let none = PayloadFilter::none();
+        assert_eq!(store.count(SLIDES, &none).await.unwrap(), 50);
+        assert!(store.delete(SLIDES, &["s0".into()]).await.is_err());
+
+        std::fs::remove_file(filler).unwrap();
+        store.upsert(SLIDES, vec![late]).await.unwrap();
+        assert_eq!(store.count(SLIDES, &none).await.unwrap(), 51);
+        drop(store);
+        let store = open(root).await;
+        assert_eq!(store.count(SLIDES, &none).await.unwrap(), 51);
+        assert_eq!(
+            store
+                .retrieve(SLIDES, &["late".into()], true)
+                .await
+                .unwrap()[0]
+                .vectors
+                .len(),
+            2
+        );
+    }
+
+    /// The backstop: a panic inside a qdrant-edge call becomes an error naming the shard, "disk
+    /// full" when its message says so.
+    #[test]
+    fn a_panic_inside_qdrant_edge_becomes_an_error() {
+        let shard = Path::new("/data/vectors/slides");
+        let err = guarded(shard, "flush", || -> u8 {
+            panic!(
+                "segments flushed: Service internal error: No space left on device (os error 28)"
+            )
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("disk full") && err.contains("/data/vectors/slides"),
+            "{err}"
+        );
+        let err = guarded(shard, "flush", || -> u8 { panic!("WAL lock acquired") })
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("flush failed inside qdrant-edge: WAL lock acquired"),
+            "{err}"
+        );
+        assert_eq!(guarded(shard, "flush", || 7).unwrap(), 7);
     }
 
     /// Child half of `acknowledged_writes_survive_kill_9` (does nothing unless run by it).

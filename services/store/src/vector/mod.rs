@@ -329,7 +329,10 @@ pub trait VectorStore: Send + Sync {
 pub async fn open_vector_store(config: &StoreConfig) -> Result<Arc<dyn VectorStore>> {
     config.validate()?;
     let store: Arc<dyn VectorStore> = match &config.vectors {
-        VectorBackendConfig::Embedded => Arc::new(EmbeddedStore::open(config.vectors_dir())?),
+        VectorBackendConfig::Embedded => Arc::new(EmbeddedStore::open_with_reserve(
+            config.vectors_dir(),
+            config.min_free_mb.saturating_mul(1 << 20),
+        )?),
         VectorBackendConfig::Qdrant { url, api_key } => {
             Arc::new(QdrantServerStore::connect(url, api_key.as_deref())?)
         }
