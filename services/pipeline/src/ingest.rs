@@ -23,7 +23,8 @@ use serde::Serialize;
 
 use crate::discover::find_slides;
 use crate::encoders::{slide_fingerprints, text_fingerprints};
-use crate::error::Result;
+use crate::error::{PipelineError, Result};
+use crate::identity::{bind_sources, replace_sources};
 use crate::pipeline::{Pipeline, Progress};
 use crate::reports::{read_reports, ReportRow, RowError};
 use crate::slide_job::{SlideJob, Timings};
@@ -42,6 +43,9 @@ pub struct IngestRequest {
     pub retry_failed: bool,
     /// Level-0 um/px for slides that record none.
     pub mpp: Option<f64>,
+    /// Re-embed an id already known from a different file (other content) from the new file;
+    /// without it such a file is refused (see [`crate::identity`]).
+    pub replace: bool,
 }
 
 /// What a stretch of work did.
@@ -72,6 +76,8 @@ pub struct IngestSummary {
     pub already_done: u64,
     /// Failed earlier and not retried (use `--retry-failed`).
     pub previously_failed: u64,
+    /// Ids re-embedded from a different file (`replace`).
+    pub replaced: Vec<String>,
     pub run: RunSummary,
     pub reports: ReportsSummary,
 }
@@ -80,6 +86,12 @@ impl Pipeline {
     /// Registers and embeds `req`'s slides and reports; see the module docs.
     pub fn ingest(&self, req: &IngestRequest, progress: &dyn Progress) -> Result<IngestSummary> {
         let slides = find_slides(&req.inputs)?;
+        if !req.inputs.is_empty() && slides.is_empty() {
+            return Err(PipelineError::Input(format!(
+                "no slide files ({}) found in the given paths",
+                crate::discover::SLIDE_EXTENSIONS.join(", ")
+            )));
+        }
         if let Some(mpp) = req.mpp {
             gigapath_wsi::mpp::validate(mpp)?;
         }
@@ -95,15 +107,21 @@ impl Pipeline {
                 &self.config.models,
             )?))
         };
+        // Which file each id stands for: a different file under a known id is refused (or,
+        // asked to replace, the old embedding is forgotten) before anything is registered.
+        let sources = self.check_sources(&slides)?;
+        let replaced = self.block_on(replace_sources(&self.store, &sources, req.replace))?;
         self.config.save_to_data_dir_if_absent()?;
         let mut summary = IngestSummary {
             slides_found: slides.len() as u64,
+            replaced,
             ..IngestSummary::default()
         };
         let labels = labels_by_slide(&rows);
         for (id, path) in &slides {
             self.register_slide(id, path, req.mpp, labels.get(id.as_str()))?;
         }
+        self.block_on(bind_sources(&self.store, &sources))?;
         // Reports of slides registered earlier get their labels onto the slide too.
         for (id, l) in &labels {
             if !slides.contains_key(*id) {
@@ -123,7 +141,9 @@ impl Pipeline {
                     kind: EMBED_SLIDE.into(),
                     subject: id.clone(),
                     fingerprint: fp.clone(),
-                    payload: serde_json::to_value(&job).expect("job serialises"),
+                    payload: serde_json::to_value(&job).map_err(|e| {
+                        PipelineError::Input(format!("{}: {e}", path.display()))
+                    })?,
                     retry_failed: req.retry_failed,
                 }))?;
                 match outcome {

@@ -6,6 +6,7 @@
 //!
 //! - [`config`]: the TOML configuration of everything, layered and validated once.
 //! - [`discover`]: slide files and their ids; [`reports`]: reading report files row by row.
+//! - [`identity`]: which file an id stands for; forgetting a slide's embedding.
 //! - [`encoders`]: the encoders and their weight fingerprints ([`fingerprint`]).
 //! - [`slide_job`]: one slide end to end; [`ingest`]: runs, the job queue and the worker loop.
 
@@ -14,6 +15,7 @@ pub mod discover;
 pub mod encoders;
 pub mod error;
 pub mod fingerprint;
+pub mod identity;
 pub mod ingest;
 pub mod pipeline;
 pub mod queue;

@@ -40,6 +40,10 @@ pub struct IngestArgs {
     /// Queue slides that failed in an earlier run again.
     #[arg(long)]
     pub retry_failed: bool,
+    /// Re-embed a slide id already known from a different file (other size or content) from
+    /// the file given now; without it such a file is refused, naming both paths.
+    #[arg(long)]
+    pub replace: bool,
     /// Level-0 um/px for slides that record none.
     #[arg(long, allow_negative_numbers = true)]
     pub mpp: Option<f64>,
@@ -144,10 +148,14 @@ pub fn ingest(args: IngestArgs) -> Result<()> {
             reports: args.reports,
             retry_failed: args.retry_failed,
             mpp: args.mpp,
+            replace: args.replace,
         },
         &bars,
     )?;
     bars.run.finish_and_clear();
+    for id in &summary.replaced {
+        eprintln!("replaced {id}: its earlier embedding was removed and it was embedded again");
+    }
     if args.json {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
@@ -168,6 +176,27 @@ pub fn ingest(args: IngestArgs) -> Result<()> {
         for e in &summary.reports.errors {
             println!("  line {}: {}", e.line, e.message);
         }
+    }
+    // Exit status (README "Exit codes"): 0 when something was ingested or already done, even if
+    // other slides or rows failed (they are listed above); 1 when everything failed.
+    let failed =
+        summary.run.slides_failed + summary.previously_failed + summary.reports.errors.len() as u64;
+    let succeeded = summary.run.slides_ok + summary.already_done + summary.reports.ok;
+    if failed > 0 && succeeded == 0 {
+        anyhow::bail!(
+            "nothing was ingested: {} slide(s) failed, {} failed earlier (not retried), {} report row(s) rejected",
+            summary.run.slides_failed,
+            summary.previously_failed,
+            summary.reports.errors.len()
+        );
+    }
+    if failed > 0 {
+        eprintln!(
+            "warning: partly ingested: {} slide(s) failed, {} failed earlier (not retried), {} report row(s) rejected (listed above)",
+            summary.run.slides_failed,
+            summary.previously_failed,
+            summary.reports.errors.len()
+        );
     }
     Ok(())
 }

@@ -15,6 +15,7 @@
 
 mod jobs;
 mod records;
+mod slide_reset;
 #[cfg(test)]
 mod tests;
 
@@ -35,6 +36,7 @@ pub use records::{
     EmbeddedSlide, FeatureFileRecord, ModelRecord, NewReport, NewSlide, ReportRecord, RunStatus,
     SlideRecord, SlideState, TrainingPair, TrainingRun,
 };
+pub use slide_reset::{ResetOutcome, SlideReset};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Dialect {
