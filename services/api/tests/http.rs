@@ -299,7 +299,14 @@ fn every_endpoint_bad_input_and_auth_rule() {
         &json!({"slides": ["/definitely/not/here.svs"]}),
         Some(KEY),
     );
-    assert_eq!(r.status, 404, "a path that does not exist");
+    assert_eq!(r.status, 403, "outside the roots, existing or not: one answer");
+    let r = post(
+        addr,
+        "/v1/ingest",
+        &json!({"slides": [cohort.join("not-here.svs")]}),
+        Some(KEY),
+    );
+    assert_eq!(r.status, 404, "a path under the roots that does not exist");
     let r = post(addr, "/v1/ingest", &body, Some(KEY));
     assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.json()["queued"].as_array().unwrap().len(), 2);

@@ -1,10 +1,11 @@
 //! `/v1/ingest` (queue slides for the workers) and `/v1/status`.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Component, Path, PathBuf};
 
 use actix_web::{get, post, web, HttpResponse};
-use gigapath_pipeline::discover::find_slides;
+use gigapath_pipeline::discover::{find_slides_within, DiscoverError, Limits};
+use gigapath_pipeline::identity::{bind_sources, conflicts, forget_slide, Forgotten, Known};
 use gigapath_pipeline::queue::{queue_slides, QueueSummary};
 use gigapath_pipeline::Status;
 use serde::{Deserialize, Serialize};
@@ -25,6 +26,10 @@ pub struct IngestRequest {
     /// Queue slides that failed before again.
     #[serde(default)]
     pub retry_failed: bool,
+    /// Re-embed a slide id already known from a different file (other size or content) from
+    /// the file given now; without it such a file is refused with 409, naming both paths.
+    #[serde(default)]
+    pub replace: bool,
     /// Labels per slide id (e.g. `{"S1": {"subtype": "LUAD", "site": "lung"}}`).
     #[serde(default)]
     pub labels: BTreeMap<String, BTreeMap<String, String>>,
@@ -37,6 +42,8 @@ pub struct IngestResponse {
     /// `[slide id, reason]` of slides that failed before and were not retried.
     #[schema(value_type = Vec<Vec<String>>)]
     pub previously_failed: Vec<(String, String)>,
+    /// Ids whose earlier embedding (from another file) was removed (`replace`); also queued.
+    pub replaced: Vec<String>,
 }
 
 impl From<QueueSummary> for IngestResponse {
@@ -45,11 +52,14 @@ impl From<QueueSummary> for IngestResponse {
             queued: q.queued,
             already_done: q.already_done,
             previously_failed: q.previously_failed,
+            replaced: Vec::new(),
         }
     }
 }
 
-/// A requested path, resolved with symlinks followed, must lie under a slide root.
+/// A requested path, resolved with symlinks followed, must lie under a slide root. Outside the
+/// roots the answer is one 403 whether the path exists or not (no existence oracle); a missing
+/// path is 404 only when it would lie under a root.
 pub fn confine(requested: &str, roots: &[PathBuf]) -> ApiResult<PathBuf> {
     if roots.is_empty() {
         return Err(ApiError::Forbidden(
@@ -60,25 +70,49 @@ pub fn confine(requested: &str, roots: &[PathBuf]) -> ApiResult<PathBuf> {
     if requested.is_empty() || requested.contains('\0') {
         return Err(ApiError::BadRequest("empty or invalid slide path".into()));
     }
-    // A path that does not resolve is an unknown resource (404); one we may not read, 403.
-    let resolved = std::fs::canonicalize(requested).map_err(|e| {
-        let msg = format!("slide path `{requested}`: {e}");
-        match e.kind() {
-            std::io::ErrorKind::PermissionDenied => ApiError::Forbidden(msg),
-            _ => ApiError::NotFound(msg),
-        }
-    })?;
-    let inside = roots
+    let roots: Vec<PathBuf> = roots
         .iter()
         .filter_map(|r| std::fs::canonicalize(r).ok())
-        .any(|root| resolved.starts_with(&root));
-    if inside {
-        Ok(resolved)
-    } else {
-        Err(ApiError::Forbidden(format!(
+        .collect();
+    let inside = |p: &Path| roots.iter().any(|root| p.starts_with(root));
+    let outside = || {
+        ApiError::Forbidden(format!(
             "slide path `{requested}` is outside the configured slide roots"
-        )))
+        ))
+    };
+    match std::fs::canonicalize(requested) {
+        Ok(resolved) if inside(&resolved) => Ok(resolved),
+        Ok(_) => Err(outside()),
+        Err(e) => match would_resolve_to(Path::new(requested)) {
+            Some(p) if inside(&p) => Err(match e.kind() {
+                std::io::ErrorKind::PermissionDenied => {
+                    ApiError::Forbidden(format!("slide path `{requested}`: {e}"))
+                }
+                _ => ApiError::NotFound(format!("slide path `{requested}` does not exist")),
+            }),
+            _ => Err(outside()),
+        },
     }
+}
+
+/// Where a path that does not resolve would lie: its deepest ancestor that resolves, joined with
+/// the rest taken literally; `None` when that rest holds `.` or `..` (not decidable: outside).
+fn would_resolve_to(p: &Path) -> Option<PathBuf> {
+    for base in p.ancestors().skip(1) {
+        let shown = if base.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            base
+        };
+        if let Ok(resolved) = std::fs::canonicalize(shown) {
+            let rest = p.strip_prefix(base).ok()?;
+            if rest.components().all(|c| matches!(c, Component::Normal(_))) {
+                return Some(resolved.join(rest));
+            }
+            return None;
+        }
+    }
+    None
 }
 
 /// Registers slides and queues their embedding for the workers (admin key needed). Returns at
@@ -86,8 +120,10 @@ pub fn confine(requested: &str, roots: &[PathBuf]) -> ApiResult<PathBuf> {
 #[utoipa::path(
     request_body = IngestRequest,
     responses((status = 202, body = IngestResponse), (status = 400, body = crate::error::ErrorBody),
-              (status = 401, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody),
-              (status = 404, body = crate::error::ErrorBody, description = "A path does not exist, or holds no slide files")),
+              (status = 401, body = crate::error::ErrorBody),
+              (status = 403, body = crate::error::ErrorBody, description = "A path (or anything a folder links to) is outside the slide roots, whether it exists or not"),
+              (status = 404, body = crate::error::ErrorBody, description = "A path under the slide roots does not exist, or holds no slide files"),
+              (status = 409, body = crate::error::ErrorBody, description = "A slide id already stands for a different file (pass `replace`)")),
     security(("api_key" = []))
 )]
 #[post("/v1/ingest")]
@@ -113,20 +149,37 @@ pub async fn ingest(
     let roots = state.config.serve.slide_roots.clone();
     let paths = req.slides.clone();
     let models = state.config.models.clone();
-    let (slides, fingerprint) = state
-        .compute(move |_| {
+    let replace = req.replace;
+    // Reads only (paths, files, catalog), bounded: a folder walk stops at `Limits` and visits
+    // each folder once, so a link loop cannot keep a blocking thread busy.
+    let (slides, sources, fingerprint) = state
+        .compute(move |p| {
             let confined = paths
                 .iter()
                 .map(|p| confine(p, &roots))
                 .collect::<ApiResult<Vec<_>>>()?;
-            let slides = find_slides(&confined)?;
+            let slides = find_slides_within(&confined, Some(roots.as_slice()), &Limits::default())
+                .map_err(|e| match e {
+                    DiscoverError::OutsideRoots { .. } => ApiError::Forbidden(e.to_string()),
+                    DiscoverError::Other(e) => e.into(),
+                })?;
             if slides.is_empty() {
                 return Err(ApiError::NotFound(
                     "no slide files found at the given paths".into(),
                 ));
             }
+            let sources = p.check_sources(&slides)?;
+            if !replace {
+                if let Some(msg) = conflicts(&sources) {
+                    return Err(ApiError::Conflict(msg));
+                }
+            }
             let fps = gigapath_pipeline::encoders::slide_fingerprints(&models)?;
-            Ok((slides, gigapath_store::vector::combined_fingerprint(&fps)))
+            Ok((
+                slides,
+                sources,
+                gigapath_store::vector::combined_fingerprint(&fps),
+            ))
         })
         .await?;
     let store = state.pipeline.store.clone();
@@ -134,7 +187,22 @@ pub async fn ingest(
     let summary = state
         .pipeline
         .spawn(async move {
-            queue_slides(
+            // Replacing: the earlier file's embedding goes before the new file is registered.
+            let mut replaced = Vec::new();
+            for s in sources
+                .iter()
+                .filter(|s| matches!(s.known, Known::Different { .. }))
+            {
+                if let Forgotten::Busy { job_id } = forget_slide(&store, &s.id, false).await? {
+                    return Err(ApiError::Conflict(format!(
+                        "slide `{}` is being embedded right now (job {job_id}); replace it once \
+                         that is done",
+                        s.id
+                    )));
+                }
+                replaced.push(s.id.clone());
+            }
+            let queued = queue_slides(
                 &store,
                 &config,
                 &slides,
@@ -143,10 +211,15 @@ pub async fn ingest(
                 req.mpp,
                 req.retry_failed,
             )
-            .await
+            .await?;
+            bind_sources(&store, &sources).await?;
+            Ok(IngestResponse {
+                replaced,
+                ..IngestResponse::from(queued)
+            })
         })
         .await??;
-    Ok(HttpResponse::Accepted().json(IngestResponse::from(summary)))
+    Ok(HttpResponse::Accepted().json(summary))
 }
 
 /// Counts of slides, jobs, reports and points.
@@ -190,6 +263,27 @@ mod tests {
             confine(root.join("nope.svs").to_str().unwrap(), &roots),
             Err(ApiError::NotFound(_))
         ));
+        assert!(matches!(
+            confine(root.join("no/such/dir/x.svs").to_str().unwrap(), &roots),
+            Err(ApiError::NotFound(_))
+        ));
+        // Outside the roots: one answer whether the path exists or not (no existence oracle).
+        let exists = confine(outside.join("b.svs").to_str().unwrap(), &roots);
+        let missing = confine(outside.join("nope.svs").to_str().unwrap(), &roots);
+        let dotdot_missing = format!("{}/nope/../../secret/b.svs", root.display());
+        for (r, p) in [
+            (exists, outside.join("b.svs").display().to_string()),
+            (missing, outside.join("nope.svs").display().to_string()),
+            (confine(&dotdot_missing, &roots), dotdot_missing.clone()),
+        ] {
+            match r {
+                Err(ApiError::Forbidden(m)) => assert_eq!(
+                    m,
+                    format!("slide path `{p}` is outside the configured slide roots")
+                ),
+                other => panic!("{p}: {other:?}"),
+            }
+        }
         assert!(matches!(confine("x", &[]), Err(ApiError::Forbidden(_))));
     }
 }

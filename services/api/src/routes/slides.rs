@@ -3,7 +3,8 @@
 use std::collections::BTreeMap;
 
 use actix_web::{delete, get, post, web, HttpResponse};
-use gigapath_store::vector::{REPORTS, SLIDES};
+use gigapath_pipeline::identity::{forget_slide, Forgotten};
+use gigapath_store::vector::SLIDES;
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -36,19 +37,15 @@ pub struct SlideDetail {
     pub pictures: Vec<String>,
 }
 
-/// Slide ids become folder names: refuse anything that could leave the tiles folder.
+// One id rule for ids from HTTP paths and ids from file names (ingest).
+const _: () = assert!(crate::openapi::MAX_ID_CHARS == gigapath_pipeline::discover::MAX_ID_CHARS);
+
+/// Slide ids become folder names: refuse anything that could leave the tiles folder (the rules
+/// of `gigapath_pipeline::discover::check_slide_id`, which ingest applies to file names too).
 pub fn check_id(id: &str) -> ApiResult<&str> {
-    if id.is_empty()
-        || id.chars().count() > crate::openapi::MAX_ID_CHARS
-        || id == "."
-        || id == ".."
-        || id.contains(['/', '\\', '\0'])
-    {
-        return Err(ApiError::BadRequest(format!(
-            "invalid slide id `{}`",
-            id.escape_debug()
-        )));
-    }
+    gigapath_pipeline::discover::check_slide_id(id).map_err(|why| {
+        ApiError::BadRequest(format!("invalid slide id `{}`: {why}", id.escape_debug()))
+    })?;
     Ok(id)
 }
 
@@ -153,11 +150,14 @@ pub struct Deleted {
     pub reports: usize,
 }
 
-/// Removes a slide's point and its reports' points from the vector store (admin key needed).
-/// The catalog keeps the slide's record; ingesting it again re-embeds it.
+/// Removes a slide's embedding (admin key needed): its point and its reports' points, its
+/// feature files and tiling pictures, and its jobs; the catalog keeps the record (path, labels,
+/// reports) as `registered`, so `GET /v1/status` agrees with the store and ingesting the slide
+/// again embeds it anew. 409 while a worker is embedding it.
 #[utoipa::path(
     params(("id" = String, Path, description = "Slide id")),
-    responses((status = 200, body = Deleted), (status = 401, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody)),
+    responses((status = 200, body = Deleted), (status = 401, body = crate::error::ErrorBody), (status = 404, body = crate::error::ErrorBody),
+              (status = 409, body = crate::error::ErrorBody, description = "A worker is embedding the slide now")),
     security(("api_key" = []))
 )]
 #[delete("/v1/slides/{id}")]
@@ -169,36 +169,19 @@ pub async fn delete_slide(
     let id = check_id(&id)?.to_string();
     let store = state.pipeline.store.clone();
     let key = id.clone();
-    let removed = state
-        .store(async move {
-            if store.catalog.slide(&key).await?.is_none() {
-                return Ok(None);
-            }
-            let reports: Vec<String> = store
-                .catalog
-                .list_reports(Some(&key))
-                .await?
-                .into_iter()
-                .map(|r| r.id)
-                .collect();
-            store
-                .vectors
-                .delete(SLIDES, std::slice::from_ref(&key))
-                .await?;
-            store.vectors.delete(REPORTS, &reports).await?;
-            store.catalog.forget_embedding(SLIDES, &key).await?;
-            for r in &reports {
-                store.catalog.forget_embedding(REPORTS, r).await?;
-            }
-            Ok(Some(reports.len()))
-        })
-        .await?;
-    match removed {
-        Some(reports) => Ok(web::Json(Deleted {
+    let forgotten = state
+        .pipeline
+        .spawn(async move { forget_slide(&store, &key, true).await })
+        .await??;
+    match forgotten {
+        Forgotten::Done { reports } => Ok(web::Json(Deleted {
             slide_id: id,
             reports,
         })),
-        None => Err(ApiError::NotFound(format!("unknown slide `{id}`"))),
+        Forgotten::Busy { job_id } => Err(ApiError::Conflict(format!(
+            "slide `{id}` is being embedded right now (job {job_id}); delete it once that is done"
+        ))),
+        Forgotten::Unknown => Err(ApiError::NotFound(format!("unknown slide `{id}`"))),
     }
 }
 
