@@ -6,7 +6,13 @@
 //! `GIGAPATH_CATALOG_URL`, `GIGAPATH_WEIGHTS`, `GIGAPATH_TILE_ENCODER`, `GIGAPATH_SLIDE_ENCODER`,
 //! `GIGAPATH_TEXT_ENCODER`, `GIGAPATH_ALIGNMENT`, `GIGAPATH_DEVICE`, `GIGAPATH_DTYPE`), then
 //! flags. Tables merge key by key, so a file may set only what it changes. Relative paths are
-//! taken from the working directory.
+//! taken from the working directory, except in the data dir's own file, where they are taken
+//! from the data dir (so that a data dir can be moved or copied whole).
+//!
+//! Secrets are never written to the data dir's file: the first ingest saves every other key,
+//! the catalog URL without its password, and no Qdrant or service API key. Later commands get
+//! them from the environment (`GIGAPATH_QDRANT_API_KEY`, `GIGAPATH_API_KEYS`, `PGPASSWORD` or
+//! `~/.pgpass`, `GIGAPATH_CATALOG_URL`) or a `--config FILE`.
 
 use std::path::{Path, PathBuf};
 
@@ -17,6 +23,21 @@ use crate::error::{PipelineError, Result};
 
 /// Name of the config file kept in a data dir.
 pub const DATA_DIR_CONFIG: &str = "gigapath.toml";
+
+/// Keys (table, key) that hold a path or a list of paths: in the data dir's own file a relative
+/// one is taken from the data dir, and one inside the data dir is saved relative to it.
+const PATH_KEYS: [(&str, &str); 7] = [
+    ("models", "weights"),
+    ("models", "tile_encoder"),
+    ("models", "slide_encoder"),
+    ("models", "text_encoder"),
+    ("models", "alignment"),
+    ("serve", "prompts_dir"),
+    ("serve", "slide_roots"),
+];
+
+/// What `to_toml` shows in place of a secret; never a value that is saved or loaded.
+const REDACTED: &str = "<redacted>";
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -250,7 +271,10 @@ impl Config {
         if let Some(dir) = data_dir {
             let own = dir.join(DATA_DIR_CONFIG);
             if own.is_file() {
-                merge(&mut merged, read_table(&own)?);
+                let mut table = read_table(&own)?;
+                drop_redacted_secrets(&mut table, &own);
+                resolve_paths_from(&mut table, dir);
+                merge(&mut merged, table);
             }
         }
         if let Some(f) = file {
@@ -286,11 +310,17 @@ impl Config {
     }
 
     fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) {
+        let qdrant_key = var("GIGAPATH_QDRANT_API_KEY").filter(|v| !v.is_empty());
         if let Some(url) = var("GIGAPATH_QDRANT_URL").filter(|v| !v.is_empty()) {
             self.store.vectors = VectorBackendConfig::Qdrant {
                 url,
-                api_key: var("GIGAPATH_QDRANT_API_KEY").filter(|v| !v.is_empty()),
+                api_key: qdrant_key,
             };
+        } else if let (VectorBackendConfig::Qdrant { api_key, .. }, Some(key)) =
+            (&mut self.store.vectors, qdrant_key)
+        {
+            // The key alone, for a server named in a file (the data dir's never holds the key).
+            *api_key = Some(key);
         }
         if let Some(url) = var("GIGAPATH_CATALOG_URL").filter(|v| !v.is_empty()) {
             self.store.catalog_url = Some(url);
@@ -433,28 +463,198 @@ impl Config {
             .serve
             .api_keys
             .iter()
-            .map(|_| "<redacted>".to_string())
+            .map(|_| REDACTED.to_string())
             .collect();
         shown.store = toml::from_str(&self.store.to_toml()).unwrap_or_else(|_| self.store.clone());
         toml::to_string_pretty(&shown).unwrap_or_default()
     }
 
-    /// Saves this config as the data dir's own, unless one is there already.
+    /// Saves this config as the data dir's own, unless one is there already: every key but the
+    /// secrets (see the module docs), paths inside the data dir relative to it.
     pub fn save_to_data_dir_if_absent(&self) -> Result<()> {
-        let path = self.store.data_dir.join(DATA_DIR_CONFIG);
+        let dir = &self.store.data_dir;
+        let path = dir.join(DATA_DIR_CONFIG);
         if path.exists() {
             return Ok(());
         }
-        std::fs::create_dir_all(&self.store.data_dir)
-            .map_err(|e| PipelineError::io(&self.store.data_dir, e))?;
-        let tmp = path.with_extension("toml.partial");
+        std::fs::create_dir_all(dir).map_err(|e| PipelineError::io(dir, e))?;
+        let mut table = toml::Table::try_from(self)
+            .map_err(|e| PipelineError::Config(format!("serialising the config: {e}")))?;
+        for dropped in remove_secrets(&mut table) {
+            tracing::warn!(
+                "{dropped} is not saved in {}: give it again to later commands ({})",
+                path.display(),
+                SECRET_SOURCES
+            );
+        }
+        make_paths_portable(&mut table, dir);
         let text = format!(
-            "# Written by the first `gigapath ingest` on this data dir; edit freely.\n{}",
-            self.to_toml()
+            "# Written by the first `gigapath ingest` on this data dir; edit freely.\n\
+             # Relative paths are taken from this folder. Secrets are never saved here: {}.\n{}",
+            SECRET_SOURCES,
+            toml::to_string_pretty(&table).unwrap_or_default()
         );
-        std::fs::write(&tmp, text).map_err(|e| PipelineError::io(&tmp, e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| PipelineError::io(&path, e))
+        write_atomically(&path, &text)
     }
+}
+
+/// Where later commands get the secrets that the data dir's file never holds.
+const SECRET_SOURCES: &str = "the Qdrant key from GIGAPATH_QDRANT_API_KEY, the service's keys \
+     from GIGAPATH_API_KEYS, the catalog password from PGPASSWORD or ~/.pgpass (or the whole URL \
+     from GIGAPATH_CATALOG_URL), or any of them from a --config FILE";
+
+/// Removes every secret from a serialised config; returns the keys that held one.
+fn remove_secrets(table: &mut toml::Table) -> Vec<&'static str> {
+    let mut dropped = Vec::new();
+    if let Some(store) = table.get_mut("store").and_then(toml::Value::as_table_mut) {
+        // The data dir is wherever the file is found; a saved one would be stale after a move.
+        store.remove("data_dir");
+        if let Some(vectors) = store.get_mut("vectors").and_then(toml::Value::as_table_mut) {
+            if vectors.remove("api_key").is_some() {
+                dropped.push("store.vectors.api_key");
+            }
+        }
+        if let Some(toml::Value::String(url)) = store.get_mut("catalog_url") {
+            if let Some(bare) = without_password(url) {
+                *url = bare;
+                dropped.push("the password of store.catalog_url");
+            }
+        }
+    }
+    if let Some(serve) = table.get_mut("serve").and_then(toml::Value::as_table_mut) {
+        if serve
+            .remove("api_keys")
+            .and_then(|k| k.as_array().map(|a| !a.is_empty()))
+            .unwrap_or(false)
+        {
+            dropped.push("serve.api_keys");
+        }
+    }
+    dropped
+}
+
+/// A data dir file written by an older gigapath holds `<redacted>` / `***` in place of secrets:
+/// they are dropped (with a warning), so that the real ones from the environment or `--config`
+/// apply instead of a placeholder.
+fn drop_redacted_secrets(table: &mut toml::Table, path: &Path) {
+    let mut found = Vec::new();
+    if let Some(store) = table.get_mut("store").and_then(toml::Value::as_table_mut) {
+        if let Some(vectors) = store.get_mut("vectors").and_then(toml::Value::as_table_mut) {
+            if vectors.get("api_key").and_then(toml::Value::as_str) == Some(REDACTED) {
+                vectors.remove("api_key");
+                found.push("store.vectors.api_key");
+            }
+        }
+        if let Some(toml::Value::String(url)) = store.get_mut("catalog_url") {
+            if url.contains(":***@") {
+                if let Some(bare) = without_password(url) {
+                    *url = bare;
+                    found.push("store.catalog_url");
+                }
+            }
+        }
+    }
+    if let Some(serve) = table.get_mut("serve").and_then(toml::Value::as_table_mut) {
+        let redacted = |k: &toml::Value| k.as_str() == Some(REDACTED);
+        if let Some(toml::Value::Array(keys)) = serve.get_mut("api_keys") {
+            if keys.iter().any(redacted) {
+                keys.retain(|k| !redacted(k));
+                found.push("serve.api_keys");
+            }
+        }
+    }
+    if !found.is_empty() {
+        tracing::warn!(
+            "{}: ignoring the redacted {} (written by an older gigapath): {}",
+            path.display(),
+            found.join(", "),
+            SECRET_SOURCES
+        );
+    }
+}
+
+/// `scheme://user:password@host/...` without `:password`; `None` when there is no password.
+fn without_password(url: &str) -> Option<String> {
+    let scheme_end = url.find("://")? + 3;
+    let rest = &url[scheme_end..];
+    let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
+    let at = authority.rfind('@')?;
+    let colon = authority[..at].find(':')?;
+    Some(format!(
+        "{}{}{}",
+        &url[..scheme_end],
+        &authority[..colon],
+        &rest[at..]
+    ))
+}
+
+/// Applies `f` to every path string under [`PATH_KEYS`] in `table`.
+fn map_paths(table: &mut toml::Table, mut f: impl FnMut(&str) -> String) {
+    for (section, key) in PATH_KEYS {
+        let Some(value) = table
+            .get_mut(section)
+            .and_then(toml::Value::as_table_mut)
+            .and_then(|t| t.get_mut(key))
+        else {
+            continue;
+        };
+        match value {
+            toml::Value::String(p) => *p = f(p),
+            toml::Value::Array(items) => {
+                for item in items {
+                    if let toml::Value::String(p) = item {
+                        *p = f(p);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Relative paths of the data dir's own file are taken from the data dir. A file written by an
+/// older gigapath may hold paths relative to the working directory it ran in: such a path is
+/// kept when it exists there and not under the data dir.
+fn resolve_paths_from(table: &mut toml::Table, data_dir: &Path) {
+    map_paths(table, |p| {
+        let path = Path::new(p);
+        if path.is_absolute() {
+            return p.to_string();
+        }
+        let inside = data_dir.join(path);
+        if !inside.exists() && path.exists() {
+            tracing::warn!(
+                "{}: `{p}` is taken from the working directory (written by an older gigapath); \
+                 write it relative to the data dir or absolute",
+                data_dir.join(DATA_DIR_CONFIG).display()
+            );
+            return p.to_string();
+        }
+        inside.display().to_string()
+    });
+}
+
+/// Paths inside `data_dir` become relative to it, all others absolute.
+fn make_paths_portable(table: &mut toml::Table, data_dir: &Path) {
+    let absolute = |p: &Path| {
+        std::fs::canonicalize(p)
+            .or_else(|_| std::path::absolute(p))
+            .unwrap_or_else(|_| p.to_path_buf())
+    };
+    let root = absolute(data_dir);
+    map_paths(table, |p| {
+        let abs = absolute(Path::new(p));
+        match abs.strip_prefix(&root) {
+            Ok(rel) if !rel.as_os_str().is_empty() => rel.display().to_string(),
+            _ => abs.display().to_string(),
+        }
+    });
+}
+
+fn write_atomically(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("toml.partial");
+    std::fs::write(&tmp, text).map_err(|e| PipelineError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| PipelineError::io(path, e))
 }
 
 /// Points the data dir's own config at an alignment checkpoint (`models.alignment`), keeping
@@ -467,6 +667,10 @@ pub fn set_data_dir_alignment(data_dir: &Path, alignment: &Path) -> Result<()> {
     } else {
         toml::Table::new()
     };
+    drop_redacted_secrets(&mut table, &path);
+    // Paths already in the file (relative to the data dir or absolute) are written back the same
+    // way, with the new alignment.
+    resolve_paths_from(&mut table, data_dir);
     let models = table
         .entry("models")
         .or_insert_with(|| toml::Value::Table(toml::Table::new()));
@@ -476,17 +680,19 @@ pub fn set_data_dir_alignment(data_dir: &Path, alignment: &Path) -> Result<()> {
             path.display()
         )));
     };
+    let alignment = std::path::absolute(alignment).map_err(|e| PipelineError::io(alignment, e))?;
     models.insert(
         "alignment".into(),
         toml::Value::String(alignment.display().to_string()),
     );
+    make_paths_portable(&mut table, data_dir);
     let text = format!(
-        "# Written by `gigapath ingest` / `gigapath reembed` on this data dir; edit freely.\n{}",
+        "# Written by `gigapath ingest` / `gigapath reembed` on this data dir; edit freely.\n\
+         # Relative paths are taken from this folder. Secrets are never saved here: {}.\n{}",
+        SECRET_SOURCES,
         toml::to_string_pretty(&table).unwrap_or_default()
     );
-    let tmp = path.with_extension("toml.partial");
-    std::fs::write(&tmp, text).map_err(|e| PipelineError::io(&tmp, e))?;
-    std::fs::rename(&tmp, &path).map_err(|e| PipelineError::io(&path, e))
+    write_atomically(&path, &text)
 }
 
 fn read_table(path: &Path) -> Result<toml::Table> {
@@ -585,5 +791,144 @@ mod tests {
             let err = Config::load(None, Some(&f)).unwrap_err().to_string();
             assert!(err.contains(key), "{text}: {err}");
         }
+    }
+
+    /// Issue 15: the first ingest saved `<redacted>` / `***` in place of the secrets, so every
+    /// later command on the data dir failed. Saved now: no secret and no placeholder, and the
+    /// data dir loads.
+    #[test]
+    fn saved_config_holds_no_secret_and_no_placeholder_and_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let mut cfg = Config::default();
+        cfg.store.data_dir = data.clone();
+        cfg.store.vectors = VectorBackendConfig::Qdrant {
+            url: "http://qdrant:6334".into(),
+            api_key: Some("qdrant-secret-k3y".into()),
+        };
+        cfg.store.catalog_url = Some("postgres://gp:pg-secret-pw@db:5432/g".into());
+        cfg.serve.api_keys = vec!["service-secret-key-0123".into()];
+        cfg.validate().unwrap();
+        cfg.save_to_data_dir_if_absent().unwrap();
+        let text = std::fs::read_to_string(data.join(DATA_DIR_CONFIG)).unwrap();
+        for secret in [
+            "qdrant-secret-k3y",
+            "pg-secret-pw",
+            "service-secret-key-0123",
+            REDACTED,
+            "***",
+        ] {
+            assert!(!text.contains(secret), "`{secret}` saved:\n{text}");
+        }
+        assert!(text.contains("postgres://gp@db:5432/g"), "{text}");
+        assert!(text.contains("http://qdrant:6334"), "{text}");
+        assert!(!text.contains("data_dir"), "{text}");
+
+        let table: toml::Table = text.parse().unwrap();
+        let mut back: Config = toml::Value::Table(table).try_into().unwrap();
+        back.validate().unwrap();
+        assert_eq!(
+            back.store.vectors,
+            VectorBackendConfig::Qdrant {
+                url: "http://qdrant:6334".into(),
+                api_key: None
+            }
+        );
+        assert!(back.serve.api_keys.is_empty());
+        // The key given again through the environment applies to the saved server.
+        back.apply_env(|k| (k == "GIGAPATH_QDRANT_API_KEY").then(|| "again".to_string()));
+        assert_eq!(
+            back.store.vectors,
+            VectorBackendConfig::Qdrant {
+                url: "http://qdrant:6334".into(),
+                api_key: Some("again".into())
+            }
+        );
+        Config::load(Some(&data), None).unwrap();
+    }
+
+    /// A data dir file written by an older gigapath, placeholders and all, still loads.
+    #[test]
+    fn placeholders_of_older_files_are_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(DATA_DIR_CONFIG),
+            "[store]\ncatalog_url = \"postgres://gp:***@db/g\"\n\
+             [store.vectors]\nbackend = \"qdrant\"\nurl = \"http://q:6334\"\napi_key = \"<redacted>\"\n\
+             [serve]\napi_keys = [\"<redacted>\"]\n",
+        )
+        .unwrap();
+        let mut table = read_table(&dir.path().join(DATA_DIR_CONFIG)).unwrap();
+        drop_redacted_secrets(&mut table, dir.path());
+        let cfg: Config = toml::Value::Table(table).try_into().unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.store.catalog_url.as_deref(), Some("postgres://gp@db/g"));
+        assert!(cfg.serve.api_keys.is_empty());
+        assert!(matches!(
+            cfg.store.vectors,
+            VectorBackendConfig::Qdrant { api_key: None, .. }
+        ));
+    }
+
+    #[test]
+    fn passwords_come_out_of_urls() {
+        assert_eq!(
+            without_password("postgres://me:p@ss@host:5432/db").as_deref(),
+            Some("postgres://me@host:5432/db")
+        );
+        assert_eq!(without_password("postgres://me@host/db"), None);
+        assert_eq!(without_password("sqlite:///d/c.sqlite"), None);
+    }
+
+    /// Issue 13 item 9: paths in the data dir's file are taken from the data dir, so a data dir
+    /// that is renamed still finds the models inside it; paths saved inside it are relative.
+    #[test]
+    fn data_dir_paths_survive_a_move() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = dir.path().join("first");
+        let outside = dir.path().join("elsewhere/slide");
+        std::fs::create_dir_all(first.join("models/tile")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        let mut cfg = Config::default();
+        cfg.store.data_dir = first.clone();
+        cfg.models.tile_encoder = Some(first.join("models/tile"));
+        cfg.models.slide_encoder = Some(outside.clone());
+        cfg.save_to_data_dir_if_absent().unwrap();
+        let text = std::fs::read_to_string(first.join(DATA_DIR_CONFIG)).unwrap();
+        assert!(text.contains("tile_encoder = \"models/tile\""), "{text}");
+        let outside = outside.canonicalize().unwrap();
+        assert!(
+            text.contains(&format!("slide_encoder = \"{}\"", outside.display())),
+            "{text}"
+        );
+
+        let moved = dir.path().join("moved");
+        std::fs::rename(&first, &moved).unwrap();
+        let cfg = Config::load(Some(&moved), None).unwrap();
+        assert_eq!(
+            cfg.models.tile_encoder.as_deref(),
+            Some(moved.join("models/tile").canonicalize().unwrap().as_path())
+        );
+        assert_eq!(cfg.models.slide_encoder.as_deref(), Some(outside.as_path()));
+
+        // `reembed` records its checkpoint the same way.
+        std::fs::create_dir_all(moved.join("alignment/run")).unwrap();
+        set_data_dir_alignment(&moved, &moved.join("alignment/run")).unwrap();
+        let text = std::fs::read_to_string(moved.join(DATA_DIR_CONFIG)).unwrap();
+        assert!(text.contains("alignment = \"alignment/run\""), "{text}");
+        assert!(text.contains("tile_encoder = \"models/tile\""), "{text}");
+        let again = dir.path().join("again");
+        std::fs::rename(&moved, &again).unwrap();
+        let cfg = Config::load(Some(&again), None).unwrap();
+        assert_eq!(
+            cfg.models.alignment.as_deref(),
+            Some(
+                again
+                    .join("alignment/run")
+                    .canonicalize()
+                    .unwrap()
+                    .as_path()
+            )
+        );
     }
 }

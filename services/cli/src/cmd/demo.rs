@@ -81,15 +81,13 @@ pub fn run(args: DemoArgs) -> Result<()> {
     }
     let config = data.join("gigapath.toml");
     if !config.is_file() {
-        // The data dir's own config: every later command on this data dir reads it.
+        // The data dir's own config: every later command on this data dir reads it. Its
+        // relative paths are taken from the data dir, so the data dir can be moved or copied.
         std::fs::write(
             &config,
-            format!(
-                "# Written by `gigapath demo`. Point these at real Prov-GigaPath folders for real use.\n\
-                 [models]\ntile_encoder = {:?}\nslide_encoder = {:?}\n",
-                d("models/tile"),
-                d("models/slide"),
-            ),
+            "# Written by `gigapath demo`. Point these at real Prov-GigaPath folders for real use.\n\
+             # Relative paths are taken from this folder.\n\
+             [models]\ntile_encoder = \"models/tile\"\nslide_encoder = \"models/slide\"\n",
         )
         .with_context(|| format!("writing {}", config.display()))?;
     }

@@ -78,6 +78,26 @@ impl QdrantServerStore {
     }
 
     fn err(&self, e: QdrantError) -> StoreError {
+        // gRPC codes of a server or transport failure, as opposed to a refused request
+        // (invalid argument, not found, failed precondition, permission, ...): cancelled (1),
+        // unknown (2), deadline exceeded (4), resource exhausted (8), aborted (10), internal
+        // (13: qdrant-client reports a refused connection as "internal: failed to connect"),
+        // unavailable (14). Points are validated before they are sent, so a slide's data never
+        // causes these.
+        let transient = match &e {
+            QdrantError::ResponseError { status } => {
+                matches!(i32::from(status.code()), 1 | 2 | 4 | 8 | 10 | 13 | 14)
+            }
+            QdrantError::ResourceExhaustedError { .. } | QdrantError::Io(_) => true,
+            _ => false,
+        };
+        if transient {
+            return StoreError::Unavailable {
+                backend: "Qdrant server",
+                url: self.url.clone(),
+                message: e.to_string(),
+            };
+        }
         StoreError::Server(format!("{}: {e}", self.url))
     }
 
@@ -545,6 +565,8 @@ mod tests {
             .ensure_collection(&CollectionSpec::slides(&Dims::default()))
             .await
             .unwrap_err();
-        assert!(matches!(err, StoreError::Server(_)), "{err}");
+        // Typed as an outage (retried with back-off by workers), not as a bad request.
+        assert!(matches!(err, StoreError::Unavailable { .. }), "{err}");
+        assert!(err.is_transient());
     }
 }
