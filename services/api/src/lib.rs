@@ -44,6 +44,7 @@ use crate::state::AppState;
         routes::slides::get_slide, routes::slides::picture, routes::slides::delete_slide, routes::slides::heatmap,
         routes::search::search_slides, routes::search::search_reports,
         routes::ingest::ingest, routes::ingest::status,
+        routes::jobs::list_jobs, routes::jobs::retry_job, routes::jobs::cancel_job,
         routes::zeroshot::prompt_sets, routes::zeroshot::subtype, routes::zeroshot::mutation,
         openapi_json,
     ),
@@ -121,6 +122,9 @@ pub fn configure(state: web::Data<AppState>) -> impl FnOnce(&mut web::ServiceCon
             .service(routes::search::search_reports)
             .service(routes::ingest::ingest)
             .service(routes::ingest::status)
+            .service(routes::jobs::list_jobs)
+            .service(routes::jobs::retry_job)
+            .service(routes::jobs::cancel_job)
             .service(routes::slides::get_slide)
             .service(routes::slides::picture)
             .service(routes::slides::delete_slide)

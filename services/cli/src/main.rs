@@ -54,6 +54,9 @@ enum Command {
     Worker(cmd::ingest::WorkerArgs),
     /// Counts per state of slides, jobs, reports and stored points.
     Status(cmd::ingest::StatusArgs),
+    /// The ingest job queue: list jobs, retry failed (parked) ones, cancel queued or running ones.
+    #[command(subcommand)]
+    Jobs(cmd::jobs::JobsCommand),
     /// The effective configuration: defaults, `DATA_DIR/gigapath.toml`, `--config`, environment.
     Config(cmd::ingest::ConfigArgs),
     /// The HTTP service: search, zero-shot, slides, ingest endpoints (OpenAPI at /v1/openapi.json).
@@ -105,6 +108,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Ingest(a) => cmd::ingest::ingest(a),
         Command::Worker(a) => cmd::ingest::worker(a),
         Command::Status(a) => cmd::ingest::status(a),
+        Command::Jobs(c) => cmd::jobs::run(c),
         Command::Config(a) => cmd::ingest::config(a),
         Command::Serve(a) => cmd::serve::run(a),
         Command::Train(a) => cmd::train::train(a),

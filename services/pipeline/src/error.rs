@@ -30,6 +30,12 @@ pub enum PipelineError {
 }
 
 impl PipelineError {
+    /// An infrastructure fault (the vector store or catalog unreachable, store I/O), not a fault
+    /// of the slide being processed: retried, and never recorded as the slide's failure.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, PipelineError::Store(e) if e.is_transient())
+    }
+
     pub fn io(path: &Path, e: impl std::fmt::Display) -> Self {
         PipelineError::Io {
             path: path.to_path_buf(),

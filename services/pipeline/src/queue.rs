@@ -1,15 +1,18 @@
 //! Registering slides and queueing their embedding jobs, as an async function over the store, so
-//! that the HTTP service's ingest endpoint queues work for the workers without running it.
+//! that the HTTP service's ingest endpoint queues work for the workers without running it; and
+//! [`JobQueue`], the operators' view of the queue (`gigapath jobs list|retry|cancel`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use gigapath_store::catalog::{NewJob, NewSlide, QueueOutcome};
+use gigapath_store::catalog::{Catalog, NewJob, NewSlide, QueueOutcome};
+pub use gigapath_store::catalog::{Job, JobState};
+use gigapath_store::config::CATALOG_FILE;
 use gigapath_store::Store;
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::error::Result;
+use crate::error::{PipelineError, Result};
 use crate::ingest::EMBED_SLIDE;
 use crate::slide_job::SlideJob;
 
@@ -49,7 +52,12 @@ pub async fn queue_slides(
                 kind: EMBED_SLIDE.into(),
                 subject: id.clone(),
                 fingerprint: fingerprint.to_string(),
-                payload: serde_json::to_value(&job).expect("job serialises"),
+                payload: serde_json::to_value(&job).map_err(|e| {
+                    PipelineError::Input(format!(
+                        "slide `{id}`: path {} cannot be queued: {e}",
+                        path.display()
+                    ))
+                })?,
                 retry_failed,
             })
             .await?;
@@ -102,4 +110,50 @@ pub async fn register_slide(
         })
         .await?;
     Ok(())
+}
+
+/// The job queue alone, for operators (`gigapath jobs`): opens only the catalog, never the vector
+/// store, so it works beside a running `ingest`, `worker` or `serve` (the embedded vector store
+/// admits one process; the catalog admits many).
+pub struct JobQueue {
+    rt: tokio::runtime::Runtime,
+    pub catalog: Catalog,
+}
+
+impl JobQueue {
+    /// Opens the catalog of `config` (SQLite in the data dir, or `store.catalog_url`). A data
+    /// dir without a catalog is an error, not a new empty catalog.
+    pub fn open(config: &Config) -> Result<JobQueue> {
+        let store = &config.store;
+        if store.catalog_url.is_none() {
+            let file = store.data_dir.join(CATALOG_FILE);
+            if !file.is_file() {
+                return Err(PipelineError::Input(format!(
+                    "no catalog at {}: nothing was ingested into this data dir (check --data-dir)",
+                    file.display()
+                )));
+            }
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| PipelineError::Input(format!("cannot start the async runtime: {e}")))?;
+        let catalog = rt.block_on(Catalog::open(store))?;
+        Ok(JobQueue { rt, catalog })
+    }
+
+    /// Jobs in id order, only those in `state` when given, at most `limit`.
+    pub fn list(&self, state: Option<JobState>, limit: u32) -> Result<Vec<Job>> {
+        Ok(self.rt.block_on(self.catalog.list_jobs(state, limit))?)
+    }
+
+    /// Failed (parked) or cancelled -> queued, attempts reset.
+    pub fn retry(&self, id: i64) -> Result<Job> {
+        Ok(self.rt.block_on(self.catalog.retry_job(id))?)
+    }
+
+    /// Queued or running -> cancelled.
+    pub fn cancel(&self, id: i64) -> Result<Job> {
+        Ok(self.rt.block_on(self.catalog.cancel_job(id))?)
+    }
 }

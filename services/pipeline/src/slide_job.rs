@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gigapath_store::catalog::{ClaimOptions, EmbeddedSlide, Job};
+use gigapath_store::catalog::{ClaimOptions, EmbeddedSlide, Job, JobState};
 use gigapath_store::vector::{SlidePoint, SLIDES};
 use gigapath_store::StoreError;
 use gigapath_store::{FeatureFile, FeatureFileWriter, FeatureMetadata};
@@ -24,6 +24,23 @@ use serde::{Deserialize, Serialize};
 use crate::error::{PipelineError, Result};
 use crate::ingest::RunSummary;
 use crate::pipeline::{Pipeline, Progress};
+
+/// First wait before retrying an infrastructure error; it doubles up to [`RETRY_MAX_WAIT`].
+pub const RETRY_FIRST_WAIT: Duration = Duration::from_millis(500);
+/// Longest wait between two tries.
+pub const RETRY_MAX_WAIT: Duration = Duration::from_secs(30);
+/// How long one store or catalog call is retried in all before the error stands (then a job is
+/// given back to the queue, uncounted, and the run stops with the error).
+pub const RETRY_BUDGET: Duration = Duration::from_secs(120);
+
+/// Aborts a background task when dropped (also when unwinding from a panic).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 /// What an `embed_slide` job carries (its payload in the catalog).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -77,11 +94,15 @@ pub struct SlideResult {
 
 impl Pipeline {
     /// Embeds `job`'s slide and upserts its point. `cancelled` aborts between batches (a lost
-    /// lease); an aborted or failed slide leaves no feature file and no point behind.
+    /// lease, a cancelled job); `still_held` is asked right before the first store write and
+    /// aborts with [`PipelineError::LeaseLost`] when the job is no longer this worker's. An
+    /// aborted or failed slide leaves no feature file and no point behind. Store and catalog
+    /// calls retry their infrastructure errors with back-off ([`Pipeline::retrying`]).
     pub fn embed_slide(
         &self,
         job: &SlideJob,
         cancelled: &AtomicBool,
+        still_held: &dyn Fn() -> Result<()>,
         progress: &dyn Progress,
     ) -> Result<SlideResult> {
         let mut t = Timings::default();
@@ -150,7 +171,11 @@ impl Pipeline {
         t.slide_encode_s = s.elapsed().as_secs_f64();
 
         let s = Instant::now();
-        let record = self.block_on(self.store.catalog.slide(&job.slide_id))?;
+        let record = self.retrying(
+            "reading the slide's catalog record",
+            Some(cancelled),
+            || self.store.catalog.slide(&job.slide_id),
+        )?;
         let (cohort, site, labels) = record
             .map(|r| (r.cohort, r.site, r.labels))
             .unwrap_or_default();
@@ -166,12 +191,16 @@ impl Pipeline {
             joint,
             slide: embedding,
         };
-        self.block_on(self.store.vectors.upsert(SLIDES, vec![point.into_point()]))?;
-        self.block_on(
-            self.store
-                .catalog
-                .record_feature_file(&info.record(&job.slide_id, &tile_fp)),
-        )?;
+        // A cancelled job (or one another worker took over) writes nothing.
+        still_held()?;
+        let point = point.into_point();
+        self.retrying("storing the slide's point", Some(cancelled), || {
+            self.store.vectors.upsert(SLIDES, vec![point.clone()])
+        })?;
+        let file = info.record(&job.slide_id, &tile_fp);
+        self.retrying("recording the feature file", Some(cancelled), || {
+            self.store.catalog.record_feature_file(&file)
+        })?;
         t.store_s = s.elapsed().as_secs_f64();
         Ok(SlideResult {
             tile_count: n as u64,
@@ -182,17 +211,70 @@ impl Pipeline {
         })
     }
 
-    /// Claims the next slide job for this worker, or `None` when there is nothing to do.
+    /// Runs a store or catalog call, retrying its infrastructure errors
+    /// ([`StoreError::is_transient`]: server unreachable, connection lost, database busy, store
+    /// I/O) with exponential back-off: 0.5 s, doubling up to 30 s between tries, for at most
+    /// [`RETRY_BUDGET`] in all, or until `cancelled` is set. Each retry is logged. Other errors
+    /// return at once.
+    pub fn retrying<T, F, Fut>(
+        &self,
+        what: &str,
+        cancelled: Option<&AtomicBool>,
+        mut op: F,
+    ) -> std::result::Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, StoreError>>,
+    {
+        let start = Instant::now();
+        let mut wait = RETRY_FIRST_WAIT;
+        loop {
+            match self.block_on(op()) {
+                Err(e)
+                    if e.is_transient()
+                        && start.elapsed() + wait <= RETRY_BUDGET
+                        && !cancelled.is_some_and(|c| c.load(Ordering::Relaxed)) =>
+                {
+                    tracing::warn!("{what}: {e}; retrying in {:.1} s", wait.as_secs_f64());
+                    std::thread::sleep(wait);
+                    wait = (wait * 2).min(RETRY_MAX_WAIT);
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Claims the next slide job for this worker, or `None` when there is nothing to do. Jobs
+    /// that the claim parked (their attempts used up by crashes) are recorded as failures of
+    /// their slides, with the reason.
     pub(crate) fn claim_next(
         &self,
         options: &ClaimOptions,
-        _summary: &mut RunSummary,
+        summary: &mut RunSummary,
     ) -> Result<Option<Job>> {
-        Ok(self.block_on(self.store.catalog.claim_job(&self.worker_id, options))?)
+        let claim = self.retrying("claiming a job", None, || {
+            self.store.catalog.claim(&self.worker_id, options)
+        })?;
+        for job in claim.parked {
+            let reason = job.error.unwrap_or_else(|| "attempts used up".into());
+            tracing::error!("{} (job {}): {reason}", job.subject, job.id);
+            match self.retrying("marking the slide failed", None, || {
+                self.store.catalog.mark_slide_failed(&job.subject, &reason)
+            }) {
+                Ok(()) | Err(StoreError::UnknownSlide(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+            summary.slides_failed += 1;
+            summary.failures.push((job.subject, reason));
+        }
+        Ok(claim.job)
     }
 
     /// Runs one claimed job: embeds its slide while a background task renews the lease, then
-    /// records the result (or the failure) if this worker still holds the job.
+    /// records the result if this worker still holds the job. The slide's own errors (unreadable
+    /// file, bad mpp, no tissue, ...) fail the job and the slide. An infrastructure error that
+    /// outlasts the retries gives the job back to the queue without counting the attempt, leaves
+    /// the slide alone, and ends the run with that error. A panic ends the attempt (counted).
     pub(crate) fn run_job(
         &self,
         job: Job,
@@ -204,15 +286,16 @@ impl Pipeline {
             Ok(j) => j,
             Err(e) => {
                 let reason = format!("malformed job payload: {e}");
-                self.block_on(
+                self.retrying("failing the job", None, || {
                     self.store
                         .catalog
-                        .fail_job(job.id, &self.worker_id, &reason),
-                )?;
+                        .fail_job(job.id, &self.worker_id, &reason)
+                })?;
                 return Ok(());
             }
         };
         let id = slide_job.slide_id.clone();
+        let job_id = job.id;
         let cancelled = Arc::new(AtomicBool::new(false));
         let renewer = {
             let (catalog, worker, cancelled) = (
@@ -220,18 +303,78 @@ impl Pipeline {
                 self.worker_id.clone(),
                 cancelled.clone(),
             );
-            self.rt.spawn(async move {
+            AbortOnDrop(self.rt.spawn(async move {
                 loop {
                     tokio::time::sleep(lease / 3).await;
-                    if catalog.renew_lease(job.id, &worker, lease).await.is_err() {
-                        cancelled.store(true, Ordering::Relaxed);
-                        return;
+                    match catalog.renew_lease(job_id, &worker, lease).await {
+                        Ok(()) => {}
+                        // The catalog is briefly unreachable: the lease still runs; try again.
+                        Err(e) if e.is_transient() => {
+                            tracing::warn!("job {job_id}: renewing its lease: {e}")
+                        }
+                        // Cancelled by an operator, or taken over after an expiry.
+                        Err(_) => {
+                            cancelled.store(true, Ordering::Relaxed);
+                            return;
+                        }
                     }
                 }
-            })
+            }))
         };
-        let result = self.embed_slide(&slide_job, &cancelled, progress);
-        renewer.abort();
+        let still_held = || -> Result<()> {
+            match self.retrying("checking the job's lease", Some(cancelled.as_ref()), || {
+                self.store
+                    .catalog
+                    .renew_lease(job.id, &self.worker_id, lease)
+            }) {
+                Ok(()) => Ok(()),
+                Err(StoreError::LeaseLost { .. }) => {
+                    cancelled.store(true, Ordering::Relaxed);
+                    Err(PipelineError::LeaseLost)
+                }
+                Err(e) => Err(e.into()),
+            }
+        };
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.embed_slide(&slide_job, &cancelled, &still_held, progress)
+        }));
+        drop(renewer);
+        let result = match result {
+            Ok(r) => r,
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "no message".into());
+                let reason = format!(
+                    "attempt {} (worker {}) panicked: {what}",
+                    job.attempts, self.worker_id
+                );
+                tracing::error!("{id}: {reason}");
+                progress.slide_finished(&id, Some(&reason));
+                let state = self.retrying("ending the attempt", None, || {
+                    self.store.catalog.abandon_job(
+                        job.id,
+                        &self.worker_id,
+                        &reason,
+                        self.config.ingest.max_attempts,
+                    )
+                });
+                match state {
+                    Ok(JobState::Failed) => {
+                        self.retrying("marking the slide failed", None, || {
+                            self.store.catalog.mark_slide_failed(&id, &reason)
+                        })?;
+                        summary.slides_failed += 1;
+                        summary.failures.push((id, reason));
+                    }
+                    Ok(_) | Err(StoreError::LeaseLost { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                return Ok(());
+            }
+        };
         match result {
             Ok(r) => {
                 let embedded = EmbeddedSlide {
@@ -241,44 +384,85 @@ impl Pipeline {
                     fingerprints: r.fingerprints,
                     collection: SLIDES.into(),
                 };
-                match self.block_on(self.store.catalog.complete_slide_job(
-                    job.id,
-                    &self.worker_id,
-                    &embedded,
-                )) {
+                match self.retrying("recording the slide embedded", None, || {
+                    self.store
+                        .catalog
+                        .complete_slide_job(job.id, &self.worker_id, &embedded)
+                }) {
                     Ok(()) => {
                         summary.slides_ok += 1;
                         summary.tiles += r.tile_count;
                         summary.timings.add(&r.timings);
                         progress.slide_finished(&id, None);
                     }
-                    Err(StoreError::LeaseLost { .. }) => {
-                        tracing::warn!("{id}: lease lost; another worker owns the job now")
+                    Err(StoreError::LeaseLost { .. }) => self.log_lost(&id, job.id),
+                    Err(e) if e.is_transient() => {
+                        return Err(self.defer(&job, &id, PipelineError::Store(e), progress))
                     }
                     Err(e) => return Err(e.into()),
                 }
             }
-            Err(PipelineError::LeaseLost) => {
-                tracing::warn!("{id}: lease lost; stopped embedding it")
-            }
+            Err(PipelineError::LeaseLost) => self.log_lost(&id, job.id),
+            Err(e) if e.is_transient() => return Err(self.defer(&job, &id, e, progress)),
             Err(e) => {
                 let reason = e.to_string();
                 tracing::error!("{id}: {reason}");
                 progress.slide_finished(&id, Some(&reason));
-                match self.block_on(
+                match self.retrying("failing the job", None, || {
                     self.store
                         .catalog
-                        .fail_job(job.id, &self.worker_id, &reason),
-                ) {
+                        .fail_job(job.id, &self.worker_id, &reason)
+                }) {
                     Ok(()) | Err(StoreError::LeaseLost { .. }) => {}
                     Err(e) => return Err(e.into()),
                 }
-                self.block_on(self.store.catalog.mark_slide_failed(&id, &reason))?;
+                self.retrying("marking the slide failed", None, || {
+                    self.store.catalog.mark_slide_failed(&id, &reason)
+                })?;
                 summary.slides_failed += 1;
                 summary.failures.push((id, reason));
             }
         }
         Ok(())
+    }
+
+    /// Gives `job` back to the queue after an infrastructure error that outlasted the retries
+    /// (the attempt is not counted; the slide keeps its state) and returns the error that ends
+    /// the run.
+    fn defer(
+        &self,
+        job: &Job,
+        id: &str,
+        error: PipelineError,
+        progress: &dyn Progress,
+    ) -> PipelineError {
+        let reason = format!("infrastructure error (not counted as an attempt): {error}");
+        tracing::error!("{id}: {reason}; job {} goes back to the queue", job.id);
+        progress.slide_finished(id, Some(&reason));
+        match self.retrying("giving the job back", None, || {
+            self.store
+                .catalog
+                .defer_job(job.id, &self.worker_id, &reason)
+        }) {
+            Ok(()) | Err(StoreError::LeaseLost { .. }) => {}
+            Err(e) => tracing::error!(
+                "job {}: cannot give it back ({e}); it is redone once its lease expires",
+                job.id
+            ),
+        }
+        error
+    }
+
+    /// A job that stopped being ours: cancelled by an operator, or taken over by another worker
+    /// after our lease expired. Nothing of it was recorded.
+    fn log_lost(&self, id: &str, job_id: i64) {
+        let state = self.block_on(self.store.catalog.job(job_id)).ok().flatten();
+        match state.map(|j| j.state) {
+            Some(JobState::Cancelled) => {
+                tracing::warn!("{id}: job {job_id} was cancelled; its result was discarded")
+            }
+            _ => tracing::warn!("{id}: lease lost; another worker owns job {job_id} now"),
+        }
     }
 
     /// Streams the kept tiles through the tile encoder into the feature file; returns the

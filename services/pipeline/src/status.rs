@@ -39,8 +39,9 @@ impl Status {
         s += &format!("slides:   {}\n", slides.join(", "));
         let j = &self.jobs;
         s += &format!(
-            "jobs:     {} queued, {} running ({} with an expired lease), {} done, {} failed\n",
-            j.queued, j.running, j.stale, j.done, j.failed
+            "jobs:     {} queued, {} running ({} with an expired lease), {} done, {} failed, \
+             {} cancelled\n",
+            j.queued, j.running, j.stale, j.done, j.failed, j.cancelled
         );
         s += &format!("reports:  {}\n", self.reports);
         for (c, n) in &self.points {

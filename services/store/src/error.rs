@@ -91,6 +91,23 @@ pub enum StoreError {
     #[error("unknown job {0}")]
     UnknownJob(i64),
 
+    /// An operator action that the job's state does not allow (retrying a done job, ...).
+    #[error("job {job_id} is {state}: {rule}")]
+    JobState {
+        job_id: i64,
+        state: String,
+        rule: &'static str,
+    },
+
+    /// The vector store server cannot be reached or answers "try later" (connection refused or
+    /// lost, timeout, overloaded): an infrastructure fault, worth retrying with back-off.
+    #[error("{backend} `{url}` is unavailable: {message}")]
+    Unavailable {
+        backend: &'static str,
+        url: String,
+        message: String,
+    },
+
     #[error("unknown training run `{0}`")]
     UnknownRun(String),
 
@@ -117,6 +134,20 @@ impl StoreError {
         }
     }
 
+    /// A fault of the infrastructure rather than of the data being stored: the vector store
+    /// server unreachable or overloaded, the catalog's connection lost or its database busy,
+    /// an I/O error on the store's own files (a full disk). Worth retrying with back-off, and
+    /// never the fault of the slide or report being written.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Unavailable { .. } | StoreError::Io { .. } => true,
+            StoreError::Catalog(e) | StoreError::CatalogConnect { source: e, .. } => {
+                sqlx_is_transient(e)
+            }
+            _ => false,
+        }
+    }
+
     pub(crate) fn feature_file(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
         StoreError::FeatureFile {
             path: path.into(),
@@ -128,5 +159,38 @@ impl StoreError {
 impl From<tokio::task::JoinError> for StoreError {
     fn from(err: tokio::task::JoinError) -> Self {
         StoreError::Task(err.to_string())
+    }
+}
+
+/// Connection-level and "try again" database errors: I/O (connection refused, reset), pool
+/// timeouts, TLS and protocol breaks, and the database codes for the same (Postgres SQLSTATE
+/// class 08 connection exceptions, 57P01-57P03 shutdown / cannot connect now, 53300 too many
+/// connections, 40001 / 40P01 serialization failure / deadlock; SQLite SQLITE_BUSY,
+/// SQLITE_LOCKED, SQLITE_IOERR and SQLITE_FULL, with their extended codes).
+fn sqlx_is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            if db
+                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                .is_some()
+            {
+                code.starts_with("08")
+                    || matches!(
+                        &*code,
+                        "57P01" | "57P02" | "57P03" | "53300" | "40001" | "40P01"
+                    )
+            } else {
+                // SQLite: the primary result code is the low byte of the extended one.
+                code.parse::<i64>()
+                    .is_ok_and(|n| matches!(n & 0xff, 5 | 6 | 10 | 13))
+            }
+        }
+        _ => false,
     }
 }

@@ -3,6 +3,7 @@
 pub mod health;
 pub mod ids;
 pub mod ingest;
+pub mod jobs;
 pub mod search;
 pub mod slides;
 pub mod zeroshot;

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod demo;
 pub mod encode;
 pub mod ingest;
+pub mod jobs;
 pub mod models;
 pub mod serve;
 pub mod slide;

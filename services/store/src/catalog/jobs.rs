@@ -10,8 +10,17 @@
 //!    All three check that this worker still holds the job: a worker whose lease ran out and whose
 //!    job was re-claimed gets `LeaseLost` and must drop its result.
 //!
-//! A job whose lease expires `max_attempts` times (a slide that kills its worker) is failed with
-//! that reason instead of being handed out forever. Failed jobs are retried only on request
+//! Attempts are counted when a job is claimed, not when it ends, so an attempt whose process
+//! died (killed, out of memory, aborted) counts too. A job whose attempts reach `max_attempts`
+//! and whose last lease expired (a slide that kills its worker) is *parked*: failed with the
+//! reason, instead of being handed out at every start ([`Claim::parked`] lists them so the
+//! caller can record why). Every job records its attempts (`attempts`, the last `error`, the
+//! first and latest claim times, and `deferrals`: attempts given back after an infrastructure
+//! error, see [`Catalog::defer_job`], which do not count).
+//!
+//! Operators: [`Catalog::cancel_job`] (queued or running -> cancelled; a worker holding the job
+//! loses it at its next lease renewal or completion) and [`Catalog::retry_job`] (failed or
+//! cancelled -> queued, attempts reset). Failed jobs are otherwise retried only on request
 //! ([`Catalog::retry_failed_jobs`], or `NewJob::retry_failed`).
 
 use std::collections::BTreeMap;
@@ -40,14 +49,17 @@ pub enum JobState {
     Running,
     Done,
     Failed,
+    /// Cancelled by an operator (`gigapath jobs cancel`); queued again only by a retry.
+    Cancelled,
 }
 
 impl JobState {
-    pub const ALL: [JobState; 4] = [
+    pub const ALL: [JobState; 5] = [
         JobState::Queued,
         JobState::Running,
         JobState::Done,
         JobState::Failed,
+        JobState::Cancelled,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -56,6 +68,7 @@ impl JobState {
             JobState::Running => "running",
             JobState::Done => "done",
             JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
         }
     }
 }
@@ -98,9 +111,9 @@ pub enum QueueOutcome {
     Pending { id: i64 },
     /// Already done with these weights: nothing to do.
     AlreadyDone { id: i64 },
-    /// It failed before and `retry_failed` was not set.
+    /// It failed (or was cancelled) before and `retry_failed` was not set.
     PreviouslyFailed { id: i64, error: Option<String> },
-    /// It failed before and was queued again (`retry_failed`).
+    /// It failed (or was cancelled) before and was queued again (`retry_failed`).
     Requeued { id: i64 },
 }
 
@@ -124,14 +137,22 @@ pub struct Job {
     pub fingerprint: String,
     pub payload: Value,
     pub state: JobState,
-    /// Claims so far, this one included.
+    /// Claims so far, this one included (an attempt whose process died counts).
     pub attempts: u32,
+    /// The worker holding the job (running), or the last one that held it.
     pub worker: Option<String>,
     /// Database-clock epoch ms.
     pub lease_expires_at_ms: Option<i64>,
+    /// Why the last attempt failed (or ended without a result).
     pub error: Option<String>,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
+    /// Database-clock epoch ms of the first claim, `None` before any.
+    pub first_attempt_at_ms: Option<i64>,
+    /// Database-clock epoch ms of the latest claim.
+    pub last_attempt_at_ms: Option<i64>,
+    /// Attempts given back after an infrastructure error (not counted in `attempts`).
+    pub deferrals: u32,
 }
 
 #[derive(sqlx::FromRow)]
@@ -148,6 +169,9 @@ struct JobRow {
     error: Option<String>,
     created_at: i64,
     updated_at: i64,
+    first_attempt_at: Option<i64>,
+    last_attempt_at: Option<i64>,
+    deferrals: i64,
 }
 
 impl TryFrom<JobRow> for Job {
@@ -168,12 +192,16 @@ impl TryFrom<JobRow> for Job {
             error: r.error,
             created_at_ms: r.created_at,
             updated_at_ms: r.updated_at,
+            first_attempt_at_ms: r.first_attempt_at,
+            last_attempt_at_ms: r.last_attempt_at,
+            deferrals: u32::try_from(r.deferrals).unwrap_or(u32::MAX),
         })
     }
 }
 
 const JOB_COLUMNS: &str = "id, kind, subject, fingerprint, payload, state, attempts, worker, \
-                           lease_expires_at, error, created_at, updated_at";
+                           lease_expires_at, error, created_at, updated_at, first_attempt_at, \
+                           last_attempt_at, deferrals";
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClaimOptions {
@@ -181,8 +209,19 @@ pub struct ClaimOptions {
     pub lease: Duration,
     /// Only jobs of this kind (any kind when `None`).
     pub kind: Option<String>,
-    /// A job whose lease has expired this many times is failed instead of claimed again.
+    /// A job claimed this many times whose last lease expired is parked (failed) instead of
+    /// claimed again.
     pub max_attempts: u32,
+}
+
+/// What [`Catalog::claim`] did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Claim {
+    /// The claimed job, `None` when nothing is claimable.
+    pub job: Option<Job>,
+    /// Jobs parked by this claim: their attempts reached `max_attempts` and the last one ended
+    /// without a result (its worker died). They are failed now, with the reason in `error`.
+    pub parked: Vec<Job>,
 }
 
 impl Default for ClaimOptions {
@@ -202,6 +241,9 @@ pub struct JobCounts {
     pub running: u64,
     pub done: u64,
     pub failed: u64,
+    /// Cancelled by an operator.
+    #[serde(default)]
+    pub cancelled: u64,
     /// Running jobs whose lease has expired (their worker is presumably dead; they will be
     /// claimed again). Included in `running`.
     pub stale: u64,
@@ -209,7 +251,7 @@ pub struct JobCounts {
 
 impl JobCounts {
     pub fn total(&self) -> u64 {
-        self.queued + self.running + self.done + self.failed
+        self.queued + self.running + self.done + self.failed + self.cancelled
     }
 }
 
@@ -268,11 +310,12 @@ impl Catalog {
                 match state.parse::<JobState>()? {
                     JobState::Queued | JobState::Running => QueueOutcome::Pending { id },
                     JobState::Done => QueueOutcome::AlreadyDone { id },
-                    JobState::Failed if job.retry_failed => {
+                    JobState::Failed | JobState::Cancelled if job.retry_failed => {
                         sqlx::query(
-                            "UPDATE jobs SET state = 'queued', attempts = 0, worker = NULL, \
-                             lease_expires_at = NULL, error = NULL, payload = $2, updated_at = $3 \
-                             WHERE id = $1",
+                            "UPDATE jobs SET state = 'queued', attempts = 0, deferrals = 0, \
+                             worker = NULL, lease_expires_at = NULL, error = NULL, \
+                             first_attempt_at = NULL, last_attempt_at = NULL, payload = $2, \
+                             updated_at = $3 WHERE id = $1",
                         )
                         .bind(id)
                         .bind(&payload)
@@ -282,6 +325,13 @@ impl Catalog {
                         QueueOutcome::Requeued { id }
                     }
                     JobState::Failed => QueueOutcome::PreviouslyFailed { id, error },
+                    JobState::Cancelled => QueueOutcome::PreviouslyFailed {
+                        id,
+                        error: Some(format!(
+                            "job {id} was cancelled by an operator ({})",
+                            error.as_deref().unwrap_or("no reason recorded")
+                        )),
+                    },
                 }
             };
             tx.commit().await?;
@@ -289,8 +339,17 @@ impl Catalog {
         })
     }
 
-    /// Claims the oldest claimable job for `worker`, or `None` when there is nothing to do.
+    /// Claims the oldest claimable job for `worker`, or `None` when there is nothing to do
+    /// (see [`Catalog::claim`], which also reports the jobs it parked).
     pub async fn claim_job(&self, worker: &str, options: &ClaimOptions) -> Result<Option<Job>> {
+        Ok(self.claim(worker, options).await?.job)
+    }
+
+    /// Parks the jobs that used up their attempts, then claims the oldest claimable job for
+    /// `worker`: queued, or running with an expired lease (its worker died; the dead attempt is
+    /// recorded as the job's last error). The claim counts as an attempt at once, so a process
+    /// that dies during the job still used one.
+    pub async fn claim(&self, worker: &str, options: &ClaimOptions) -> Result<Claim> {
         validate_worker(worker)?;
         if options.lease.is_zero() || options.max_attempts == 0 {
             return Err(StoreError::InvalidRequest(
@@ -300,29 +359,39 @@ impl Catalog {
         let lease_ms = duration_ms(options.lease);
         let max_attempts = i64::from(options.max_attempts);
         let kind = options.kind.as_deref();
-        let row: Option<JobRow> = on_db!(self, |pool, d| {
+        let (parked, row): (Vec<JobRow>, Option<JobRow>) = on_db!(self, |pool, d| {
             let mut tx = pool.begin_with(d.begin_write()).await?;
             // Jobs that keep killing their workers stop here instead of being handed out again.
-            sqlx::query(sql!(d,
+            let parked = sqlx::query_as(sql!(d,
                 "UPDATE jobs SET state = 'failed', lease_expires_at = NULL, updated_at = " NOW ", \
-                 error = 'lease expired ' || CAST(attempts AS TEXT) || ' times (worker ' || \
-                 COALESCE(worker, '?') || ' stopped renewing it): giving up' \
+                 error = 'gave up after ' || CAST(attempts AS TEXT) || ' attempts: attempt ' || \
+                 CAST(attempts AS TEXT) || ' (worker ' || COALESCE(worker, '?') || ') ended \
+                 without a result: its lease expired (the process died, was killed or hung)' \
                  WHERE state = 'running' AND lease_expires_at < " NOW " AND attempts >= $1 \
-                 AND (CAST($2 AS TEXT) IS NULL OR kind = $2)"
+                 AND (CAST($2 AS TEXT) IS NULL OR kind = $2) \
+                 RETURNING id, kind, subject, fingerprint, payload, state, attempts, worker, \
+                 lease_expires_at, error, created_at, updated_at, first_attempt_at, \
+                 last_attempt_at, deferrals"
             ))
             .bind(max_attempts)
             .bind(kind)
-            .execute(&mut *tx)
+            .fetch_all(&mut *tx)
             .await?;
             let row = sqlx::query_as(sql!(d,
                 "UPDATE jobs SET state = 'running', worker = $1, attempts = attempts + 1, \
-                 lease_expires_at = " NOW " + $2, updated_at = " NOW " \
+                 lease_expires_at = " NOW " + $2, updated_at = " NOW ", \
+                 first_attempt_at = COALESCE(first_attempt_at, " NOW "), \
+                 last_attempt_at = " NOW ", \
+                 error = CASE WHEN state = 'running' THEN 'attempt ' || CAST(attempts AS TEXT) \
+                   || ' (worker ' || COALESCE(worker, '?') || ') ended without a result: its \
+                   lease expired (the process died, was killed or hung)' ELSE error END \
                  WHERE id = (SELECT id FROM jobs \
                    WHERE (state = 'queued' OR (state = 'running' AND lease_expires_at < " NOW ")) \
                    AND (CAST($3 AS TEXT) IS NULL OR kind = $3) \
                    ORDER BY id LIMIT 1" SKIP_LOCKED ") \
                  RETURNING id, kind, subject, fingerprint, payload, state, attempts, worker, \
-                 lease_expires_at, error, created_at, updated_at"
+                 lease_expires_at, error, created_at, updated_at, first_attempt_at, \
+                 last_attempt_at, deferrals"
             ))
             .bind(worker)
             .bind(lease_ms)
@@ -330,9 +399,15 @@ impl Catalog {
             .fetch_optional(&mut *tx)
             .await?;
             tx.commit().await?;
-            row
+            (parked, row)
         });
-        row.map(Job::try_from).transpose()
+        Ok(Claim {
+            job: row.map(Job::try_from).transpose()?,
+            parked: parked
+                .into_iter()
+                .map(Job::try_from)
+                .collect::<Result<_>>()?,
+        })
     }
 
     /// Expires the lease of every running job (of `kind`), so the next claim takes them over.
@@ -451,13 +526,136 @@ impl Catalog {
         self.held_or_why(n, job_id, worker).await
     }
 
+    /// Gives a held job back to the queue after an infrastructure error (the vector store or
+    /// the catalog unreachable): the claim is not counted as an attempt (`deferrals` counts it
+    /// instead) and `reason` is kept as the job's last error. The slide is not to blame.
+    pub async fn defer_job(&self, job_id: i64, worker: &str, reason: &str) -> Result<()> {
+        let n = on_db!(self, |pool, d| {
+            sqlx::query(sql!(d,
+                "UPDATE jobs SET state = 'queued', worker = NULL, lease_expires_at = NULL, \
+                 attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END, \
+                 deferrals = deferrals + 1, error = $3, updated_at = " NOW " \
+                 WHERE id = $1 AND worker = $2 AND state = 'running'"
+            ))
+            .bind(job_id)
+            .bind(worker)
+            .bind(reason)
+            .execute(pool)
+            .await?
+            .rows_affected()
+        });
+        self.held_or_why(n, job_id, worker).await
+    }
+
+    /// Ends a held job's attempt without a result (the work panicked): the attempt counts; the
+    /// job is queued again, or parked (failed) once its attempts reach `max_attempts`. Returns
+    /// the job's new state.
+    pub async fn abandon_job(
+        &self,
+        job_id: i64,
+        worker: &str,
+        reason: &str,
+        max_attempts: u32,
+    ) -> Result<JobState> {
+        let state: Option<(String,)> = on_db!(self, |pool, d| {
+            sqlx::query_as(sql!(d,
+                "UPDATE jobs SET worker = $2, lease_expires_at = NULL, updated_at = " NOW ", \
+                 state = CASE WHEN attempts >= $4 THEN 'failed' ELSE 'queued' END, \
+                 error = CASE WHEN attempts >= $4 \
+                   THEN 'gave up after ' || CAST(attempts AS TEXT) || ' attempts: ' || $3 \
+                   ELSE $3 END \
+                 WHERE id = $1 AND worker = $2 AND state = 'running' RETURNING state"
+            ))
+            .bind(job_id)
+            .bind(worker)
+            .bind(reason)
+            .bind(i64::from(max_attempts))
+            .fetch_optional(pool)
+            .await?
+        });
+        match state {
+            Some((s,)) => s.parse(),
+            None => self
+                .held_or_why(0, job_id, worker)
+                .await
+                .map(|_| JobState::Running),
+        }
+    }
+
+    /// Cancels a queued or running job (operators). A worker holding it finds out at its next
+    /// lease renewal or when it tries to record its result, and records nothing. Done, failed
+    /// or already cancelled jobs answer [`StoreError::JobState`].
+    pub async fn cancel_job(&self, job_id: i64) -> Result<Job> {
+        let row: Option<JobRow> = on_db!(self, |pool, d| {
+            sqlx::query_as(sql!(d,
+                "UPDATE jobs SET lease_expires_at = NULL, updated_at = " NOW ", \
+                 error = CASE WHEN state = 'running' \
+                   THEN 'cancelled by an operator while worker ' || COALESCE(worker, '?') || \
+                   ' held it' ELSE 'cancelled by an operator' END, \
+                 state = 'cancelled' \
+                 WHERE id = $1 AND state IN ('queued', 'running') \
+                 RETURNING id, kind, subject, fingerprint, payload, state, attempts, worker, \
+                 lease_expires_at, error, created_at, updated_at, first_attempt_at, \
+                 last_attempt_at, deferrals"
+            ))
+            .bind(job_id)
+            .fetch_optional(pool)
+            .await?
+        });
+        match row {
+            Some(r) => Job::try_from(r),
+            None => Err(self
+                .state_conflict(job_id, "only queued or running jobs can be cancelled")
+                .await),
+        }
+    }
+
+    /// Queues a failed (parked) or cancelled job again with its attempts reset (operators).
+    /// Other states answer [`StoreError::JobState`].
+    pub async fn retry_job(&self, job_id: i64) -> Result<Job> {
+        let row: Option<JobRow> = on_db!(self, |pool, d| {
+            sqlx::query_as(sql!(d,
+                "UPDATE jobs SET state = 'queued', attempts = 0, deferrals = 0, worker = NULL, \
+                 lease_expires_at = NULL, error = NULL, first_attempt_at = NULL, \
+                 last_attempt_at = NULL, updated_at = " NOW " \
+                 WHERE id = $1 AND state IN ('failed', 'cancelled') \
+                 RETURNING id, kind, subject, fingerprint, payload, state, attempts, worker, \
+                 lease_expires_at, error, created_at, updated_at, first_attempt_at, \
+                 last_attempt_at, deferrals"
+            ))
+            .bind(job_id)
+            .fetch_optional(pool)
+            .await?
+        });
+        match row {
+            Some(r) => Job::try_from(r),
+            None => Err(self
+                .state_conflict(job_id, "only failed or cancelled jobs can be retried")
+                .await),
+        }
+    }
+
+    /// Why an operator action found no job to change: unknown id, or the job's state.
+    async fn state_conflict(&self, job_id: i64, rule: &'static str) -> StoreError {
+        match self.job(job_id).await {
+            Ok(Some(job)) => StoreError::JobState {
+                job_id,
+                state: job.state.to_string(),
+                rule,
+            },
+            Ok(None) => StoreError::UnknownJob(job_id),
+            Err(e) => e,
+        }
+    }
+
     /// Puts failed jobs (of `kind`, or all) back in the queue with a fresh attempt count;
     /// returns how many.
     pub async fn retry_failed_jobs(&self, kind: Option<&str>) -> Result<u64> {
         Ok(on_db!(self, |pool, d| {
             sqlx::query(sql!(d,
-                "UPDATE jobs SET state = 'queued', attempts = 0, worker = NULL, \
-                 lease_expires_at = NULL, error = NULL, updated_at = " NOW " \
+                "UPDATE jobs SET state = 'queued', attempts = 0, deferrals = 0, worker = NULL, \
+                 lease_expires_at = NULL, error = NULL, first_attempt_at = NULL, \
+                 last_attempt_at = NULL, updated_at = " NOW " \
                  WHERE state = 'failed' AND (CAST($1 AS TEXT) IS NULL OR kind = $1)"
             ))
             .bind(kind)
@@ -518,6 +716,7 @@ impl Catalog {
             running: get(JobState::Running),
             done: get(JobState::Done),
             failed: get(JobState::Failed),
+            cancelled: get(JobState::Cancelled),
             stale: stale as u64,
         })
     }

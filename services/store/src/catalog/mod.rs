@@ -31,7 +31,7 @@ use sqlx::sqlite::{
 use crate::config::{redact_url, CatalogUrl, StoreConfig};
 use crate::error::{Result, StoreError};
 
-pub use jobs::{kinds, ClaimOptions, Job, JobCounts, JobState, NewJob, QueueOutcome};
+pub use jobs::{kinds, Claim, ClaimOptions, Job, JobCounts, JobState, NewJob, QueueOutcome};
 pub use records::{
     EmbeddedSlide, FeatureFileRecord, ModelRecord, NewReport, NewSlide, ReportRecord, RunStatus,
     SlideRecord, SlideState, TrainingPair, TrainingRun,

@@ -116,6 +116,9 @@ both_dialects!(
     complete_slide_job_is_atomic,
     training_runs,
     concurrent_claims_take_each_job_once,
+    crashed_attempts_park_the_job_with_their_record,
+    operators_cancel_and_retry_jobs,
+    infrastructure_errors_are_not_counted_as_attempts,
 );
 
 fn slide(id: &str, cohort: &str) -> NewSlide {
@@ -545,6 +548,7 @@ async fn claims_follow_the_lease_protocol(db: &TestDb) {
             running: 3,
             done: 0,
             failed: 0,
+            cancelled: 0,
             stale: 0
         }
     );
@@ -624,7 +628,7 @@ async fn expired_leases_are_reclaimed_then_given_up(db: &TestDb) {
     assert_eq!(job.state, JobState::Failed);
     let error = job.error.unwrap();
     assert!(
-        error.contains("lease expired 2 times") && error.contains("w2"),
+        error.contains("gave up after 2 attempts") && error.contains("w2"),
         "{error}"
     );
 
@@ -818,4 +822,241 @@ fn sql_macro_spells_each_dialect() {
         pg.contains("clock_timestamp") && pg.contains("FOR UPDATE SKIP LOCKED"),
         "{pg}"
     );
+}
+
+/// A worker that dies mid-job (claims, never renews nor finishes) N times: every claim counts
+/// as an attempt when it is made, each dead attempt is recorded as the job's last error, and
+/// after `max_attempts` the job is parked as failed, reported once by the claim that parked it,
+/// never handed out again (also not after a restart expired the leases), and not re-queued by
+/// a plain ingest.
+async fn crashed_attempts_park_the_job_with_their_record(db: &TestDb) {
+    let c = &db.catalog;
+    let id = c.queue_job(&new_job("oom-slide", "fp")).await.unwrap().id();
+    let other = c
+        .queue_job(&new_job("fine-slide", "fp"))
+        .await
+        .unwrap()
+        .id();
+    let lease = 200;
+    let options = ClaimOptions {
+        max_attempts: 3,
+        ..opts(lease)
+    };
+    let queued = c.job(id).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            queued.attempts,
+            queued.first_attempt_at_ms,
+            queued.last_attempt_at_ms
+        ),
+        (0, None, None)
+    );
+    let mut first_at = None;
+    let mut last_at = 0;
+    for n in 1..=3u32 {
+        let claim = c.claim(&format!("w{n}"), &options).await.unwrap();
+        assert!(claim.parked.is_empty());
+        let job = claim.job.unwrap();
+        assert_eq!(
+            (job.id, job.attempts, job.state),
+            (id, n, JobState::Running)
+        );
+        // The attempt is on record before any work: a crash now still counts.
+        let stored = c.job(id).await.unwrap().unwrap();
+        assert_eq!(stored.attempts, n);
+        let at = stored.last_attempt_at_ms.unwrap();
+        assert!(at >= last_at);
+        last_at = at;
+        first_at.get_or_insert(stored.first_attempt_at_ms.unwrap());
+        assert_eq!(stored.first_attempt_at_ms, first_at);
+        if n > 1 {
+            let error = stored.error.unwrap();
+            assert!(
+                error.contains(&format!("attempt {} (worker w{})", n - 1, n - 1))
+                    && error.contains("ended without a result"),
+                "{error}"
+            );
+        }
+        // The worker dies: no renewal, no completion. Another start expires its lease.
+        tokio::time::sleep(Duration::from_millis(lease + 100)).await;
+    }
+    let claim = c.claim("w4", &options).await.unwrap();
+    assert_eq!(claim.parked.len(), 1, "{claim:?}");
+    let parked = &claim.parked[0];
+    assert_eq!(
+        (parked.id, parked.state, parked.attempts),
+        (id, JobState::Failed, 3)
+    );
+    let error = parked.error.clone().unwrap();
+    assert!(
+        error.contains("gave up after 3 attempts") && error.contains("w3"),
+        "{error}"
+    );
+    assert_eq!(parked.first_attempt_at_ms, first_at);
+    assert_eq!(parked.last_attempt_at_ms, Some(last_at));
+    // The same claim goes on with the next job.
+    assert_eq!(claim.job.map(|j| j.id), Some(other));
+    c.complete_job(other, "w4").await.unwrap();
+
+    // Next start: leases expired, nothing to claim, the parked job is not reported again.
+    c.expire_running_leases(None).await.unwrap();
+    let claim = c.claim("w5", &options).await.unwrap();
+    assert!(claim.job.is_none() && claim.parked.is_empty(), "{claim:?}");
+    let job = c.job(id).await.unwrap().unwrap();
+    assert_eq!((job.state, job.attempts), (JobState::Failed, 3));
+    match c.queue_job(&new_job("oom-slide", "fp")).await.unwrap() {
+        QueueOutcome::PreviouslyFailed { id: i, error } => {
+            assert_eq!(i, id);
+            assert!(error.unwrap().contains("gave up after 3 attempts"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(c.job_counts().await.unwrap().failed, 1);
+}
+
+/// `gigapath jobs cancel|retry`: which states each applies to, what a worker holding a
+/// cancelled job is told, and that a cancelled job is not re-queued by a plain ingest.
+async fn operators_cancel_and_retry_jobs(db: &TestDb) {
+    let c = &db.catalog;
+    c.upsert_slide(&slide("a", "A")).await.unwrap();
+    let a = c.queue_job(&new_job("a", "fp")).await.unwrap().id();
+    let b = c.queue_job(&new_job("b", "fp")).await.unwrap().id();
+    let d = c.queue_job(&new_job("d", "fp")).await.unwrap().id();
+    let options = opts(60_000);
+    assert_eq!(c.claim_job("w1", &options).await.unwrap().unwrap().id, a);
+
+    // A queued and a running job are cancelled.
+    let cb = c.cancel_job(b).await.unwrap();
+    assert_eq!(cb.state, JobState::Cancelled);
+    assert_eq!(cb.error.as_deref(), Some("cancelled by an operator"));
+    let ca = c.cancel_job(a).await.unwrap();
+    assert_eq!(
+        (ca.state, ca.lease_expires_at_ms),
+        (JobState::Cancelled, None)
+    );
+    assert!(ca.error.unwrap().contains("while worker w1 held it"));
+    // The worker learns it at its next renewal, and its result is refused: nothing recorded.
+    assert!(matches!(
+        c.renew_lease(a, "w1", Duration::from_secs(60))
+            .await
+            .unwrap_err(),
+        StoreError::LeaseLost { .. }
+    ));
+    assert!(matches!(
+        c.complete_slide_job(a, "w1", &embedded("a", "fp"))
+            .await
+            .unwrap_err(),
+        StoreError::LeaseLost { .. }
+    ));
+    assert_eq!(
+        c.slide("a").await.unwrap().unwrap().state,
+        SlideState::Registered
+    );
+    assert_eq!(c.job(a).await.unwrap().unwrap().state, JobState::Cancelled);
+    // Cancelled jobs are not claimed.
+    assert_eq!(c.claim_job("w2", &options).await.unwrap().unwrap().id, d);
+    assert!(c.claim_job("w2", &options).await.unwrap().is_none());
+    c.complete_job(d, "w2").await.unwrap();
+
+    // What does not apply is refused with the job's state; unknown ids are unknown.
+    for (result, state) in [
+        (c.cancel_job(a).await, "cancelled"),
+        (c.cancel_job(d).await, "done"),
+        (c.retry_job(d).await, "done"),
+    ] {
+        match result.unwrap_err() {
+            StoreError::JobState { state: s, .. } => assert_eq!(s, state),
+            e => panic!("{e}"),
+        }
+    }
+    assert!(matches!(
+        c.retry_job(9_999).await.unwrap_err(),
+        StoreError::UnknownJob(9_999)
+    ));
+    assert!(matches!(
+        c.cancel_job(9_999).await.unwrap_err(),
+        StoreError::UnknownJob(9_999)
+    ));
+    let counts = c.job_counts().await.unwrap();
+    assert_eq!((counts.cancelled, counts.done, counts.total()), (2, 1, 3));
+    let listed = c.list_jobs(Some(JobState::Cancelled), 10).await.unwrap();
+    assert_eq!(listed.iter().map(|j| j.id).collect::<Vec<_>>(), vec![a, b]);
+
+    // A plain ingest does not undo a cancel; retry does, with a fresh attempt count.
+    assert!(matches!(
+        c.queue_job(&new_job("b", "fp")).await.unwrap(),
+        QueueOutcome::PreviouslyFailed { .. }
+    ));
+    let ra = c.retry_job(a).await.unwrap();
+    assert_eq!(
+        (ra.state, ra.attempts, ra.error, ra.worker),
+        (JobState::Queued, 0, None, None)
+    );
+    let again = c.claim_job("w3", &options).await.unwrap().unwrap();
+    assert_eq!((again.id, again.attempts), (a, 1));
+    assert!(matches!(
+        c.queue_job(&NewJob {
+            retry_failed: true,
+            ..new_job("b", "fp")
+        })
+        .await
+        .unwrap(),
+        QueueOutcome::Requeued { .. }
+    ));
+}
+
+/// An attempt given back after an infrastructure error is not counted (the slide is not to
+/// blame); an attempt that ends in a panic is, and parks the job at the limit.
+async fn infrastructure_errors_are_not_counted_as_attempts(db: &TestDb) {
+    let c = &db.catalog;
+    let id = c.queue_job(&new_job("s", "fp")).await.unwrap().id();
+    let options = ClaimOptions {
+        max_attempts: 2,
+        ..opts(60_000)
+    };
+    for round in 1..=3u32 {
+        let job = c.claim_job("w1", &options).await.unwrap().unwrap();
+        assert_eq!((job.attempts, job.deferrals), (1, round - 1));
+        c.defer_job(id, "w1", "Qdrant server unavailable")
+            .await
+            .unwrap();
+        let job = c.job(id).await.unwrap().unwrap();
+        assert_eq!(
+            (job.state, job.attempts, job.deferrals),
+            (JobState::Queued, 0, round)
+        );
+        assert_eq!(job.error.as_deref(), Some("Qdrant server unavailable"));
+    }
+    assert!(matches!(
+        c.defer_job(id, "w1", "x").await.unwrap_err(),
+        StoreError::LeaseLost { .. }
+    ));
+
+    c.claim_job("w1", &options).await.unwrap().unwrap();
+    assert_eq!(
+        c.abandon_job(id, "w1", "panicked: boom", 2).await.unwrap(),
+        JobState::Queued
+    );
+    c.claim_job("w1", &options).await.unwrap().unwrap();
+    assert_eq!(
+        c.abandon_job(id, "w1", "panicked: boom", 2).await.unwrap(),
+        JobState::Failed
+    );
+    let job = c.job(id).await.unwrap().unwrap();
+    assert_eq!(
+        job.error.as_deref(),
+        Some("gave up after 2 attempts: panicked: boom")
+    );
+    assert!(c.claim_job("w1", &options).await.unwrap().is_none());
+
+    // Which store errors count as infrastructure (retried, never the slide's fault).
+    let unavailable = StoreError::Unavailable {
+        backend: "Qdrant server",
+        url: "http://127.0.0.1:1".into(),
+        message: "connection refused".into(),
+    };
+    assert!(unavailable.is_transient());
+    assert!(StoreError::Catalog(sqlx::Error::PoolTimedOut).is_transient());
+    assert!(!StoreError::UnknownJob(1).is_transient());
+    assert!(!StoreError::InvalidRequest("bad".into()).is_transient());
 }

@@ -1,0 +1,204 @@
+//! `/v1/jobs` on the real service over a real store: listing with filters, retry and cancel
+//! with their refusals (404 unknown, 409 wrong state, 400 bad input), and the admin key rule.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use gigapath_api::Service;
+use gigapath_models::init::{init_slide_encoder, init_tile_encoder, SlideSize, TileSize};
+use gigapath_pipeline::{Config, IngestRequest, Pipeline, Quiet};
+use gigapath_synth::CohortSpec;
+use serde_json::{json, Value};
+
+use common::{get, http, post, text, TEXT_MODEL};
+
+const KEY: &str = "jobs-admin-key-0123456789";
+
+fn setup(root: &Path) -> Config {
+    let models = root.join("models");
+    init_tile_encoder(
+        &models.join("tile"),
+        TileSize {
+            embed_dim: 48,
+            depth: 1,
+            num_heads: 3,
+        },
+        0,
+    )
+    .unwrap();
+    init_slide_encoder(
+        &models.join("slide"),
+        SlideSize {
+            in_chans: 48,
+            embed_dim: 64,
+            depth: 1,
+            num_heads: 16,
+        },
+        1,
+    )
+    .unwrap();
+    let cohort = root.join("slides-root/cohort");
+    let spec = CohortSpec {
+        slides_per_subtype: 1,
+        slide_um: 700.0,
+        ..CohortSpec::default()
+    };
+    gigapath_synth::generate(&cohort, &spec, &|_, _| {}).unwrap();
+    let mut cfg = Config::load(Some(&root.join("data")), None).unwrap();
+    cfg.models.tile_encoder = Some(models.join("tile"));
+    cfg.models.slide_encoder = Some(models.join("slide"));
+    cfg.models.text_encoder = Some(PathBuf::from(TEXT_MODEL));
+    cfg.models.text_pool = "cls".into();
+    cfg.ingest.batch_size = 8;
+    cfg.serve.bind = "127.0.0.1:0".into();
+    cfg.serve.api_keys = vec![KEY.into()];
+    cfg.serve.slide_roots = vec![root.join("slides-root")];
+    cfg.serve.prompts_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../prompts");
+    // Jobs queued over HTTP stay queued: this test drives the queue by hand.
+    cfg.serve.run_worker = false;
+    cfg
+}
+
+fn with_key(addr: std::net::SocketAddr, method: &str, path: &str) -> common::Reply {
+    let auth = format!("Bearer {KEY}");
+    http(
+        addr,
+        method,
+        path,
+        &[("Authorization", auth.as_str())],
+        None,
+    )
+}
+
+fn jobs(addr: std::net::SocketAddr, query: &str) -> Vec<Value> {
+    let r = with_key(addr, "GET", &format!("/v1/jobs{query}"));
+    assert_eq!(r.status, 200, "{}", text(&r));
+    r.json()["jobs"].as_array().unwrap().clone()
+}
+
+#[test]
+fn list_retry_and_cancel_jobs_over_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let cfg = setup(root);
+    let slides = root.join("slides-root/cohort/slides");
+    let mut names: Vec<PathBuf> = std::fs::read_dir(&slides)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "svs"))
+        .collect();
+    names.sort();
+    // One slide embedded, one file that is no slide (its job fails), before the service runs.
+    let bad = root.join("slides-root/BAD-0001.svs");
+    std::fs::write(&bad, b"this is not a slide").unwrap();
+    {
+        let pipeline = Pipeline::open(cfg.clone()).unwrap();
+        let s = pipeline
+            .ingest(
+                &IngestRequest {
+                    inputs: vec![names[0].clone(), bad.clone()],
+                    ..IngestRequest::default()
+                },
+                &Quiet,
+            )
+            .unwrap();
+        assert_eq!((s.run.slides_ok, s.run.slides_failed), (1, 1), "{s:?}");
+    }
+    let service = Service::start(cfg).unwrap();
+    let addr = service.addr;
+    // Two more slides queued through the API (no worker runs them).
+    let paths: Vec<String> = names[1..].iter().map(|p| p.display().to_string()).collect();
+    let q = post(addr, "/v1/ingest", &json!({ "slides": paths }), Some(KEY));
+    assert_eq!(q.status, 202, "{}", text(&q));
+
+    // The admin key is needed, even to list (payloads name server paths).
+    assert_eq!(get(addr, "/v1/jobs").status, 401);
+    let wrong = http(
+        addr,
+        "GET",
+        "/v1/jobs",
+        &[("X-Api-Key", "not-the-key-0123456789")],
+        None,
+    );
+    assert_eq!(wrong.status, 401);
+    assert_eq!(post(addr, "/v1/jobs/1/retry", &json!({}), None).status, 401);
+
+    let all = jobs(addr, "");
+    assert_eq!(all.len(), 4, "{all:?}");
+    let by_state =
+        |s: &str| -> Vec<Value> { all.iter().filter(|j| j["state"] == s).cloned().collect() };
+    let (done, failed, queued) = (by_state("done"), by_state("failed"), by_state("queued"));
+    assert_eq!((done.len(), failed.len(), queued.len()), (1, 1, 2));
+    assert_eq!(failed[0]["slide_id"], "BAD-0001");
+    assert_eq!(failed[0]["attempts"], 1);
+    assert!(failed[0]["error"].as_str().unwrap().contains("BAD-0001"));
+    assert!(failed[0]["first_attempt_at_ms"].is_i64());
+    assert_eq!(queued[0]["attempts"], 0);
+    assert!(queued[0]["first_attempt_at_ms"].is_null());
+    let only_failed = jobs(addr, "?state=failed");
+    assert_eq!(only_failed.len(), 1);
+    assert_eq!(only_failed[0]["id"], failed[0]["id"]);
+    assert_eq!(jobs(addr, "?state=queued&limit=1").len(), 1);
+
+    // Bad queries and ids are 400, each naming the problem.
+    for (query, needle) in [
+        ("?state=stuck", "state `stuck`"),
+        ("?limit=0", "limit = 0"),
+        ("?limit=20000", "limit = 20000"),
+        ("?colour=red", "colour"),
+    ] {
+        let r = with_key(addr, "GET", &format!("/v1/jobs{query}"));
+        assert_eq!(r.status, 400, "{query}: {}", text(&r));
+        assert!(text(&r).contains(needle), "{query}: {}", text(&r));
+    }
+    assert_eq!(with_key(addr, "POST", "/v1/jobs/abc/retry").status, 400);
+
+    // Cancel a queued job; cancelling it again, or a done one, is a conflict; unknown is 404.
+    let qid = queued[0]["id"].as_i64().unwrap();
+    let r = with_key(addr, "POST", &format!("/v1/jobs/{qid}/cancel"));
+    assert_eq!(r.status, 200, "{}", text(&r));
+    assert_eq!(r.json()["state"], "cancelled");
+    assert_eq!(r.json()["error"], "cancelled by an operator");
+    let r = with_key(addr, "POST", &format!("/v1/jobs/{qid}/cancel"));
+    assert_eq!((r.status, r.error_code().as_str()), (409, "conflict"));
+    assert!(text(&r).contains("is cancelled"), "{}", text(&r));
+    let did = done[0]["id"].as_i64().unwrap();
+    let r = with_key(addr, "POST", &format!("/v1/jobs/{did}/cancel"));
+    assert_eq!(r.status, 409, "{}", text(&r));
+    let r = with_key(addr, "POST", &format!("/v1/jobs/{did}/retry"));
+    assert_eq!(r.status, 409, "{}", text(&r));
+    assert!(
+        text(&r).contains("only failed or cancelled jobs can be retried"),
+        "{}",
+        text(&r)
+    );
+    let r = with_key(addr, "POST", "/v1/jobs/987654/retry");
+    assert_eq!((r.status, r.error_code().as_str()), (404, "not_found"));
+    assert!(text(&r).contains("unknown job 987654"));
+
+    // Retry the failed and the cancelled job: queued, attempts reset.
+    for id in [failed[0]["id"].as_i64().unwrap(), qid] {
+        let r = with_key(addr, "POST", &format!("/v1/jobs/{id}/retry"));
+        assert_eq!(r.status, 200, "{}", text(&r));
+        let j = r.json();
+        assert_eq!((&j["state"], &j["attempts"]), (&json!("queued"), &json!(0)));
+        assert_eq!(j["error"], Value::Null);
+    }
+    assert_eq!(jobs(addr, "?state=queued").len(), 3);
+    let status = get(addr, "/v1/status").json();
+    assert_eq!(status["jobs"]["queued"], 3, "{status}");
+    assert_eq!(status["jobs"]["cancelled"], 0, "{status}");
+
+    // Documented, and other methods are 405.
+    let doc = get(addr, "/v1/openapi.json").json();
+    for p in ["/v1/jobs", "/v1/jobs/{id}/retry", "/v1/jobs/{id}/cancel"] {
+        assert!(
+            doc["paths"].get(p).is_some(),
+            "{p} missing from the document"
+        );
+    }
+    assert_eq!(with_key(addr, "GET", "/v1/jobs/1/retry").status, 405);
+    service.stop();
+}
