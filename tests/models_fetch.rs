@@ -25,7 +25,7 @@ struct Behaviour {
 struct Hub {
     url: String,
     /// Every request: (path, Range header, Authorization header).
-    log: Arc<Mutex<Vec<(String, Option<String>, Option<String>)>>>,
+    log: Arc<Log>,
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {

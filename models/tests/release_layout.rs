@@ -174,7 +174,8 @@ fn timm_reexport_configs_load() {
 
 #[test]
 fn config_keys_that_change_the_model_are_refused_by_name() {
-    let cases: Vec<(Box<dyn Fn(&mut serde_json::Map<_, _>)>, &str)> = vec![
+    type Edit = Box<dyn Fn(&mut serde_json::Map<String, serde_json::Value>)>;
+    let cases: Vec<(Edit, &str)> = vec![
         (
             Box::new(|a| {
                 a.insert("img_size".into(), serde_json::json!([224, 256]));
