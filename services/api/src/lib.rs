@@ -279,11 +279,13 @@ impl Service {
             .spawn(move || {
                 actix_web::rt::System::new().block_on(async move {
                     // Outermost first: security headers on every answer (also 503s), then
-                    // metrics (they count refusals), then the in-flight cap.
+                    // metrics (they count refusals), the payload holder (also for refused and
+                    // exempt requests), then the in-flight cap.
                     let server = HttpServer::new(move || {
                         App::new()
                             .app_data(in_flight.clone())
                             .wrap(from_fn(limits::admit))
+                            .wrap(from_fn(limits::hold_payload))
                             .wrap(from_fn(observe))
                             .wrap(limits::security_headers())
                             .configure(configure(server_state.clone()))

@@ -8,16 +8,27 @@
 //!   answer when the service is saturated.
 //! - Connections, the listen backlog and the read deadlines are set on the server itself
 //!   ([`crate::Service::start`]); the body deadline is in [`crate::routes::Body`].
+//! - A request body the handler did not read (to its end) closes the connection after the
+//!   answer: actix would otherwise drain a chunked body to keep the connection, for as long as
+//!   a client trickles it ([`hold_payload`]).
 //! - Security headers on every response: a Content-Security-Policy that allows only the page's
 //!   own script, style and pictures, no framing, no MIME sniffing, no referrer.
 
+use std::cell::RefCell;
+use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
-use actix_web::body::{BoxBody, MessageBody};
-use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::body::{BodySize, BoxBody, MessageBody};
+use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
+use actix_web::error::PayloadError;
+use actix_web::http::header;
 use actix_web::middleware::{DefaultHeaders, Next};
+use actix_web::web::Bytes;
 use actix_web::{web, ResponseError};
+use futures_core::Stream;
 
 use crate::error::ApiError;
 
@@ -100,6 +111,73 @@ pub async fn admit(
         return Ok(req.into_response(e.error_response()));
     };
     Ok(next.call(req).await?.map_into_boxed_body())
+}
+
+/// The request's payload, read by the handler through [`SharedPayload`] and held by the
+/// response body ([`HoldPayload`]) until the answer is sent.
+type Held = Rc<RefCell<Payload>>;
+
+struct SharedPayload(Held);
+
+impl Stream for SharedPayload {
+    type Item = Result<Bytes, PayloadError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let mut payload = self.0.borrow_mut();
+        Pin::new(&mut *payload).poll_next(cx)
+    }
+}
+
+/// A response body that keeps the request payload alive until it is sent: actix then sees an
+/// unfinished payload that is still wanted and closes the connection after the answer (after
+/// `client_disconnect_timeout`), instead of draining a dropped chunked payload for ever.
+struct HoldPayload {
+    body: BoxBody,
+    _payload: Held,
+}
+
+impl MessageBody for HoldPayload {
+    type Error = <BoxBody as MessageBody>::Error;
+
+    fn size(&self) -> BodySize {
+        self.body.size()
+    }
+
+    fn poll_next(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Bytes, Self::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_next(cx)
+    }
+}
+
+/// For a request that carries a body: the handler reads it through a shared handle, and the
+/// answer holds the payload until sent (see [`HoldPayload`]). A body read to its end changes
+/// nothing (the connection is kept alive as usual).
+pub async fn hold_payload(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    let has_body = req.headers().contains_key(header::TRANSFER_ENCODING)
+        || req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0");
+    if !has_body {
+        return Ok(next.call(req).await?.map_into_boxed_body());
+    }
+    let (http, payload) = req.into_parts();
+    let held: Held = Rc::new(RefCell::new(payload));
+    let stream: Pin<Box<dyn Stream<Item = Result<Bytes, PayloadError>>>> =
+        Box::pin(SharedPayload(held.clone()));
+    let req = ServiceRequest::from_parts(http, Payload::Stream { payload: stream });
+    let res = next.call(req).await?;
+    Ok(res.map_body(|_, body| {
+        BoxBody::new(HoldPayload {
+            body: body.boxed(),
+            _payload: held,
+        })
+    }))
 }
 
 #[cfg(test)]

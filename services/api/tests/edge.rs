@@ -100,6 +100,43 @@ fn trickle(addr: SocketAddr, head: String, bound: Duration) -> Slow {
     Slow { status, after }
 }
 
+/// Like [`trickle`], but goes on until the server closes the connection (or `bound`): the
+/// status is the first answer's.
+fn trickle_to_close(addr: SocketAddr, head: String, bound: Duration) -> Slow {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let t0 = Instant::now();
+    s.write_all(head.as_bytes()).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while t0.elapsed() < bound {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                if s.write_all(b"y").is_err() {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    let status = String::from_utf8_lossy(&got)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok());
+    Slow {
+        status,
+        after: t0.elapsed(),
+    }
+}
+
 /// The value of an unlabelled metric.
 fn metric(addr: SocketAddr, name: &str) -> Option<f64> {
     let r = get(addr, "/metrics");
@@ -157,16 +194,20 @@ fn slow_clients_are_cut_off_and_overload_is_503_while_probes_answer() {
     let bound = Duration::from_secs(READ_S + 12);
     let deadline = Duration::from_secs(READ_S + 3);
 
-    // CAP clients that send their head, then trickle a body that would take minutes.
-    let body_head = format!(
+    // CAP clients that send their head, then trickle a body that would take minutes: one with a
+    // Content-Length, one chunked.
+    let length = format!(
         "POST /v1/search/slides HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
          Content-Length: 1000\r\n\r\n{{\"query\": \""
     );
-    let slow: Vec<_> = (0..CAP)
-        .map(|_| {
-            let head = body_head.clone();
-            std::thread::spawn(move || trickle(addr, head, bound))
-        })
+    let chunked = format!(
+        "POST /v1/search/slides HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Transfer-Encoding: chunked\r\n\r\n400\r\n{{\"query\": \""
+    );
+    assert_eq!(CAP, 2);
+    let slow: Vec<_> = [length, chunked]
+        .into_iter()
+        .map(|head| std::thread::spawn(move || trickle(addr, head, bound)))
         .collect();
     // And one that never finishes its head.
     let head_only = std::thread::spawn(move || {
@@ -234,6 +275,19 @@ fn slow_clients_are_cut_off_and_overload_is_503_while_probes_answer() {
         "slow head: {:?}",
         s.status
     );
+
+    // A trickled body on an endpoint that does not read it: answered, and the connection does
+    // not stay open to drain it.
+    for head in [
+        format!("GET /v1/prompt-sets HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 1000\r\n\r\nx"),
+        format!(
+            "GET /v1/prompt-sets HTTP/1.1\r\nHost: {addr}\r\nTransfer-Encoding: chunked\r\n\r\n400\r\nx"
+        ),
+    ] {
+        let s = trickle_to_close(addr, head, bound);
+        assert!(s.after < deadline, "an unread slow body held {:?}", s.after);
+        assert_eq!(s.status, Some(200));
+    }
 
     // Their slots are free again: requests are served.
     assert!(

@@ -6,10 +6,11 @@ use serde_json::{json, Value};
 
 use crate::error::{ApiError, ApiResult};
 
-/// Longest slide or report id (characters).
-pub const MAX_ID_CHARS: usize = 512;
+/// Longest slide or report id (characters): the ingest's limit for ids from file names too.
+pub use gigapath_pipeline::discover::MAX_ID_CHARS;
 
-/// Slide ids become folder names: no `/`, `\` or NUL, not `.` or `..`.
+/// Slide ids become folder names: no `/`, `\` or NUL, not `.` or `..`
+/// (`gigapath_pipeline::discover::check_slide_id`, which ingest applies to file names too).
 pub const SLIDE_ID_PATTERN: &str = r"^(?!\.\.?$)[^/\\\x00]+$";
 /// Report ids are catalog keys (from a reports file's `report_id` column): any text without NUL
 /// (which neither SQLite's nor Postgres's text holds reliably).
@@ -29,41 +30,29 @@ impl IdKind {
             IdKind::Report => REPORT_ID_PATTERN,
         }
     }
+}
 
-    fn forbidden(self, id: &str) -> Option<&'static str> {
-        match self {
-            IdKind::Slide if id == "." || id == ".." => Some("`.` and `..` are not slide ids"),
-            IdKind::Slide if id.contains(['/', '\\', '\0']) => {
-                Some("a slide id has no `/`, `\\` or NUL")
-            }
-            IdKind::Report if id.contains('\0') => Some("a report id has no NUL"),
-            _ => None,
-        }
+/// The report id rule, worded as `check_slide_id` words the slide one.
+fn check_report_id(id: &str) -> Result<(), String> {
+    if id.is_empty() {
+        Err("is empty".into())
+    } else if id.chars().count() > MAX_ID_CHARS {
+        Err(format!("is longer than {MAX_ID_CHARS} characters"))
+    } else if id.contains('\0') {
+        Err("contains NUL".into())
+    } else {
+        Ok(())
     }
 }
 
 /// `id` (the value of request field `field`) follows the rule of its kind, else 400 naming the
-/// field and the broken rule (a long id is shown cut).
+/// field and the broken rule (the id itself is not repeated: it may be long).
 pub fn check(kind: IdKind, field: &str, id: &str) -> ApiResult<()> {
-    let n = id.chars().count();
-    let why = if n == 0 {
-        Some(format!("`{field}` is empty"))
-    } else if n > MAX_ID_CHARS {
-        Some(format!(
-            "`{field}` has {n} characters; the limit is {MAX_ID_CHARS}"
-        ))
-    } else {
-        kind.forbidden(id).map(|rule| {
-            format!(
-                "`{field}` = \"{}\" is not a valid id: {rule}",
-                id.escape_debug()
-            )
-        })
+    let rule = match kind {
+        IdKind::Slide => gigapath_pipeline::discover::check_slide_id(id),
+        IdKind::Report => check_report_id(id),
     };
-    match why {
-        Some(message) => Err(ApiError::BadRequest(message)),
-        None => Ok(()),
-    }
+    rule.map_err(|why| ApiError::BadRequest(format!("`{field}` {why}")))
 }
 
 /// Every id of a list field (`slide_ids`), each by the same rule.
@@ -100,10 +89,7 @@ mod tests {
         let long = "é".repeat(MAX_ID_CHARS);
         assert!(ok(IdKind::Slide, &long), "characters, not bytes");
         let e = check(IdKind::Report, "report_id", &"x".repeat(100_000)).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "`report_id` has 100000 characters; the limit is 512"
-        );
+        assert_eq!(e.to_string(), "`report_id` is longer than 512 characters");
         let e = check_all(IdKind::Slide, "slide_ids", &["a".into(), String::new()]).unwrap_err();
         assert_eq!(e.to_string(), "`slide_ids[1]` is empty");
     }
