@@ -33,7 +33,7 @@ fn moved_data_dir_works_from_another_cwd_and_holds_no_secret() {
     std::fs::create_dir_all(&first).unwrap();
     small_cohort(
         &first,
-        1,
+        3,
         600,
         "run.toml",
         &format!("[serve]\napi_keys = [\"{API_KEY}\"]\n"),
@@ -66,8 +66,8 @@ fn moved_data_dir_works_from_another_cwd_and_holds_no_secret() {
 
     let status = run_in(&elsewhere, &["status", "--data-dir", &m(""), "--json"]);
     let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
-    assert_eq!(status["slides"]["embedded"], 3, "{status}");
-    assert_eq!(status["points"]["slides"], 3, "{status}");
+    assert_eq!(status["slides"]["embedded"], 9, "{status}");
+    assert_eq!(status["points"]["slides"], 9, "{status}");
 
     run_in(
         &elsewhere,
@@ -82,6 +82,43 @@ fn moved_data_dir_works_from_another_cwd_and_holds_no_secret() {
     );
     let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(summary["run"]["slides_ok"], 1, "{summary}");
+
+    // Training, evaluation and re-embedding read the feature files the catalog recorded at
+    // their old place; they are found in the moved data dir.
+    std::fs::write(
+        elsewhere.join("short.toml"),
+        "[optim]\nsteps = 4\nbatch_size = 4\nwarmup_steps = 1\n",
+    )
+    .unwrap();
+    let dd = ["--data-dir", "../moved"];
+    run_in(
+        &elsewhere,
+        &[
+            &["train"][..],
+            &dd,
+            &["--config", "short.toml", "--run-id", "t"],
+        ]
+        .concat(),
+    );
+    let alignment = ["--alignment", "../moved/alignment/t"];
+    let o = run_in(
+        &elsewhere,
+        &[
+            &["eval"][..],
+            &dd,
+            &alignment,
+            &["--split", "all", "--json"],
+        ]
+        .concat(),
+    );
+    let eval: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(eval["step"], 4, "{eval}");
+    run_in(&elsewhere, &[&["reembed"][..], &dd, &alignment].concat());
+    let saved = std::fs::read_to_string(moved.join("gigapath.toml")).unwrap();
+    assert!(
+        saved.contains("alignment = \"alignment/t/"),
+        "saved relative: {saved}"
+    );
 
     // The key still works when given again, through the environment.
     let o = gigapath()

@@ -588,7 +588,8 @@ fn without_password(url: &str) -> Option<String> {
     ))
 }
 
-/// Applies `f` to every path string under [`PATH_KEYS`] in `table`.
+/// Applies `f` to every path string under [`PATH_KEYS`] in `table`, except the default
+/// `serve.prompts_dir = "prompts"`, which means "the usual place" (see `gigapath serve`).
 fn map_paths(table: &mut toml::Table, mut f: impl FnMut(&str) -> String) {
     for (section, key) in PATH_KEYS {
         let Some(value) = table
@@ -599,6 +600,7 @@ fn map_paths(table: &mut toml::Table, mut f: impl FnMut(&str) -> String) {
             continue;
         };
         match value {
+            toml::Value::String(p) if key == "prompts_dir" && p.as_str() == "prompts" => {}
             toml::Value::String(p) => *p = f(p),
             toml::Value::Array(items) => {
                 for item in items {
@@ -896,6 +898,8 @@ mod tests {
         cfg.save_to_data_dir_if_absent().unwrap();
         let text = std::fs::read_to_string(first.join(DATA_DIR_CONFIG)).unwrap();
         assert!(text.contains("tile_encoder = \"models/tile\""), "{text}");
+        // The default prompts folder stays "the usual place", not this working directory's.
+        assert!(text.contains("prompts_dir = \"prompts\""), "{text}");
         let outside = outside.canonicalize().unwrap();
         assert!(
             text.contains(&format!("slide_encoder = \"{}\"", outside.display())),
@@ -910,6 +914,7 @@ mod tests {
             Some(moved.join("models/tile").canonicalize().unwrap().as_path())
         );
         assert_eq!(cfg.models.slide_encoder.as_deref(), Some(outside.as_path()));
+        assert_eq!(cfg.serve.prompts_dir, Path::new("prompts"));
 
         // `reembed` records its checkpoint the same way.
         std::fs::create_dir_all(moved.join("alignment/run")).unwrap();

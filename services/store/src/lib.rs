@@ -56,6 +56,53 @@ impl Store {
     pub fn feature_path(&self, slide_id: &str, tile_fingerprint: &str) -> std::path::PathBuf {
         features::feature_path(&self.config.features_dir(), slide_id, tile_fingerprint)
     }
+
+    /// Where a recorded feature file is now: its place under this data dir
+    /// ([`Store::feature_path`]) when the file is there, else the path the catalog recorded.
+    /// The catalog keeps the path a file was written at, which a moved or copied data dir (or a
+    /// relative data dir opened from another working directory) no longer matches.
+    pub fn locate_feature_file(
+        &self,
+        slide_id: &str,
+        tile_fingerprint: &str,
+        recorded: &str,
+    ) -> String {
+        let here = self.feature_path(slide_id, tile_fingerprint);
+        if here.is_file() {
+            here.display().to_string()
+        } else {
+            recorded.to_string()
+        }
+    }
+
+    /// [`Catalog::training_pairs`], feature paths located in this data dir.
+    pub async fn training_pairs(
+        &self,
+        tile_fingerprint: &str,
+    ) -> Result<Vec<catalog::TrainingPair>> {
+        let mut pairs = self.catalog.training_pairs(tile_fingerprint).await?;
+        for p in &mut pairs {
+            p.feature_path =
+                self.locate_feature_file(&p.slide_id, tile_fingerprint, &p.feature_path);
+        }
+        Ok(pairs)
+    }
+
+    /// [`Catalog::feature_file`], its path located in this data dir.
+    pub async fn feature_file(
+        &self,
+        slide_id: &str,
+        tile_fingerprint: &str,
+    ) -> Result<Option<catalog::FeatureFileRecord>> {
+        let record = self
+            .catalog
+            .feature_file(slide_id, tile_fingerprint)
+            .await?;
+        Ok(record.map(|mut r| {
+            r.path = self.locate_feature_file(slide_id, tile_fingerprint, &r.path);
+            r
+        }))
+    }
 }
 
 #[cfg(test)]

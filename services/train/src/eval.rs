@@ -121,7 +121,7 @@ pub fn evaluate(
     let slide_encoder = SlideEncoder::load(&slide_dir, &precision)?;
     let text_encoder = TextEncoder::load(&text_dir, &precision)?;
 
-    let mut pairs = pipeline.block_on(pipeline.store.catalog.training_pairs(&actual["tile"]))?;
+    let mut pairs = pipeline.block_on(pipeline.store.training_pairs(&actual["tile"]))?;
     if req.split == EvalSplit::Validation {
         let split = checkpoint_split(&req.checkpoint)?.ok_or_else(|| {
             TrainError::checkpoint(

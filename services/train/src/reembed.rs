@@ -67,7 +67,7 @@ pub fn reembed(pipeline: &Pipeline, progress: &dyn TrainProgress) -> Result<Reem
         .collect();
     let mut work = Vec::with_capacity(slides.len());
     for s in slides {
-        match pipeline.block_on(catalog.feature_file(&s.id, &tile_fp))? {
+        match pipeline.block_on(pipeline.store.feature_file(&s.id, &tile_fp))? {
             Some(f) => work.push((s, f.path)),
             None => {
                 return Err(TrainError::Mismatch(format!(

@@ -460,7 +460,7 @@ fn run(
     }
 
     let tile_fp = &bases.fingerprints["tile"];
-    let pairs = pipeline.block_on(pipeline.store.catalog.training_pairs(tile_fp))?;
+    let pairs = pipeline.block_on(pipeline.store.training_pairs(tile_fp))?;
     if pairs.is_empty() {
         return Err(TrainError::Data(format!(
             "no training pairs in {}: no report belongs to a slide with tile features from the \
