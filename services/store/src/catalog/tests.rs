@@ -119,6 +119,7 @@ both_dialects!(
     crashed_attempts_park_the_job_with_their_record,
     operators_cancel_and_retry_jobs,
     infrastructure_errors_are_not_counted_as_attempts,
+    slide_reset_forgets_the_embedding_and_keeps_the_record,
 );
 
 fn slide(id: &str, cohort: &str) -> NewSlide {
@@ -1059,4 +1060,120 @@ async fn infrastructure_errors_are_not_counted_as_attempts(db: &TestDb) {
     assert!(StoreError::Catalog(sqlx::Error::PoolTimedOut).is_transient());
     assert!(!StoreError::UnknownJob(1).is_transient());
     assert!(!StoreError::InvalidRequest("bad".into()).is_transient());
+}
+
+/// `reset_slide` (DELETE /v1/slides/{id}, ingest --replace): refused while a worker holds the
+/// job; then state, jobs, embeddings and feature-file rows of that slide go in one transaction,
+/// the record, its content identity and its reports stay, and the slide can be queued again.
+async fn slide_reset_forgets_the_embedding_and_keeps_the_record(db: &TestDb) {
+    let c = &db.catalog;
+    for id in ["S1", "S2"] {
+        c.upsert_slide(&slide(id, "c")).await.unwrap();
+    }
+    assert_eq!(c.slide_content("S1").await.unwrap(), None);
+    c.set_slide_content("S1", r#"{"size":1}"#).await.unwrap();
+    assert!(matches!(
+        c.set_slide_content("NOPE", "x").await,
+        Err(StoreError::UnknownSlide(_))
+    ));
+    c.upsert_report(&NewReport {
+        id: "R1".into(),
+        slide_id: "S1".into(),
+        text: "a report".into(),
+        labels: BTreeMap::new(),
+    })
+    .await
+    .unwrap();
+    c.mark_report_embedded("R1", "reports", "fp-text")
+        .await
+        .unwrap();
+    let job = |subject: &str| NewJob {
+        kind: "embed_slide".into(),
+        subject: subject.into(),
+        fingerprint: "fp".into(),
+        payload: json!({}),
+        retry_failed: false,
+    };
+    let reset = |id: &'static str| SlideReset {
+        slide_id: id,
+        job_kind: "embed_slide",
+        slide_collection: "slides",
+        report_collection: Some("reports"),
+    };
+    let mut claimed = Vec::new();
+    for id in ["S1", "S2"] {
+        c.queue_job(&job(id)).await.unwrap();
+        claimed.push(
+            c.claim_job("w", &ClaimOptions::default())
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    assert_eq!(
+        c.reset_slide(&reset("S1")).await.unwrap(),
+        ResetOutcome::Busy {
+            job_id: claimed[0].id
+        }
+    );
+    for (j, id) in claimed.iter().zip(["S1", "S2"]) {
+        let embedded = EmbeddedSlide {
+            slide_id: id.into(),
+            tile_count: 5,
+            fingerprint: "fp".into(),
+            fingerprints: BTreeMap::from([("tile".into(), "t".into())]),
+            collection: "slides".into(),
+        };
+        c.complete_slide_job(j.id, "w", &embedded).await.unwrap();
+        c.record_feature_file(&FeatureFileRecord {
+            slide_id: id.into(),
+            tile_fingerprint: "t".into(),
+            path: format!("/features/{id}"),
+            sha256: "x".into(),
+            size_bytes: 1,
+            tile_count: 5,
+            created_at: 0,
+        })
+        .await
+        .unwrap();
+    }
+    assert_eq!(
+        c.reset_slide(&reset("S1")).await.unwrap(),
+        ResetOutcome::Reset {
+            feature_files: vec!["/features/S1".into()],
+            reports: vec!["R1".into()],
+        }
+    );
+    let rec = c.slide("S1").await.unwrap().unwrap();
+    assert_eq!(rec.state, SlideState::Registered);
+    assert_eq!((rec.fingerprint, rec.tile_count), (None, None));
+    assert!(rec.fingerprints.is_empty());
+    assert_eq!(rec.path, "/slides/S1.svs");
+    assert_eq!(rec.labels["subtype"], "LUAD");
+    assert_eq!(
+        c.slide_content("S1").await.unwrap().as_deref(),
+        Some(r#"{"size":1}"#)
+    );
+    assert!(c.job(claimed[0].id).await.unwrap().is_none());
+    assert!(c.feature_file("S1", "t").await.unwrap().is_none());
+    assert_eq!(c.report("R1").await.unwrap().unwrap().fingerprint, None);
+    assert!(c
+        .embedding_fingerprints("reports")
+        .await
+        .unwrap()
+        .is_empty());
+    // S2 untouched: the counts agree with one embedded slide.
+    assert_eq!(c.embedding_fingerprints("slides").await.unwrap()["fp"], 1);
+    assert_eq!(c.slide_counts().await.unwrap()[&SlideState::Embedded], 1);
+    assert_eq!(c.job_counts().await.unwrap().done, 1);
+    assert!(c.feature_file("S2", "t").await.unwrap().is_some());
+    // Queued anew, not "already done".
+    assert!(matches!(
+        c.queue_job(&job("S1")).await.unwrap(),
+        QueueOutcome::Queued { .. }
+    ));
+    assert_eq!(
+        c.reset_slide(&reset("NOPE")).await.unwrap(),
+        ResetOutcome::Unknown
+    );
 }
