@@ -46,6 +46,10 @@ pub const MIN_LEVEL0_TILE_PX: u32 = 16;
 /// Largest tile side read from the slide (at the read level): a tile is read whole, so this
 /// bounds each reader's buffer (2048^2 px, about 29 MB with OpenSlide's ARGB).
 pub const MAX_READ_PX: u32 = 2048;
+/// Largest tile the file may store its pixels in (`openslide.level[N].tile-width x -height`):
+/// OpenSlide decodes a whole stored tile to read any pixel of it, so a header declaring huge
+/// tiles would make one read allocate that much (8192^2 px: 256 MB of ARGB).
+pub const MAX_STORED_TILE_PX: u64 = 8192 * 8192;
 
 /// How the tile grid of one slide is cut and read.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -86,9 +90,10 @@ pub fn plan(slide: &Slide) -> Result<TilePlan> {
     plan_with_limit(slide, DEFAULT_MAX_TILES)
 }
 
-/// Plans the tile grid of `slide`, refusing (before any pixel is read) a plan whose level-0
-/// tile side is under [`MIN_LEVEL0_TILE_PX`], whose grid has more than `max_tiles` tiles, or
-/// whose tiles would be read more than [`MAX_READ_PX`] px a side.
+/// Plans the tile grid of `slide`, refusing (before any pixel is read) a slide stored in tiles
+/// over [`MAX_STORED_TILE_PX`], and a plan whose level-0 tile side is under
+/// [`MIN_LEVEL0_TILE_PX`], whose grid has more than `max_tiles` tiles, or whose tiles would be
+/// read more than [`MAX_READ_PX`] px a side.
 pub fn plan_with_limit(slide: &Slide, max_tiles: u64) -> Result<TilePlan> {
     let mpp = slide.mpp()?;
     let true_mpp = mpp.mean();
@@ -98,6 +103,16 @@ pub fn plan_with_limit(slide: &Slide, max_tiles: u64) -> Result<TilePlan> {
         path: slide.path().to_path_buf(),
         reason,
     };
+    for (i, level) in slide.levels().iter().enumerate() {
+        if let Some((tw, th)) = level.tile_size {
+            if tw.saturating_mul(th) > MAX_STORED_TILE_PX {
+                return Err(absurd(format!(
+                    "level {i} is stored in {tw} x {th} px tiles, each decoded whole on read; over \
+                     the maximum of {MAX_STORED_TILE_PX} px per stored tile"
+                )));
+            }
+        }
+    }
     let level0_tile_f = (TILE_PX as f64 * TARGET_MPP / nominal_mpp).round();
     if level0_tile_f < MIN_LEVEL0_TILE_PX as f64 {
         return Err(absurd(format!(

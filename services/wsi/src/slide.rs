@@ -17,6 +17,11 @@ pub struct Level {
     pub height: u64,
     /// Level-0 pixels per pixel of this level, as OpenSlide reports it (e.g. 4.0003).
     pub downsample: f64,
+    /// Side of the tiles the file stores this level in (`openslide.level[N].tile-width` /
+    /// `-height`), when OpenSlide reports it: OpenSlide decodes a whole tile to read any of its
+    /// pixels, so this bounds what one read allocates.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tile_size: Option<(u64, u64)>,
 }
 
 /// An associated image (label, macro, thumbnail) stored beside the pyramid.
@@ -210,10 +215,18 @@ fn describe(path: &Path, osr: &OpenSlide, user_mpp: Option<f64>) -> Result<Slide
     let levels = sizes
         .iter()
         .zip(downsamples)
-        .map(|(s, &d)| Level {
-            width: s.w as u64,
-            height: s.h as u64,
-            downsample: d,
+        .enumerate()
+        .map(|(i, (s, &d))| {
+            let side = |what: &str| {
+                prop(&format!("openslide.level[{i}].tile-{what}"))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            };
+            Level {
+                width: s.w as u64,
+                height: s.h as u64,
+                downsample: d,
+                tile_size: side("width").zip(side("height")),
+            }
         })
         .collect::<Vec<_>>();
     if levels[0].width == 0 || levels[0].height == 0 {

@@ -394,26 +394,26 @@ fn write_declared_tiff(path: &Path, side: u32, tile: u32) {
     dir.finish().unwrap();
 }
 
-/// A 300 KB TIFF that declares 10^7 x 10^7 px (tiling it once asked for 73 GB): refused from
-/// its header, by the tile limit and, with that limit lifted, by the view cap, in well under a
+/// A 1 MB TIFF that declares 3 x 10^6 px a side (10^7 once asked for 73 GB): refused from its
+/// header, by the tile limit and, with that limit lifted, by the view cap, in well under a
 /// second and without reading a pixel.
 #[test]
 fn forged_huge_tiff_is_refused_before_any_allocation() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("huge.tiff");
-    write_declared_tiff(&path, 10_000_000, 65_536);
-    assert!(std::fs::metadata(&path).unwrap().len() < 1 << 20);
+    write_declared_tiff(&path, 3_000_000, 8192);
+    assert!(std::fs::metadata(&path).unwrap().len() < 2 << 20);
     let slide = Slide::open(&path, Some(0.5)).unwrap();
-    assert_eq!(slide.level0_size(), (10_000_000, 10_000_000));
+    assert_eq!(slide.level0_size(), (3_000_000, 3_000_000));
 
     let started = std::time::Instant::now();
     let err = tile_slide(&slide, &TilingOptions::default())
         .err()
-        .expect("a 1.5 G-tile grid was accepted");
+        .expect("a 137 M-tile grid was accepted");
     let msg = err.to_string();
     assert!(matches!(err, WsiError::AbsurdPlan { .. }), "{msg}");
     assert!(
-        msg.contains("39062 x 39062") && msg.contains("maximum of 2000000 (tiling.max_tiles)"),
+        msg.contains("11718 x 11718") && msg.contains("maximum of 2000000 (tiling.max_tiles)"),
         "{msg}"
     );
 
@@ -431,6 +431,28 @@ fn forged_huge_tiff_is_refused_before_any_allocation() {
         "took {:?}: pixels were read",
         started.elapsed()
     );
+}
+
+/// A header may declare a modest image stored in enormous tiles, which OpenSlide would decode
+/// whole (65536^2 px: 17 GB) at the first pixel read: refused from the header.
+#[test]
+fn huge_stored_tiles_are_refused_before_any_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bigtiles.tiff");
+    write_declared_tiff(&path, 100_000, 65_536);
+    let slide = Slide::open(&path, Some(0.5)).unwrap();
+    assert_eq!(slide.levels()[0].tile_size, Some((65_536, 65_536)));
+    let started = std::time::Instant::now();
+    let msg = tile_slide(&slide, &TilingOptions::default())
+        .err()
+        .expect("a slide stored in 65536 px tiles was read")
+        .to_string();
+    assert!(
+        msg.contains("level 0 is stored in 65536 x 65536 px tiles")
+            && msg.contains("maximum of 67108864 px per stored tile"),
+        "{msg}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
 }
 
 /// The limit is the caller's: a 20x slide of 8 x 6 tiles passes at 48 and fails at 47.
