@@ -166,6 +166,65 @@ pub fn find_slides_within(
     Ok(found)
 }
 
+/// Where `path` leads, symbolic links followed: its canonical path when it exists; when it does
+/// not (a missing file, a dangling link), where it would be: links are followed as far as they
+/// go and the missing rest is taken literally. `None` when that cannot be told (a `..` after a
+/// missing component, more than 40 links, a relative path without a working directory). So the
+/// answer depends on where a path points, never on whether its target exists.
+pub fn resolve_or_predict(path: &Path) -> Option<PathBuf> {
+    use std::ffi::OsString;
+    if let Ok(p) = std::fs::canonicalize(path) {
+        return Some(p);
+    }
+    let mut out = if path.is_absolute() {
+        PathBuf::from("/")
+    } else {
+        std::env::current_dir().ok()?
+    };
+    // Components still to walk, the next one last.
+    let mut pending: Vec<OsString> = path
+        .components()
+        .rev()
+        .map(|c| c.as_os_str().to_owned())
+        .collect();
+    let (mut links, mut missing) = (0, false);
+    while let Some(c) = pending.pop() {
+        if c == "." {
+            continue;
+        }
+        if c == "/" {
+            out = PathBuf::from("/");
+        } else if c == ".." {
+            if missing {
+                return None;
+            }
+            out.pop();
+        } else {
+            let next = out.join(&c);
+            if missing {
+                out = next;
+                continue;
+            }
+            match std::fs::symlink_metadata(&next) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    links += 1;
+                    if links > 40 {
+                        return None;
+                    }
+                    let target = std::fs::read_link(&next).ok()?;
+                    pending.extend(target.components().rev().map(|c| c.as_os_str().to_owned()));
+                }
+                Ok(_) => out = next,
+                Err(_) => {
+                    missing = true;
+                    out = next;
+                }
+            }
+        }
+    }
+    Some(out)
+}
+
 /// A path that cannot be read: an input error naming it (not a fault of ours).
 fn unreadable(path: &Path, e: std::io::Error) -> DiscoverError {
     PipelineError::Input(format!("{}: {e}", path.display())).into()
@@ -225,6 +284,16 @@ impl Walker<'_> {
         }
         entries.sort();
         for p in entries {
+            // Under roots, a link must point inside them, whatever it is and whether its target
+            // exists or not (one answer: no probing outside through planted links).
+            if self.roots.is_some()
+                && std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink())
+            {
+                match resolve_or_predict(&p) {
+                    Some(target) => self.check_roots(&p, &target)?,
+                    None => return Err(DiscoverError::OutsideRoots { path: p }),
+                }
+            }
             // Follows links; a broken link with a slide extension is reported with the files.
             match std::fs::metadata(&p) {
                 Ok(m) if m.is_dir() => self.dir(&p, depth + 1)?,
@@ -397,7 +466,59 @@ mod tests {
         .unwrap_err();
         assert!(matches!(err, DiscoverError::OutsideRoots { .. }), "{err}");
         // Without roots (the command line), links are followed.
-        assert_eq!(find_slides(&[cases]).unwrap().len(), 2);
+        assert_eq!(find_slides(std::slice::from_ref(&cases)).unwrap().len(), 2);
+        // Under roots, any link out is refused whether its target exists or not, whatever it
+        // names (no probing of what exists outside).
+        std::fs::remove_file(root.join("cases/deeper/s.svs")).unwrap();
+        let walk = || {
+            find_slides_within(
+                std::slice::from_ref(&cases),
+                Some(roots.as_slice()),
+                &Limits::default(),
+            )
+        };
+        for (name, target) in [
+            ("gone.svs", outside.join("missing.svs")),
+            ("notes", outside.join("secret.svs")),
+            ("gone-dir", outside.join("no/such/dir")),
+        ] {
+            symlink(&target, root.join("cases").join(name)).unwrap();
+            let err = walk().unwrap_err();
+            assert!(
+                matches!(&err, DiscoverError::OutsideRoots { path } if path.ends_with(name)),
+                "{name}: {err}"
+            );
+            std::fs::remove_file(root.join("cases").join(name)).unwrap();
+        }
+        // A dangling link that stays inside is an ordinary missing file.
+        symlink(root.join("cases/nothing.svs"), root.join("cases/later.svs")).unwrap();
+        let err = walk().unwrap_err();
+        assert!(
+            matches!(err, DiscoverError::Other(_)) && err.to_string().contains("later.svs"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn predicted_paths_follow_links_past_missing_targets() {
+        let d = tempfile::tempdir().unwrap();
+        let base = d.path().canonicalize().unwrap();
+        std::fs::create_dir_all(base.join("a")).unwrap();
+        symlink(base.join("x/y"), base.join("l")).unwrap();
+        symlink("a", base.join("rel")).unwrap();
+        assert_eq!(resolve_or_predict(&base.join("a")), Some(base.join("a")));
+        assert_eq!(
+            resolve_or_predict(&base.join("l/z.svs")),
+            Some(base.join("x/y/z.svs"))
+        );
+        assert_eq!(
+            resolve_or_predict(&base.join("rel/../rel/f.svs")),
+            Some(base.join("a/f.svs"))
+        );
+        assert_eq!(resolve_or_predict(&base.join("nope/../f")), None);
+        symlink(base.join("l2"), base.join("l1")).unwrap();
+        symlink(base.join("l1"), base.join("l2")).unwrap();
+        assert_eq!(resolve_or_predict(&base.join("l1/f")), None);
     }
 
     #[test]

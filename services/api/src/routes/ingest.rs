@@ -1,10 +1,10 @@
 //! `/v1/ingest` (queue slides for the workers) and `/v1/status`.
 
 use std::collections::BTreeMap;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use actix_web::{get, post, web, HttpResponse};
-use gigapath_pipeline::discover::{find_slides_within, DiscoverError, Limits};
+use gigapath_pipeline::discover::{find_slides_within, resolve_or_predict, DiscoverError, Limits};
 use gigapath_pipeline::identity::{bind_sources, conflicts, forget_slide, Forgotten, Known};
 use gigapath_pipeline::queue::{queue_slides, QueueSummary};
 use gigapath_pipeline::Status;
@@ -83,7 +83,7 @@ pub fn confine(requested: &str, roots: &[PathBuf]) -> ApiResult<PathBuf> {
     match std::fs::canonicalize(requested) {
         Ok(resolved) if inside(&resolved) => Ok(resolved),
         Ok(_) => Err(outside()),
-        Err(e) => match would_resolve_to(Path::new(requested)) {
+        Err(e) => match resolve_or_predict(Path::new(requested)) {
             Some(p) if inside(&p) => Err(match e.kind() {
                 std::io::ErrorKind::PermissionDenied => {
                     ApiError::Forbidden(format!("slide path `{requested}`: {e}"))
@@ -93,26 +93,6 @@ pub fn confine(requested: &str, roots: &[PathBuf]) -> ApiResult<PathBuf> {
             _ => Err(outside()),
         },
     }
-}
-
-/// Where a path that does not resolve would lie: its deepest ancestor that resolves, joined with
-/// the rest taken literally; `None` when that rest holds `.` or `..` (not decidable: outside).
-fn would_resolve_to(p: &Path) -> Option<PathBuf> {
-    for base in p.ancestors().skip(1) {
-        let shown = if base.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            base
-        };
-        if let Ok(resolved) = std::fs::canonicalize(shown) {
-            let rest = p.strip_prefix(base).ok()?;
-            if rest.components().all(|c| matches!(c, Component::Normal(_))) {
-                return Some(resolved.join(rest));
-            }
-            return None;
-        }
-    }
-    None
 }
 
 /// Registers slides and queues their embedding for the workers (admin key needed). Returns at
@@ -285,5 +265,16 @@ mod tests {
             }
         }
         assert!(matches!(confine("x", &[]), Err(ApiError::Forbidden(_))));
+        // Through a dangling link: where it points decides, not whether the target exists.
+        std::os::unix::fs::symlink(outside.join("gone"), root.join("out")).unwrap();
+        std::os::unix::fs::symlink(root.join("gone"), root.join("in")).unwrap();
+        assert!(matches!(
+            confine(root.join("out/x.svs").to_str().unwrap(), &roots),
+            Err(ApiError::Forbidden(_))
+        ));
+        assert!(matches!(
+            confine(root.join("in/x.svs").to_str().unwrap(), &roots),
+            Err(ApiError::NotFound(_))
+        ));
     }
 }
