@@ -110,6 +110,11 @@ impl Pipeline {
         // Which file each id stands for: a different file under a known id is refused (or,
         // asked to replace, the old embedding is forgotten) before anything is registered.
         let sources = self.check_sources(&slides)?;
+        if req.replace && self.store.vectors.backend_name() == "embedded" {
+            // This process holds the data dir alone: a job still marked running died with its
+            // process and must not block replacing its slide (`work` would expire it anyway).
+            self.block_on(self.store.catalog.expire_running_leases(Some(EMBED_SLIDE)))?;
+        }
         let replaced = self.block_on(replace_sources(&self.store, &sources, req.replace))?;
         self.config.save_to_data_dir_if_absent()?;
         let mut summary = IngestSummary {
@@ -137,15 +142,16 @@ impl Pipeline {
                     path: path.clone(),
                     mpp: req.mpp,
                 };
-                let outcome = self.block_on(self.store.catalog.queue_job(&NewJob {
-                    kind: EMBED_SLIDE.into(),
-                    subject: id.clone(),
-                    fingerprint: fp.clone(),
-                    payload: serde_json::to_value(&job).map_err(|e| {
-                        PipelineError::Input(format!("{}: {e}", path.display()))
-                    })?,
-                    retry_failed: req.retry_failed,
-                }))?;
+                let outcome =
+                    self.block_on(self.store.catalog.queue_job(&NewJob {
+                        kind: EMBED_SLIDE.into(),
+                        subject: id.clone(),
+                        fingerprint: fp.clone(),
+                        payload: serde_json::to_value(&job).map_err(|e| {
+                            PipelineError::Input(format!("{}: {e}", path.display()))
+                        })?,
+                        retry_failed: req.retry_failed,
+                    }))?;
                 match outcome {
                     QueueOutcome::Queued { .. }
                     | QueueOutcome::Requeued { .. }

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use gigapath_models::init::{init_slide_encoder, init_tile_encoder, SlideSize, TileSize};
 use gigapath_pipeline::identity::{forget_slide, Forgotten};
 use gigapath_pipeline::{Config, IngestRequest, Pipeline, Quiet};
+use gigapath_store::catalog::{ClaimOptions, NewJob};
 use gigapath_store::vector::{PayloadFilter, SLIDE, SLIDES};
 use gigapath_synth::CohortSpec;
 
@@ -143,6 +144,26 @@ fn a_different_file_under_a_known_id_is_refused_unless_replaced() {
     std::fs::copy(&first, moved.join("SYN-0001.svs")).unwrap();
     let again = ingest(&p, &[moved.join("SYN-0001.svs")], false).unwrap();
     assert_eq!((again.already_done, again.run.slides_ok), (1, 0));
+
+    // A job that a killed run left "running" (live lease) does not block replacing with the
+    // embedded store: this process holds the data dir alone.
+    p.block_on(p.store.catalog.queue_job(&NewJob {
+        kind: gigapath_pipeline::EMBED_SLIDE.into(),
+        subject: "SYN-0001".into(),
+        fingerprint: "weights-of-a-killed-run".into(),
+        payload: serde_json::json!({}),
+        retry_failed: false,
+    }))
+    .unwrap();
+    let orphan = p
+        .block_on(
+            p.store
+                .catalog
+                .claim_job("dead-worker", &ClaimOptions::default()),
+        )
+        .unwrap()
+        .unwrap();
+    assert_eq!(orphan.subject, "SYN-0001");
 
     // Replacing re-embeds the id from the new file: new vector, new tiles, nothing stale.
     let replaced = ingest(&p, &[impostor.clone()], true).unwrap();
