@@ -300,3 +300,111 @@ fn poison_job_parked_then_operators_list_retry_and_cancel(cat: Catalog) {
     assert!(!o.status.success());
     assert!(text(&o).contains("possible values"), "{}", text(&o));
 }
+
+#[test]
+fn cancelling_a_running_job_stops_its_worker_and_nothing_is_written_sqlite() {
+    cancelling_a_running_job_stops_its_worker_and_nothing_is_written(Catalog { url: None });
+}
+
+#[test]
+fn cancelling_a_running_job_stops_its_worker_and_nothing_is_written_postgres() {
+    if let Some(c) = Catalog::postgres("cancel") {
+        cancelling_a_running_job_stops_its_worker_and_nothing_is_written(c);
+    }
+}
+
+/// `gigapath jobs cancel` while `gigapath ingest` embeds that very slide: the worker stops (at
+/// its next lease renewal, or at the latest before it writes the point), writes no point and
+/// records nothing; the other slides are embedded; the job stays cancelled until retried.
+fn cancelling_a_running_job_stops_its_worker_and_nothing_is_written(cat: Catalog) {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let r = |p: &str| root.join(p).display().to_string();
+    small_cohort(
+        root,
+        1,
+        1600,
+        "run.toml",
+        "[ingest]\nbatch_size = 2\nlease_seconds = 10\n",
+    );
+    let (data, config, slides) = (r("data"), r("run.toml"), r("cohort/slides"));
+    let ingest = [
+        "ingest",
+        "--json",
+        "--data-dir",
+        &data,
+        "--config",
+        &config,
+        &slides,
+    ];
+    let mut child = cat
+        .cmd(&ingest)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let (victim, subject) = loop {
+        assert!(start.elapsed() < Duration::from_secs(120), "no job started");
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("ingest ended ({status}) before a job could be cancelled");
+        }
+        let o = cat.output(&[
+            "jobs",
+            "list",
+            "--json",
+            "--state",
+            "running",
+            "--data-dir",
+            &data,
+        ]);
+        let running: Vec<Value> = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        if let Some(j) = running.first() {
+            let id = j["id"].as_i64().unwrap().to_string();
+            let cancelled = cat.json(&["jobs", "cancel", "--json", "--data-dir", &data, &id]);
+            assert_eq!(cancelled[0]["job"]["state"], "cancelled", "{cancelled}");
+            let error = cancelled[0]["job"]["error"].as_str().unwrap();
+            assert!(error.contains("while worker"), "{error}");
+            break (
+                j["id"].as_i64().unwrap(),
+                j["subject"].as_str().unwrap().to_string(),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["run"]["slides_ok"], 2, "{summary}");
+    assert_eq!(summary["run"]["slides_failed"], 0, "{summary}");
+
+    let status: Value = cat.json(&["status", "--json", "--data-dir", &data]);
+    assert_eq!(status["slides"]["embedded"], 2, "{status}");
+    assert_eq!(status["slides"]["registered"], 1, "{status}");
+    assert_eq!(
+        status["points"]["slides"], 2,
+        "no point for the cancelled slide: {status}"
+    );
+    assert_eq!(status["jobs"]["cancelled"], 1, "{status}");
+    let job = &cat.jobs(&data, Some("cancelled"))[0];
+    assert_eq!(
+        (job["id"].as_i64(), job["subject"].as_str()),
+        (Some(victim), Some(subject.as_str()))
+    );
+
+    // A plain re-run leaves it cancelled; a retry embeds it.
+    let again: Value = cat.json(&ingest);
+    assert_eq!(again["run"]["slides_ok"], 0, "{again}");
+    assert_eq!(cat.jobs(&data, Some("cancelled")).len(), 1);
+    cat.ok(&["jobs", "retry", "--data-dir", &data, &victim.to_string()]);
+    cat.ok(&[
+        "worker",
+        "--exit-when-idle",
+        "--data-dir",
+        &data,
+        "--config",
+        &config,
+    ]);
+    let status: Value = cat.json(&["status", "--json", "--data-dir", &data]);
+    assert_eq!(status["slides"]["embedded"], 3, "{status}");
+    assert_eq!(status["points"]["slides"], 3, "{status}");
+}
