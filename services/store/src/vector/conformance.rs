@@ -90,6 +90,18 @@ pub(crate) fn specs(prefix: &str, dims: &Dims) -> Vec<CollectionSpec> {
     vec![slides, reports]
 }
 
+/// Every collection a run of [`run_all`] creates under `prefix` (those of [`specs`] and the scratch
+/// ones it adds), so that a server run can drop them all afterwards, even after a failed assertion.
+pub(crate) fn created_collections(prefix: &str, dims: &Dims) -> Vec<String> {
+    let mut names: Vec<String> = specs(prefix, dims).into_iter().map(|s| s.name).collect();
+    names.push(raw_reports_name(prefix));
+    names
+}
+
+fn raw_reports_name(prefix: &str) -> String {
+    format!("{prefix}raw_{REPORTS}")
+}
+
 pub(crate) async fn upsert_sample(store: &dyn VectorStore, prefix: &str, n: u64) -> Vec<Point> {
     let dims = Dims {
         joint: 8,
@@ -532,7 +544,7 @@ async fn points_without_joint(store: &dyn VectorStore, prefix: &str, dims: &Dims
         })
         .collect();
     assert!(reports.iter().all(|p| p.vectors.len() == 1));
-    let raw = format!("{prefix}raw_{REPORTS}");
+    let raw = raw_reports_name(prefix);
     let mut spec = CollectionSpec::reports(dims);
     spec.name = raw.clone();
     store.ensure_collection(&spec).await.unwrap();

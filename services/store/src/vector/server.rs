@@ -539,12 +539,27 @@ mod tests {
             let prefix = prefix.clone();
             tokio::spawn(async move { conformance::run_all(&*store, &dims, &prefix).await }).await
         };
-        for spec in &specs {
-            let _ = store.drop_collection(&spec.name).await;
+        for name in conformance::created_collections(&prefix, &dims) {
+            let _ = store.drop_collection(&name).await;
         }
         if let Err(err) = outcome {
             std::panic::resume_unwind(err.into_panic());
         }
+        // A shared server must not collect test debris run after run.
+        let left: Vec<String> = store
+            .client
+            .list_collections()
+            .await
+            .unwrap()
+            .collections
+            .into_iter()
+            .map(|c| c.name)
+            .filter(|name| name.starts_with(&prefix))
+            .collect();
+        assert!(
+            left.is_empty(),
+            "the suite left collections behind: {left:?}"
+        );
     }
 
     #[test]
