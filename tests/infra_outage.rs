@@ -146,8 +146,45 @@ fn models(dir: &Path) {
     .unwrap();
 }
 
+/// A fresh schema of the test Postgres as a catalog URL, or `None` (with a message) when
+/// `GIGAPATH_TEST_POSTGRES_URL` is not set.
+fn postgres_catalog(test: &str) -> Option<String> {
+    let Ok(base) = std::env::var("GIGAPATH_TEST_POSTGRES_URL") else {
+        eprintln!("SKIPPED postgres {test}: set GIGAPATH_TEST_POSTGRES_URL");
+        return None;
+    };
+    let schema = format!("outage_{test}_{}", std::process::id());
+    let out = Command::new("psql")
+        .args([
+            base.as_str(),
+            "-q",
+            "-c",
+            &format!("CREATE SCHEMA {schema}"),
+        ])
+        .output()
+        .expect("psql runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sep = if base.contains('?') { '&' } else { '?' };
+    Some(format!("{base}{sep}options=-c%20search_path%3D{schema}"))
+}
+
 #[test]
-fn a_short_qdrant_outage_is_retried_and_never_blamed_on_the_slide() {
+fn a_short_qdrant_outage_is_retried_and_never_blamed_on_the_slide_sqlite() {
+    qdrant_outage(None);
+}
+
+#[test]
+fn a_short_qdrant_outage_is_retried_and_never_blamed_on_the_slide_postgres() {
+    if let Some(url) = postgres_catalog("qdrant") {
+        qdrant_outage(Some(url));
+    }
+}
+
+fn qdrant_outage(catalog_url: Option<String>) {
     let Some(bin) = qdrant_binary() else {
         eprintln!("SKIPPED: no Qdrant server binary in ../shared/qdrant");
         return;
@@ -184,6 +221,7 @@ fn a_short_qdrant_outage_is_retried_and_never_blamed_on_the_slide() {
     cfg.models.tile_encoder = Some(root.join("models/tile"));
     cfg.models.slide_encoder = Some(root.join("models/slide"));
     cfg.ingest.batch_size = 8;
+    cfg.store.catalog_url = catalog_url;
     cfg.store.vectors = serde_json::from_value(serde_json::json!({
         "backend": "qdrant",
         "url": format!("http://127.0.0.1:{}", qdrant.grpc),
