@@ -184,10 +184,21 @@ fn a_short_qdrant_outage_is_retried_and_never_blamed_on_the_slide_postgres() {
     }
 }
 
-fn qdrant_outage(catalog_url: Option<String>) {
+/// A generated slide, tiny encoders, a Qdrant server and a pipeline over it (collections
+/// created), the server still running.
+struct Setup {
+    _dir: tempfile::TempDir,
+    qdrant: Qdrant,
+    server: Child,
+    pipeline: Pipeline,
+    slide: PathBuf,
+    slide_id: String,
+}
+
+fn setup(catalog_url: Option<String>, store_retry_seconds: u64) -> Option<Setup> {
     let Some(bin) = qdrant_binary() else {
         eprintln!("SKIPPED: no Qdrant server binary in ../shared/qdrant");
-        return;
+        return None;
     };
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
@@ -215,13 +226,14 @@ fn qdrant_outage(catalog_url: Option<String>) {
         rest: free_port(),
         grpc: free_port(),
     };
-    let mut server = qdrant.start();
+    let server = qdrant.start();
 
     let mut cfg = Config::load(Some(&root.join("data")), None).unwrap();
     cfg.models.tile_encoder = Some(root.join("models/tile"));
     cfg.models.slide_encoder = Some(root.join("models/slide"));
     cfg.ingest.batch_size = 8;
     cfg.store.catalog_url = catalog_url;
+    cfg.ingest.store_retry_seconds = store_retry_seconds;
     cfg.store.vectors = serde_json::from_value(serde_json::json!({
         "backend": "qdrant",
         "url": format!("http://127.0.0.1:{}", qdrant.grpc),
@@ -230,6 +242,28 @@ fn qdrant_outage(catalog_url: Option<String>) {
     // Collections are created on the server here.
     let pipeline = Pipeline::open(cfg).unwrap();
 
+    Some(Setup {
+        _dir: dir,
+        qdrant,
+        server,
+        pipeline,
+        slide,
+        slide_id,
+    })
+}
+
+fn qdrant_outage(catalog_url: Option<String>) {
+    let Some(Setup {
+        _dir,
+        qdrant,
+        mut server,
+        pipeline,
+        slide,
+        slide_id,
+    }) = setup(catalog_url, 120)
+    else {
+        return;
+    };
     // The outage: the server dies now and is back 3 s later, while the slide is embedded.
     server.kill().unwrap();
     server.wait().unwrap();
@@ -277,6 +311,70 @@ fn qdrant_outage(catalog_url: Option<String>) {
         .block_on(pipeline.store.vectors.count(SLIDES, &PayloadFilter::none()))
         .unwrap();
     assert_eq!(points, 1);
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
+
+#[test]
+fn a_long_outage_gives_the_job_back_uncounted_and_the_slide_is_not_failed() {
+    let Some(Setup {
+        _dir,
+        qdrant,
+        mut server,
+        pipeline,
+        slide,
+        slide_id,
+    }) = setup(None, 2)
+    else {
+        return;
+    };
+    let request = IngestRequest {
+        inputs: vec![slide],
+        ..IngestRequest::default()
+    };
+    // The server stays down longer than the 2 s of retries: the run stops with the outage.
+    server.kill().unwrap();
+    server.wait().unwrap();
+    let err = pipeline.ingest(&request, &Quiet).unwrap_err();
+    assert!(err.is_transient(), "{err}");
+    assert!(err.to_string().contains("unavailable"), "{err}");
+    let catalog = &pipeline.store.catalog;
+    let record = pipeline
+        .block_on(catalog.slide(&slide_id))
+        .unwrap()
+        .unwrap();
+    assert_eq!((record.state, record.error), (SlideState::Registered, None));
+    let job = &pipeline.block_on(catalog.list_jobs(None, 10)).unwrap()[0];
+    assert_eq!(
+        (job.state, job.attempts, job.deferrals),
+        (JobState::Queued, 0, 1),
+        "given back, the attempt not counted: {job:?}"
+    );
+    assert!(
+        job.error
+            .as_deref()
+            .unwrap()
+            .contains("infrastructure error (not counted as an attempt)"),
+        "{job:?}"
+    );
+
+    // Once the server is back, the next run embeds it.
+    let mut server = qdrant.start();
+    let summary = pipeline.ingest(&request, &Quiet).unwrap();
+    assert_eq!((summary.run.slides_ok, summary.run.slides_failed), (1, 0));
+    let job = &pipeline.block_on(catalog.list_jobs(None, 10)).unwrap()[0];
+    assert_eq!(
+        (job.state, job.attempts, job.deferrals),
+        (JobState::Done, 1, 1)
+    );
+    assert_eq!(
+        pipeline
+            .block_on(catalog.slide(&slide_id))
+            .unwrap()
+            .unwrap()
+            .state,
+        SlideState::Embedded
+    );
     server.kill().unwrap();
     server.wait().unwrap();
 }

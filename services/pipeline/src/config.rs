@@ -247,6 +247,10 @@ pub struct IngestConfig {
     pub lease_seconds: u64,
     /// Claims of a job before it is failed for good (a slide that kills its worker).
     pub max_attempts: u32,
+    /// How long a store or catalog call is retried, with back-off, after an infrastructure
+    /// error (server unreachable, connection lost) before its job goes back to the queue
+    /// (uncounted) and the run stops; 0: not retried.
+    pub store_retry_seconds: u64,
     /// Cohort recorded for slides that do not name one.
     pub cohort: Option<String>,
 }
@@ -259,6 +263,7 @@ impl Default for IngestConfig {
             text_batch_size: 32,
             lease_seconds: 600,
             max_attempts: 3,
+            store_retry_seconds: 120,
             cohort: None,
         }
     }
@@ -418,6 +423,12 @@ impl Config {
         }
         if i.max_attempts == 0 {
             return bad("ingest.max_attempts", "must be at least 1".into());
+        }
+        if i.store_retry_seconds > 86_400 {
+            return bad(
+                "ingest.store_retry_seconds",
+                format!("{} is over a day (86400)", i.store_retry_seconds),
+            );
         }
         let sv = &self.serve;
         if sv.bind.parse::<std::net::SocketAddr>().is_err() {

@@ -29,9 +29,6 @@ use crate::pipeline::{Pipeline, Progress};
 pub const RETRY_FIRST_WAIT: Duration = Duration::from_millis(500);
 /// Longest wait between two tries.
 pub const RETRY_MAX_WAIT: Duration = Duration::from_secs(30);
-/// How long one store or catalog call is retried in all before the error stands (then a job is
-/// given back to the queue, uncounted, and the run stops with the error).
-pub const RETRY_BUDGET: Duration = Duration::from_secs(120);
 
 /// Aborts a background task when dropped (also when unwinding from a panic).
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -214,8 +211,9 @@ impl Pipeline {
     /// Runs a store or catalog call, retrying its infrastructure errors
     /// ([`StoreError::is_transient`]: server unreachable, connection lost, database busy, store
     /// I/O) with exponential back-off: 0.5 s, doubling up to 30 s between tries, for at most
-    /// [`RETRY_BUDGET`] in all, or until `cancelled` is set. Each retry is logged. Other errors
-    /// return at once.
+    /// `ingest.store_retry_seconds` in all (then the error stands: a job is given back to the
+    /// queue, uncounted, and the run stops with it), or until `cancelled` is set. Each retry is
+    /// logged. Other errors return at once.
     pub fn retrying<T, F, Fut>(
         &self,
         what: &str,
@@ -227,12 +225,13 @@ impl Pipeline {
         Fut: std::future::Future<Output = std::result::Result<T, StoreError>>,
     {
         let start = Instant::now();
+        let budget = Duration::from_secs(self.config.ingest.store_retry_seconds);
         let mut wait = RETRY_FIRST_WAIT;
         loop {
             match self.block_on(op()) {
                 Err(e)
                     if e.is_transient()
-                        && start.elapsed() + wait <= RETRY_BUDGET
+                        && start.elapsed() + wait <= budget
                         && !cancelled.is_some_and(|c| c.load(Ordering::Relaxed)) =>
                 {
                     tracing::warn!("{what}: {e}; retrying in {:.1} s", wait.as_secs_f64());
