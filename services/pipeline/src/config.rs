@@ -462,6 +462,17 @@ impl Config {
         if sv.read_timeout_seconds == 0 {
             return bad("serve.read_timeout_seconds", "must be at least 1".into());
         }
+        // Requests over the in-flight cap still need a connection to be answered 503, and the
+        // probes one to answer at all.
+        if sv.max_connections <= sv.max_in_flight {
+            return bad(
+                "serve.max_connections",
+                format!(
+                    "{} must be above serve.max_in_flight ({}), so that refusals and probes find a connection",
+                    sv.max_connections, sv.max_in_flight
+                ),
+            );
+        }
         gigapath_models::Precision::parse(&self.models.device, &self.models.dtype)
             .map_err(|e| PipelineError::Config(format!("models.device / models.dtype: {e}")))?;
         Ok(())
