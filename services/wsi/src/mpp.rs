@@ -1,6 +1,8 @@
 //! Finding a slide's level-0 resolution in microns per pixel, and saying where it came from.
 //!
-//! Order: OpenSlide's `openslide.mpp-x/y` (vendor metadata such as Aperio's `MPP`), then the TIFF
+//! Order: OpenSlide's `openslide.mpp-x/y` (vendor metadata such as Aperio's `MPP`), then an
+//! OME-XML ImageDescription's `PhysicalSizeX/Y` (OpenSlide 3.4 opens an OME-TIFF as a generic TIFF
+//! and reports the XML only as `tiff.ImageDescription`), then the TIFF
 //! `XResolution`/`YResolution`/`ResolutionUnit` tags (OpenSlide 3.4 does not turn these into mpp
 //! for generic TIFF), then the user's `--mpp`. A value outside (0, 50] um/px from a file is not a
 //! microscope resolution (72 dpi defaults give 353 um/px) and is ignored.
@@ -22,6 +24,9 @@ const MAX_USER_MPP: f64 = 100.0;
 pub enum MppSource {
     /// `openslide.mpp-x` / `openslide.mpp-y` properties (vendor metadata).
     Openslide,
+    /// `PhysicalSizeX` / `PhysicalSizeY` of the first `Pixels` element of an OME-XML
+    /// ImageDescription (OME-TIFF).
+    OmeXml,
     /// TIFF resolution tags (`tiff.XResolution`, `tiff.ResolutionUnit`).
     TiffResolution,
     /// The user's `--mpp`.
@@ -32,6 +37,7 @@ impl std::fmt::Display for MppSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             MppSource::Openslide => "openslide properties (openslide.mpp-x/y)",
+            MppSource::OmeXml => "OME-XML PhysicalSizeX/Y",
             MppSource::TiffResolution => "TIFF resolution tags",
             MppSource::User => "--mpp given by the user",
         })
@@ -90,6 +96,22 @@ pub fn discover(
         _ => None,
     }
     .or_else(|| {
+        let desc = prop("tiff.ImageDescription")?;
+        let (x, y) = ome_pixel_size_um(&desc)?;
+        if !(plausible(x) && plausible(y)) {
+            tracing::debug!(
+                "{}: OME-XML gives {x} x {y} um/px, not a microscope resolution; ignored",
+                path.display()
+            );
+            return None;
+        }
+        Some(Mpp {
+            x,
+            y,
+            source: MppSource::OmeXml,
+        })
+    })
+    .or_else(|| {
         let um_per_unit = match prop("tiff.ResolutionUnit")?.trim() {
             "centimeter" | "3" => 10_000.0,
             "inch" | "2" => 25_400.0,
@@ -128,6 +150,83 @@ pub fn discover(
         }
     }
     found
+}
+
+/// The pixel size in microns (x, y) of the first `Pixels` element of an OME-XML document, from
+/// its `PhysicalSizeX` / `PhysicalSizeY` and their units (`PhysicalSizeXUnit`, micrometres when
+/// absent, as the OME schema says). `None` when the text is not OME-XML or gives no x size; a
+/// missing y size is taken equal to x.
+pub fn ome_pixel_size_um(xml: &str) -> Option<(f64, f64)> {
+    if !xml.contains("<OME") && !xml.contains(":OME") {
+        return None;
+    }
+    let pixels = first_element(xml, "Pixels")?;
+    let size = |axis: &str| -> Option<f64> {
+        let v: f64 = attribute(pixels, &format!("PhysicalSize{axis}"))?
+            .trim()
+            .parse()
+            .ok()?;
+        let unit = attribute(pixels, &format!("PhysicalSize{axis}Unit")).unwrap_or("µm");
+        let um = v * um_per_ome_unit(unit.trim())?;
+        (um.is_finite() && um > 0.0).then_some(um)
+    };
+    let x = size("X")?;
+    Some((x, size("Y").unwrap_or(x)))
+}
+
+/// Microns per unit of the OME `UnitsLength` values a pixel size is given in.
+fn um_per_ome_unit(unit: &str) -> Option<f64> {
+    Some(match unit {
+        "µm" | "μm" | "um" | "micron" | "microns" => 1.0,
+        "nm" => 1e-3,
+        "Å" | "A" => 1e-4,
+        "mm" => 1e3,
+        "cm" => 1e4,
+        "m" => 1e6,
+        "pm" => 1e-6,
+        _ => return None,
+    })
+}
+
+/// The text of the start tag (`<Pixels ...>`, any namespace prefix) of the first `name` element.
+fn first_element<'a>(xml: &'a str, name: &str) -> Option<&'a str> {
+    let mut from = 0;
+    while let Some(i) = xml[from..].find(name) {
+        let at = from + i;
+        let before = xml[..at].chars().next_back();
+        let after = xml[at + name.len()..].chars().next();
+        if matches!(before, Some('<') | Some(':'))
+            && after.is_some_and(|c| c.is_whitespace() || c == '>' || c == '/')
+        {
+            let end = xml[at..].find('>')?;
+            return Some(&xml[at + name.len()..at + end]);
+        }
+        from = at + name.len();
+    }
+    None
+}
+
+/// The value of attribute `name` in a start tag's text (`name="v"` or `name='v'`).
+fn attribute<'a>(tag: &'a str, name: &str) -> Option<&'a str> {
+    let mut from = 0;
+    while let Some(i) = tag[from..].find(name) {
+        let at = from + i;
+        let preceded_by_space = tag[..at]
+            .chars()
+            .next_back()
+            .is_some_and(char::is_whitespace);
+        let rest = tag[at + name.len()..].trim_start();
+        if preceded_by_space {
+            if let Some(rest) = rest.strip_prefix('=') {
+                let rest = rest.trim_start();
+                let quote = rest.chars().next().filter(|&c| c == '"' || c == '\'')?;
+                let value = &rest[1..];
+                return value.find(quote).map(|end| &value[..end]);
+            }
+        }
+        from = at + name.len();
+    }
+    None
 }
 
 #[cfg(test)]
@@ -182,6 +281,36 @@ mod tests {
         assert_eq!(discover(Path::new("s"), &p, None), None);
         let m = discover(Path::new("s"), &p, Some(0.5)).unwrap();
         assert_eq!((m.x, m.source), (0.5, MppSource::User));
+    }
+
+    #[test]
+    fn ome_xml_pixel_size_with_units_and_before_resolution_tags() {
+        let xml = r#"<?xml version="1.0" encoding="UTF-8"?><OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06"><Image ID="Image:0"><Pixels ID="Pixels:0" DimensionOrder="XYCZT" PhysicalSizeX="0.2527" PhysicalSizeXUnit="µm" PhysicalSizeY = '252.8' PhysicalSizeYUnit="nm" SizeX="100" SizeY="80" Type="uint8"><TiffData/></Pixels></Image><Image ID="Image:1"><Pixels PhysicalSizeX="9.0"/></Image></OME>"#;
+        let (x, y) = ome_pixel_size_um(xml).unwrap();
+        assert!(
+            (x - 0.2527).abs() < 1e-12 && (y - 0.2528).abs() < 1e-12,
+            "{x} {y}"
+        );
+        let p = lookup(&[
+            ("tiff.ImageDescription", xml),
+            ("tiff.ResolutionUnit", "centimeter"),
+            ("tiff.XResolution", "20000"),
+        ]);
+        let m = discover(Path::new("s"), &p, None).unwrap();
+        assert_eq!(m.source, MppSource::OmeXml);
+        assert!((m.x - 0.2527).abs() < 1e-12);
+        // Unit absent: micrometres; namespace prefix on the elements.
+        let xml = r#"<ome:OME xmlns:ome="x"><ome:Image><ome:Pixels PhysicalSizeX="0.5" SizeX="1"/></ome:Image></ome:OME>"#;
+        assert_eq!(ome_pixel_size_um(xml), Some((0.5, 0.5)));
+        // Not OME, no size, an unknown unit: nothing.
+        assert_eq!(ome_pixel_size_um("Aperio Image Library|MPP = 0.5"), None);
+        assert_eq!(ome_pixel_size_um(r#"<OME><Pixels SizeX="5"/></OME>"#), None);
+        assert_eq!(
+            ome_pixel_size_um(
+                r#"<OME><Pixels PhysicalSizeX="1" PhysicalSizeXUnit="parsec"/></OME>"#
+            ),
+            None
+        );
     }
 
     #[test]

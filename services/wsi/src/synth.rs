@@ -4,7 +4,9 @@
 //! A [`Scene`] lives in microns (so a 20x and a 40x slide of one scene show the same tissue);
 //! [`write_slide`] renders it into a tiled, pyramidal, JPEG-compressed TIFF that OpenSlide opens,
 //! either as an Aperio slide (`|AppMag = 20|MPP = 0.499` in the ImageDescription), as a generic
-//! TIFF with resolution tags, or with no resolution at all. Tiles are rendered and encoded in
+//! TIFF with resolution tags, as an OME-TIFF (OME-XML pixel size; SubIFDs or a flat pyramid), or
+//! with no resolution at all. [`corrupt_tiles`] then damages chosen stored tiles of a written
+//! file, for tests of unreadable tiles. Tiles are rendered and encoded in
 //! parallel one row at a time, so memory stays at one row of tiles whatever the slide size.
 //!
 //! Not for: reading slides (see [`crate::slide`]).
@@ -343,6 +345,11 @@ pub enum Metadata {
     TiffResolution,
     /// A generic TIFF with no resolution at all: the user must give `--mpp`.
     None,
+    /// An OME-TIFF: OME-XML ImageDescription with `PhysicalSizeX/Y` and no resolution tags.
+    /// `sub_ifds`: the reduced levels hang off level 0 as SubIFDs (the OME 6 layout; OpenSlide
+    /// 3.4 sees level 0 only); otherwise they follow it in the main IFD chain (a flat pyramid,
+    /// which OpenSlide 3.4 reads as levels).
+    Ome { sub_ifds: bool },
 }
 
 /// The pyramid and encoding of a synthetic slide.
@@ -428,53 +435,83 @@ fn encode<W: Write + Seek, K: TiffKind>(
 ) -> Result<()> {
     let tiff_err = |e: tiff::TiffError| WsiError::format(path, format!("writing TIFF: {e}"));
     let mut tiff = TiffEncoder::<_, K>::new_generic(out).map_err(tiff_err)?;
-    for (index, &ds) in spec.downsamples.iter().enumerate() {
-        let (w, h) = (
-            spec.width.div_ceil(ds as u64) as u32,
-            spec.height.div_ceil(ds as u64) as u32,
-        );
-        let um_per_px = spec.mpp * ds as f64;
-        let (tiles_x, tiles_y) = (w.div_ceil(TIFF_TILE_PX), h.div_ceil(TIFF_TILE_PX));
-        let mut dir = tiff.image_directory().map_err(tiff_err)?;
-        let mut offsets = Vec::with_capacity((tiles_x * tiles_y) as usize);
-        let mut counts = Vec::with_capacity(offsets.capacity());
-        for ty in 0..tiles_y {
-            let row: Vec<Vec<u8>> = (0..tiles_x)
-                .into_par_iter()
-                .map(|tx| {
-                    let span = TIFF_TILE_PX as f64 * um_per_px;
-                    let rgb = scene.render(
-                        tx as f64 * span,
-                        ty as f64 * span,
-                        um_per_px,
-                        TIFF_TILE_PX,
-                        TIFF_TILE_PX,
-                    );
-                    jpeg_tile(&rgb, spec.jpeg_quality)
-                })
-                .collect::<Result<_>>()?;
-            for jpeg in &row {
-                offsets.push(dir.write_data(jpeg.as_slice()).map_err(tiff_err)?);
-                counts.push(jpeg.len() as u64);
-            }
+    if let Metadata::Ome { sub_ifds: true } = spec.metadata {
+        // The reduced levels first, outside the main IFD chain; level 0 then points at them.
+        let mut subs = Vec::new();
+        for index in 1..spec.downsamples.len() {
+            let dir = tiff.extra_directory().map_err(tiff_err)?;
+            let offset = write_level(dir, spec, scene, path, index, &[])?;
+            subs.push(offset.offset);
         }
-        let to_k = |v: &[u64]| {
-            v.iter()
-                .map(|&o| K::convert_offset(o))
-                .collect::<tiff::TiffResult<Vec<_>>>()
-                .map_err(tiff_err)
-        };
-        let (offsets, counts) = (to_k(&offsets)?, to_k(&counts)?);
-        dir.write_tag(Tag::NewSubfileType, if index == 0 { 0u32 } else { 1u32 })
-            .map_err(tiff_err)?;
-        dir.write_tag(Tag::ImageWidth, w).map_err(tiff_err)?;
-        dir.write_tag(Tag::ImageLength, h).map_err(tiff_err)?;
-        dir.write_tag(Tag::BitsPerSample, &[8u16, 8, 8][..])
-            .map_err(tiff_err)?;
-        dir.write_tag(Tag::Compression, 7u16).map_err(tiff_err)?; // new-style JPEG
-        dir.write_tag(Tag::PhotometricInterpretation, 6u16)
-            .map_err(tiff_err)?; // YCbCr
-        if let Metadata::Aperio { app_mag } = spec.metadata {
+        let dir = tiff.image_directory().map_err(tiff_err)?;
+        write_level(dir, spec, scene, path, 0, &subs)?;
+        return Ok(());
+    }
+    for index in 0..spec.downsamples.len() {
+        let dir = tiff.image_directory().map_err(tiff_err)?;
+        write_level(dir, spec, scene, path, index, &[])?;
+    }
+    Ok(())
+}
+
+/// Renders pyramid level `index` into `dir` (tiles first, then the directory), with a SubIFDs
+/// tag pointing at `sub_ifds` when there are any.
+fn write_level<W: Write + Seek, K: TiffKind>(
+    mut dir: tiff::encoder::DirectoryEncoder<'_, W, K>,
+    spec: &SlideSpec,
+    scene: &Scene,
+    path: &Path,
+    index: usize,
+    sub_ifds: &[K::OffsetType],
+) -> Result<tiff::encoder::DirectoryOffset<K>> {
+    let tiff_err = |e: tiff::TiffError| WsiError::format(path, format!("writing TIFF: {e}"));
+    let ds = spec.downsamples[index];
+    let (w, h) = (
+        spec.width.div_ceil(ds as u64) as u32,
+        spec.height.div_ceil(ds as u64) as u32,
+    );
+    let um_per_px = spec.mpp * ds as f64;
+    let (tiles_x, tiles_y) = (w.div_ceil(TIFF_TILE_PX), h.div_ceil(TIFF_TILE_PX));
+    let mut offsets = Vec::with_capacity((tiles_x * tiles_y) as usize);
+    let mut counts = Vec::with_capacity(offsets.capacity());
+    for ty in 0..tiles_y {
+        let row: Vec<Vec<u8>> = (0..tiles_x)
+            .into_par_iter()
+            .map(|tx| {
+                let span = TIFF_TILE_PX as f64 * um_per_px;
+                let rgb = scene.render(
+                    tx as f64 * span,
+                    ty as f64 * span,
+                    um_per_px,
+                    TIFF_TILE_PX,
+                    TIFF_TILE_PX,
+                );
+                jpeg_tile(&rgb, spec.jpeg_quality)
+            })
+            .collect::<Result<_>>()?;
+        for jpeg in &row {
+            offsets.push(dir.write_data(jpeg.as_slice()).map_err(tiff_err)?);
+            counts.push(jpeg.len() as u64);
+        }
+    }
+    let to_k = |v: &[u64]| {
+        v.iter()
+            .map(|&o| K::convert_offset(o))
+            .collect::<tiff::TiffResult<Vec<_>>>()
+            .map_err(tiff_err)
+    };
+    let (offsets, counts) = (to_k(&offsets)?, to_k(&counts)?);
+    dir.write_tag(Tag::NewSubfileType, if index == 0 { 0u32 } else { 1u32 })
+        .map_err(tiff_err)?;
+    dir.write_tag(Tag::ImageWidth, w).map_err(tiff_err)?;
+    dir.write_tag(Tag::ImageLength, h).map_err(tiff_err)?;
+    dir.write_tag(Tag::BitsPerSample, &[8u16, 8, 8][..])
+        .map_err(tiff_err)?;
+    dir.write_tag(Tag::Compression, 7u16).map_err(tiff_err)?; // new-style JPEG
+    dir.write_tag(Tag::PhotometricInterpretation, 6u16)
+        .map_err(tiff_err)?; // YCbCr
+    match spec.metadata {
+        Metadata::Aperio { app_mag } => {
             let desc = format!(
                 "Aperio Image Library v12.0.0 (gigapath synthetic)\r\n{}x{} ({t}x{t}) JPEG/RGB Q={}|AppMag = {}|MPP = {}",
                 spec.width, spec.height, spec.jpeg_quality, app_mag, spec.mpp, t = TIFF_TILE_PX
@@ -482,34 +519,92 @@ fn encode<W: Write + Seek, K: TiffKind>(
             dir.write_tag(Tag::ImageDescription, desc.as_str())
                 .map_err(tiff_err)?;
         }
-        dir.write_tag(Tag::SamplesPerPixel, 3u16)
-            .map_err(tiff_err)?;
-        if spec.metadata == Metadata::TiffResolution {
-            let px_per_cm = 10_000.0 / um_per_px;
-            let r = Rational {
-                n: (px_per_cm * 1000.0).round() as u32,
-                d: 1000,
-            };
-            dir.write_tag(Tag::XResolution, r.clone())
+        Metadata::Ome { .. } if index == 0 => {
+            dir.write_tag(Tag::ImageDescription, ome_xml(spec).as_str())
                 .map_err(tiff_err)?;
-            dir.write_tag(Tag::YResolution, r).map_err(tiff_err)?;
-            dir.write_tag(Tag::ResolutionUnit, 3u16).map_err(tiff_err)?; // centimetre
         }
-        dir.write_tag(Tag::PlanarConfiguration, 1u16)
-            .map_err(tiff_err)?;
-        dir.write_tag(Tag::TileWidth, TIFF_TILE_PX)
-            .map_err(tiff_err)?;
-        dir.write_tag(Tag::TileLength, TIFF_TILE_PX)
-            .map_err(tiff_err)?;
-        dir.write_tag(Tag::TileOffsets, K::convert_slice(&offsets))
-            .map_err(tiff_err)?;
-        dir.write_tag(Tag::TileByteCounts, K::convert_slice(&counts))
-            .map_err(tiff_err)?;
-        dir.write_tag(Tag::Unknown(530), &[2u16, 2][..])
-            .map_err(tiff_err)?; // YCbCrSubSampling
-        dir.finish().map_err(tiff_err)?;
+        _ => {}
     }
-    Ok(())
+    dir.write_tag(Tag::SamplesPerPixel, 3u16)
+        .map_err(tiff_err)?;
+    if spec.metadata == Metadata::TiffResolution {
+        let px_per_cm = 10_000.0 / um_per_px;
+        let r = Rational {
+            n: (px_per_cm * 1000.0).round() as u32,
+            d: 1000,
+        };
+        dir.write_tag(Tag::XResolution, r.clone())
+            .map_err(tiff_err)?;
+        dir.write_tag(Tag::YResolution, r).map_err(tiff_err)?;
+        dir.write_tag(Tag::ResolutionUnit, 3u16).map_err(tiff_err)?; // centimetre
+    }
+    dir.write_tag(Tag::PlanarConfiguration, 1u16)
+        .map_err(tiff_err)?;
+    dir.write_tag(Tag::TileWidth, TIFF_TILE_PX)
+        .map_err(tiff_err)?;
+    dir.write_tag(Tag::TileLength, TIFF_TILE_PX)
+        .map_err(tiff_err)?;
+    dir.write_tag(Tag::TileOffsets, K::convert_slice(&offsets))
+        .map_err(tiff_err)?;
+    dir.write_tag(Tag::TileByteCounts, K::convert_slice(&counts))
+        .map_err(tiff_err)?;
+    dir.write_tag(Tag::Unknown(530), &[2u16, 2][..])
+        .map_err(tiff_err)?; // YCbCrSubSampling
+    if !sub_ifds.is_empty() {
+        dir.write_tag(Tag::Unknown(330), K::convert_slice(sub_ifds))
+            .map_err(tiff_err)?; // SubIFDs
+    }
+    dir.finish_with_offsets().map_err(tiff_err)
+}
+
+/// The OME-XML ImageDescription of an OME-TIFF: one RGB image, its physical pixel size in
+/// micrometres (the schema's default unit, so no unit attribute), plane 0 in IFD 0.
+fn ome_xml(spec: &SlideSpec) -> String {
+    format!(
+        r#"<?xml version="1.0" encoding="UTF-8"?><OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" Creator="gigapath synthetic" xsi:schemaLocation="http://www.openmicroscopy.org/Schemas/OME/2016-06 http://www.openmicroscopy.org/Schemas/OME/2016-06/ome.xsd"><Image ID="Image:0" Name="synthetic"><Pixels BigEndian="false" DimensionOrder="XYCZT" ID="Pixels:0" Interleaved="true" PhysicalSizeX="{mpp}" PhysicalSizeY="{mpp}" SignificantBits="8" SizeC="3" SizeT="1" SizeX="{w}" SizeY="{h}" SizeZ="1" Type="uint8"><Channel ID="Channel:0:0" SamplesPerPixel="3"><LightPath/></Channel><TiffData FirstC="0" FirstT="0" FirstZ="0" IFD="0" PlaneCount="1"/></Pixels></Image></OME>"#,
+        mpp = spec.mpp,
+        w = spec.width,
+        h = spec.height
+    )
+}
+
+/// Damages stored tiles of a slide written by [`write_slide`], in place, for tests of
+/// unreadable tiles: the JPEG of each TIFF tile (`tx`, `ty`) (256 px tiles) of main-chain
+/// directory `ifd` (level `ifd` of a flat pyramid) has its first bytes overwritten, so that no
+/// decoder takes it for a JPEG any more. The file keeps its size and every other byte.
+pub fn corrupt_tiles(path: &Path, ifd: usize, tiles: &[(u32, u32)]) -> Result<()> {
+    let bad = |msg: String| WsiError::format(path, msg);
+    let file = File::open(path).map_err(|e| WsiError::io(path, e))?;
+    let mut dec = tiff::decoder::Decoder::new(std::io::BufReader::new(file))
+        .map_err(|e| bad(format!("reading TIFF: {e}")))?;
+    dec.seek_to_image(ifd)
+        .map_err(|e| bad(format!("no directory {ifd}: {e}")))?;
+    let (w, _) = dec
+        .dimensions()
+        .map_err(|e| bad(format!("reading TIFF: {e}")))?;
+    let tiles_x = w.div_ceil(TIFF_TILE_PX);
+    let offsets = dec
+        .get_tag_u64_vec(Tag::TileOffsets)
+        .map_err(|e| bad(format!("no tile offsets: {e}")))?;
+    let counts = dec
+        .get_tag_u64_vec(Tag::TileByteCounts)
+        .map_err(|e| bad(format!("no tile byte counts: {e}")))?;
+    drop(dec);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| WsiError::io(path, e))?;
+    for &(tx, ty) in tiles {
+        let i = (ty * tiles_x + tx) as usize;
+        let (Some(&offset), Some(&count)) = (offsets.get(i), counts.get(i)) else {
+            return Err(bad(format!("no tile ({tx}, {ty}) in directory {ifd}")));
+        };
+        let garbage: Vec<u8> = (0..count.min(64)).map(|k| 0xA5 ^ k as u8).collect();
+        file.seek(std::io::SeekFrom::Start(offset))
+            .and_then(|_| file.write_all(&garbage))
+            .map_err(|e| WsiError::io(path, e))?;
+    }
+    file.sync_all().map_err(|e| WsiError::io(path, e))
 }
 
 fn jpeg_tile(rgb: &[u8], quality: u8) -> Result<Vec<u8>> {

@@ -88,6 +88,10 @@ pub enum MetadataArg {
     TiffResolution,
     /// Generic TIFF without any resolution: `--mpp` needed downstream.
     None,
+    /// OME-TIFF: OME-XML `PhysicalSizeX/Y`, reduced levels as SubIFDs of level 0.
+    Ome,
+    /// OME-TIFF with the reduced levels in the main IFD chain (a flat pyramid).
+    OmeFlat,
 }
 
 #[derive(Args)]
@@ -113,6 +117,22 @@ pub struct SynthArgs {
     /// JPEG quality of the tiles (1-100).
     #[arg(long, default_value_t = 90)]
     pub quality: u8,
+    /// Damage these stored 256 px tiles of level 0 (`TX,TY`, repeatable) so that they cannot
+    /// be decoded: a slide with unreadable tiles, for testing.
+    #[arg(long = "corrupt-tile", value_parser = parse_tile_xy)]
+    pub corrupt_tiles: Vec<(u32, u32)>,
+}
+
+fn parse_tile_xy(s: &str) -> std::result::Result<(u32, u32), String> {
+    let (x, y) = s
+        .split_once(',')
+        .ok_or_else(|| format!("{s:?} is not TX,TY"))?;
+    let n = |v: &str| {
+        v.trim()
+            .parse::<u32>()
+            .map_err(|_| format!("{v:?} in {s:?} is not a tile index"))
+    };
+    Ok((n(x)?, n(y)?))
 }
 
 fn slide(args: SynthArgs) -> Result<()> {
@@ -132,12 +152,20 @@ fn slide(args: SynthArgs) -> Result<()> {
             MetadataArg::Aperio => Metadata::Aperio { app_mag },
             MetadataArg::TiffResolution => Metadata::TiffResolution,
             MetadataArg::None => Metadata::None,
+            MetadataArg::Ome => Metadata::Ome { sub_ifds: true },
+            MetadataArg::OmeFlat => Metadata::Ome { sub_ifds: false },
         },
         jpeg_quality: args.quality,
     };
     let scene = Scene::blobs(args.width as f64 * args.mpp, args.height as f64 * args.mpp);
     let t = std::time::Instant::now();
     synth::write_slide(&args.output, &spec, &scene)?;
+    if !args.corrupt_tiles.is_empty() {
+        if let Err(e) = synth::corrupt_tiles(&args.output, 0, &args.corrupt_tiles) {
+            let _ = std::fs::remove_file(&args.output);
+            return Err(e.into());
+        }
+    }
     tracing::info!(
         "wrote {} in {:.1} s",
         args.output.display(),
