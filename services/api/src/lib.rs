@@ -284,6 +284,7 @@ impl Service {
                     let server = HttpServer::new(move || {
                         App::new()
                             .app_data(in_flight.clone())
+                            .wrap(from_fn(state::pin_heads))
                             .wrap(from_fn(limits::admit))
                             .wrap(from_fn(limits::hold_payload))
                             .wrap(from_fn(observe))

@@ -1,12 +1,22 @@
 //! What every handler shares: the configuration, the opened pipeline (store + encoders, one
 //! runtime for all store calls), the prompt library, caches, metrics, and helpers that run
 //! model and store work off the HTTP threads under the request timeout.
+//!
+//! The models (encoders, alignment checkpoint), their fingerprints and the prompt-embedding
+//! caches form one [`Heads`], swapped as a whole when the data dir's `gigapath.toml` names
+//! another `models.alignment` (what `gigapath reembed` writes): every request is pinned to the
+//! heads current when it arrived ([`pin_heads`]), so no answer mixes two checkpoints.
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::{Duration, SystemTime};
 
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::middleware::Next;
+use gigapath_pipeline::config::DATA_DIR_CONFIG;
 use gigapath_pipeline::encoders::{slide_fingerprints, text_fingerprints};
 use gigapath_pipeline::{Config, Pipeline};
 use gigapath_store::vector::combined_fingerprint;
@@ -26,16 +36,72 @@ pub struct Fingerprints {
     pub reports: String,
 }
 
+/// The models one request works with: encoders and alignment (a [`Pipeline`] over the shared
+/// store), their guard fingerprints, and what was embedded with them.
+pub struct Heads {
+    pub pipeline: Arc<Pipeline>,
+    fingerprints: OnceLock<Fingerprints>,
+    /// Class / gene embeddings per prompt set: computed once per (set, heads).
+    class_cache: Mutex<HashMap<String, Arc<ClassEmbeddings>>>,
+    gene_cache: Mutex<HashMap<String, Arc<Vec<GeneEmbeddings>>>>,
+}
+
+impl Heads {
+    fn new(pipeline: Arc<Pipeline>) -> Heads {
+        Heads {
+            pipeline,
+            fingerprints: OnceLock::new(),
+            class_cache: Mutex::new(HashMap::new()),
+            gene_cache: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+/// What identifies one version of the data dir's config file (it is replaced by a rename).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stamp {
+    modified: Option<SystemTime>,
+    len: u64,
+    inode: u64,
+}
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some(Stamp {
+        modified: m.modified().ok(),
+        len: m.len(),
+        inode: m.ino(),
+    })
+}
+
+/// The `models.alignment` the data dir's own config names (after the environment).
+fn dir_alignment(data_dir: &Path) -> Result<Option<PathBuf>, String> {
+    Config::load(Some(data_dir), None)
+        .map(|c| c.models.alignment)
+        .map_err(|e| e.to_string())
+}
+
+/// The data dir's config as last seen, and the heads built from it.
+struct Watch {
+    stamp: Option<Stamp>,
+    alignment: Option<PathBuf>,
+}
+
+tokio::task_local! {
+    /// The heads the current request was pinned to.
+    static PINNED: Arc<Heads>;
+}
+
 pub struct AppState {
     pub config: Config,
+    /// The pipeline opened at start: the store, its runtime, the data dir. Models come from
+    /// [`AppState::heads`].
     pub pipeline: Arc<Pipeline>,
     pub metrics: Arc<Metrics>,
     pub prompts: PromptLibrary,
-    fingerprints: OnceLock<Fingerprints>,
-    /// Class / gene embeddings per prompt set: computed once per (set, text model, alignment),
-    /// which are fixed for the life of the process.
-    pub class_cache: Mutex<HashMap<String, Arc<ClassEmbeddings>>>,
-    pub gene_cache: Mutex<HashMap<String, Arc<Vec<GeneEmbeddings>>>>,
+    heads: RwLock<Arc<Heads>>,
+    watch: Mutex<Watch>,
 }
 
 impl AppState {
@@ -45,14 +111,73 @@ impl AppState {
         metrics: Arc<Metrics>,
         prompts: PromptLibrary,
     ) -> AppState {
+        let file = config.store.data_dir.join(DATA_DIR_CONFIG);
+        let watch = Watch {
+            stamp: stamp(&file),
+            alignment: dir_alignment(&config.store.data_dir).ok().flatten(),
+        };
         AppState {
             config,
+            heads: RwLock::new(Arc::new(Heads::new(pipeline.clone()))),
             pipeline,
             metrics,
             prompts,
-            fingerprints: OnceLock::new(),
-            class_cache: Mutex::new(HashMap::new()),
-            gene_cache: Mutex::new(HashMap::new()),
+            watch: Mutex::new(watch),
+        }
+    }
+
+    /// The heads of this request (pinned by [`pin_heads`]), else the current ones.
+    pub fn heads(&self) -> Arc<Heads> {
+        PINNED
+            .try_with(Arc::clone)
+            .unwrap_or_else(|_| self.current_heads())
+    }
+
+    fn current_heads(&self) -> Arc<Heads> {
+        self.heads.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The current heads after a look at the data dir's config: when it names another
+    /// `models.alignment` than when last read (a `gigapath reembed` ran), new heads with that
+    /// checkpoint replace the old ones for every later request. One `stat` when nothing changed.
+    pub fn refreshed_heads(&self) -> Arc<Heads> {
+        let data_dir = &self.config.store.data_dir;
+        let now = stamp(&data_dir.join(DATA_DIR_CONFIG));
+        let mut watch = self.watch.lock().unwrap_or_else(|e| e.into_inner());
+        if now == watch.stamp {
+            return self.current_heads();
+        }
+        watch.stamp = now;
+        let alignment = match dir_alignment(data_dir) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!("the data dir's config changed but does not load: {e}; serving on with the models loaded");
+                return self.current_heads();
+            }
+        };
+        if alignment == watch.alignment {
+            return self.current_heads();
+        }
+        let current = self.current_heads();
+        let mut models = current.pipeline.config.models.clone();
+        models.alignment = alignment.clone();
+        match current.pipeline.with_models(models) {
+            Ok(p) => {
+                tracing::info!(
+                    "the data dir's config names alignment {}: serving with it from now on",
+                    alignment
+                        .as_deref()
+                        .map_or("(none)".into(), |a| a.display().to_string())
+                );
+                watch.alignment = alignment;
+                let fresh = Arc::new(Heads::new(Arc::new(p)));
+                *self.heads.write().unwrap_or_else(|e| e.into_inner()) = fresh.clone();
+                fresh
+            }
+            Err(e) => {
+                tracing::warn!("the data dir's config names another alignment that cannot be used: {e}; serving on with the models loaded");
+                current
+            }
         }
     }
 
@@ -80,7 +205,7 @@ impl AppState {
         F: FnOnce(&Pipeline) -> ApiResult<T> + Send + 'static,
         T: Send + 'static,
     {
-        let pipeline = self.pipeline.clone();
+        let pipeline = self.heads().pipeline.clone();
         match tokio::time::timeout(self.timeout(), actix_web::web::block(move || f(&pipeline)))
             .await
         {
@@ -93,10 +218,11 @@ impl AppState {
 
     /// The guard fingerprints for the configured models (hashing the weight files once).
     pub async fn fingerprints(&self) -> ApiResult<Fingerprints> {
-        if let Some(f) = self.fingerprints.get() {
+        let heads = self.heads();
+        if let Some(f) = heads.fingerprints.get() {
             return Ok(f.clone());
         }
-        let models = self.config.models.clone();
+        let models = heads.pipeline.config.models.clone();
         let f = self
             .compute(move |_| {
                 let roles = slide_fingerprints(&models).unwrap_or_default();
@@ -111,7 +237,7 @@ impl AppState {
                 })
             })
             .await?;
-        Ok(self.fingerprints.get_or_init(|| f).clone())
+        Ok(heads.fingerprints.get_or_init(|| f).clone())
     }
 
     /// Raw text embeddings of `texts` (text encoder output, as stored in `reports.text`).
@@ -142,8 +268,9 @@ impl AppState {
         cache: bool,
     ) -> ApiResult<Arc<ClassEmbeddings>> {
         let key = set.name.clone();
+        let heads = self.heads();
         if cache {
-            if let Some(c) = self
+            if let Some(c) = heads
                 .class_cache
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -169,7 +296,8 @@ impl AppState {
             .await?;
         let classes = Arc::new(classes);
         if cache {
-            self.class_cache
+            heads
+                .class_cache
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(key, classes.clone());
@@ -179,7 +307,8 @@ impl AppState {
 
     /// Gene embeddings of a mutation set (all genes), cached.
     pub async fn gene_embeddings(&self, name: &str) -> ApiResult<Arc<Vec<GeneEmbeddings>>> {
-        if let Some(g) = self
+        let heads = self.heads();
+        if let Some(g) = heads
             .gene_cache
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -198,7 +327,8 @@ impl AppState {
             })
             .await?;
         let genes = Arc::new(genes);
-        self.gene_cache
+        heads
+            .gene_cache
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(name.to_string(), genes.clone());
@@ -248,5 +378,20 @@ pub fn zeroshot_error(e: gigapath_zeroshot::ZeroShotError) -> ApiError {
         Z::Input(_) | Z::Prompt { .. } => ApiError::BadRequest(e.to_string()),
         Z::Embed(m) if m.contains("alignment checkpoint") => ApiError::Conflict(m),
         other => ApiError::Internal(other.to_string()),
+    }
+}
+
+/// Middleware: pins each request to the heads current when it arrives (after a look at the
+/// data dir's config), so that its fingerprints and its embeddings come from one checkpoint.
+pub async fn pin_heads(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let heads = req
+        .app_data::<actix_web::web::Data<AppState>>()
+        .map(|s| s.refreshed_heads());
+    match heads {
+        Some(h) => PINNED.scope(h, next.call(req)).await,
+        None => next.call(req).await,
     }
 }

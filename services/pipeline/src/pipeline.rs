@@ -2,7 +2,7 @@
 //! worker loop and re-embedding.
 
 use std::path::Path;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use gigapath_store::{Dims, Store};
 use serde_json::Value;
@@ -31,7 +31,8 @@ impl Progress for Quiet {}
 pub struct Pipeline {
     pub config: Config,
     pub store: Store,
-    pub(crate) rt: tokio::runtime::Runtime,
+    /// Shared with [`Pipeline::with_models`] copies: the store's clients live on it.
+    pub(crate) rt: Arc<tokio::runtime::Runtime>,
     slide_models: OnceLock<SlideModels>,
     text_model: OnceLock<TextModel>,
     alignment: OnceLock<Option<AlignmentModel>>,
@@ -54,12 +55,37 @@ impl Pipeline {
         Ok(Pipeline {
             config,
             store,
-            rt,
+            rt: Arc::new(rt),
             slide_models: OnceLock::new(),
             text_model: OnceLock::new(),
             alignment: OnceLock::new(),
             load_lock: Mutex::new(()),
             worker_id: worker_id(),
+        })
+    }
+
+    /// The same opened store (and runtime, and worker id) with other model settings, whose
+    /// encoders load anew on first use: how the service takes up a new alignment checkpoint
+    /// without reopening the data dir. Refused when the new models need other collection dims.
+    pub fn with_models(&self, models: crate::config::ModelsConfig) -> Result<Pipeline> {
+        let mut config = self.config.clone();
+        config.models = models;
+        config.store.dims = dims_from_models(&config)?;
+        if config.store.dims != self.config.store.dims {
+            return Err(PipelineError::Config(format!(
+                "the new models need collection dims {:?}, the open store has {:?}: restart",
+                config.store.dims, self.config.store.dims
+            )));
+        }
+        Ok(Pipeline {
+            config,
+            store: self.store.clone(),
+            rt: self.rt.clone(),
+            slide_models: OnceLock::new(),
+            text_model: OnceLock::new(),
+            alignment: OnceLock::new(),
+            load_lock: Mutex::new(()),
+            worker_id: self.worker_id.clone(),
         })
     }
 
