@@ -107,7 +107,7 @@ impl ResponseError for ApiError {
             ApiError::MethodNotAllowed { allow, .. } => {
                 response.insert_header((actix_web::http::header::ALLOW, allow.as_str()));
             }
-            ApiError::Overloaded(_) => {
+            ApiError::Overloaded(_) | ApiError::Unavailable(_) => {
                 response.insert_header((actix_web::http::header::RETRY_AFTER, RETRY_AFTER_SECONDS));
             }
             // The client was too slow to send its body: the connection is not reused.
@@ -140,6 +140,16 @@ impl From<StoreError> for ApiError {
             StoreError::DimensionMismatch { .. } | StoreError::SchemaMismatch { .. } => {
                 ApiError::Conflict(msg)
             }
+            // An outage or a full disk passes: 503, details in the log (they name server
+            // addresses and data-dir paths), not in the answer.
+            ref transient if transient.is_transient() => {
+                tracing::warn!("store unavailable: {msg}");
+                ApiError::Unavailable(
+                    "the vector store or the catalog is unavailable right now (a server outage \
+                     or a full disk); try again later"
+                        .into(),
+                )
+            }
             _ => ApiError::Internal(msg),
         }
     }
@@ -171,3 +181,27 @@ impl From<actix_web::error::BlockingError> for ApiError {
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_disk_or_an_outage_is_a_503_that_names_no_path() {
+        let full = StoreError::Io {
+            op: "flush",
+            path: "/srv/gigapath-data/vectors/slides".into(),
+            err: std::io::Error::new(std::io::ErrorKind::StorageFull, "No space left on device"),
+        };
+        let api = ApiError::from(full);
+        assert_eq!(api.status_code(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(!api.to_string().contains("/srv"), "{api}");
+        let response = api.error_response();
+        assert!(response
+            .headers()
+            .contains_key(actix_web::http::header::RETRY_AFTER));
+        // Errors of the request keep their own status.
+        let bug = ApiError::from(StoreError::InvalidRequest("x".into()));
+        assert_eq!(bug.status_code(), StatusCode::BAD_REQUEST);
+    }
+}
