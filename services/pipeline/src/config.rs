@@ -220,6 +220,9 @@ pub struct TilingConfig {
     /// A slide whose tile grid (kept or not) has more tiles than this fails before any pixel
     /// is read (a wrong mpp or a forged header, not a real slide).
     pub max_tiles: u64,
+    /// Share of a slide's kept tiles that may be unreadable (damaged JPEG tiles): they are
+    /// skipped and listed in the slide's `skipped_tiles.csv`; beyond it the slide fails.
+    pub max_bad_tile_fraction: f64,
 }
 
 impl Default for TilingConfig {
@@ -229,6 +232,7 @@ impl Default for TilingConfig {
             tissue_threshold: 0.1,
             mpp: None,
             max_tiles: gigapath_wsi::grid::DEFAULT_MAX_TILES,
+            max_bad_tile_fraction: 0.05,
         }
     }
 }
@@ -396,6 +400,13 @@ impl Config {
                     "{} is not in 1..={max_view_tiles} (the tissue view's pixel cap)",
                     self.tiling.max_tiles
                 ),
+            );
+        }
+        let f = self.tiling.max_bad_tile_fraction;
+        if !(f.is_finite() && (0.0..1.0).contains(&f)) {
+            return bad(
+                "tiling.max_bad_tile_fraction",
+                format!("{f} is not in [0, 1)"),
             );
         }
         if let Some(mpp) = self.tiling.mpp {

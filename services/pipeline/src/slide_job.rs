@@ -114,6 +114,7 @@ impl Pipeline {
                 .map_err(PipelineError::Config)?,
             tissue_threshold: self.config.tiling.tissue_threshold,
             max_tiles: self.config.tiling.max_tiles,
+            ..TilingOptions::default()
         };
         let tiling = tile_slide(&slide, &opts)?;
         if tiling.tiles.is_empty() {
@@ -134,7 +135,7 @@ impl Pipeline {
             .ok()
             .filter(|f| f.metadata.fingerprints.get("tile") == Some(&tile_fp) && f.len() == n);
         let reused = existing.is_some();
-        let (features, info) = match existing {
+        let (features, info, cells) = match existing {
             Some(f) => {
                 progress.tiles_done(n);
                 let info = gigapath_store::FeatureFileInfo {
@@ -143,7 +144,7 @@ impl Pipeline {
                     sha256: crate::fingerprint::file_sha256(&feature_path)?,
                     tile_count: n as u64,
                 };
-                (f.features_f16().to_vec(), info)
+                (f.features_f16().to_vec(), info, cells)
             }
             None => self.encode_tiles(
                 job,
@@ -155,6 +156,8 @@ impl Pipeline {
                 &mut t,
             )?,
         };
+        // Unreadable tiles were skipped: the slide is what was read.
+        let n = cells.len();
 
         let s = Instant::now();
         let (embedding, joint) = match self.alignment()? {
@@ -465,7 +468,9 @@ impl Pipeline {
     }
 
     /// Streams the kept tiles through the tile encoder into the feature file; returns the
-    /// features (f16, N x D) for the slide encoder.
+    /// features (f16, N x D) and grid cells of the tiles read for the slide encoder. Unreadable
+    /// tiles are skipped up to `tiling.max_bad_tile_fraction` and listed in the slide's tiles
+    /// folder (`skipped_tiles.csv`).
     #[allow(clippy::too_many_arguments)]
     fn encode_tiles(
         &self,
@@ -476,7 +481,7 @@ impl Pipeline {
         cancelled: &AtomicBool,
         progress: &dyn Progress,
         t: &mut Timings,
-    ) -> Result<(Vec<f16>, gigapath_store::FeatureFileInfo)> {
+    ) -> Result<(Vec<f16>, gigapath_store::FeatureFileInfo, Vec<[u32; 2]>)> {
         let models = self.slide_models()?;
         let d = models.tile_dim();
         let n = tiling.tiles.len();
@@ -496,7 +501,9 @@ impl Pipeline {
             threads: self.config.ingest.reader_threads,
             format: BatchFormat::Normalized,
             window: 0,
+            max_bad_tile_fraction: self.config.tiling.max_bad_tile_fraction,
         };
+        let mut cells = Vec::with_capacity(n);
         let tiles: Arc<[gigapath_wsi::TileRef]> = tiling.tiles.clone().into();
         let mut stream = TileStream::start(slide.path(), &tiling.plan, tiles.clone(), &config)?;
         loop {
@@ -507,14 +514,19 @@ impl Pipeline {
             if cancelled.load(Ordering::Relaxed) {
                 return Err(PipelineError::LeaseLost);
             }
+            let rows: Vec<_> = batch.read_indices().map(|i| tiles[i]).collect();
+            if rows.is_empty() {
+                progress.tiles_done(batch.len);
+                continue;
+            }
             let BatchData::Normalized(px) = batch.data else {
                 unreachable!("the stream was asked for normalized batches")
             };
             let s = Instant::now();
-            let feats = models.encode_tiles(px, batch.len)?;
+            let feats = models.encode_tiles(px, rows.len())?;
             t.encode_s += s.elapsed().as_secs_f64();
             let s = Instant::now();
-            let rows = &tiles[batch.start..batch.start + batch.len];
+            cells.extend(rows.iter().map(|r| [r.gx, r.gy]));
             let grid: Vec<[i32; 2]> = rows.iter().map(|r| [r.gx as i32, r.gy as i32]).collect();
             let origins: Vec<[i64; 2]> = rows.iter().map(|r| [r.x0 as i64, r.y0 as i64]).collect();
             writer.append(&feats, &grid, &origins)?;
@@ -522,9 +534,18 @@ impl Pipeline {
             t.write_s += s.elapsed().as_secs_f64();
             progress.tiles_done(batch.len);
         }
+        if !stream.skipped().is_empty() {
+            tracing::warn!(
+                "{}: {} of {n} tiles unreadable and skipped (first: {})",
+                job.slide_id,
+                stream.skipped().len(),
+                stream.skipped()[0].error
+            );
+            outputs::write_skipped_tiles(&self.tiles_dir(&job.slide_id), &tiles, stream.skipped())?;
+        }
         let s = Instant::now();
         let info = writer.finish()?;
         t.write_s += s.elapsed().as_secs_f64();
-        Ok((features, info))
+        Ok((features, info, cells))
     }
 }

@@ -41,6 +41,19 @@ pub enum WsiError {
     /// before any pixel work, naming the limit.
     #[error("{}: refusing to tile: {reason}", path.display())]
     AbsurdPlan { path: PathBuf, reason: String },
+    /// More stored tiles could not be decoded than the slide may lose.
+    #[error(
+        "{}: cannot read {bad} of {total} kept tiles, over the {max_fraction} allowed \
+         (tiling.max_bad_tile_fraction); first: {first}",
+        path.display()
+    )]
+    TooManyBadTiles {
+        path: PathBuf,
+        bad: usize,
+        total: usize,
+        max_fraction: f64,
+        first: String,
+    },
     #[error("{}: {msg}", path.display())]
     Io { path: PathBuf, msg: String },
     #[error("{}: {msg}", path.display())]

@@ -28,5 +28,5 @@ pub use error::{Result, WsiError};
 pub use grid::{tile_slide, TilePlan, TileRef, Tiling, TilingOptions};
 pub use mpp::{Mpp, MppSource};
 pub use slide::{Slide, SlideInfo};
-pub use tiles::{BatchData, BatchFormat, StreamConfig, TileBatch, TileStream};
+pub use tiles::{BatchData, BatchFormat, SkippedTile, StreamConfig, TileBatch, TileStream};
 pub use tissue::TissueMethod;

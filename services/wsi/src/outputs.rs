@@ -9,11 +9,12 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::error::{Result, WsiError};
-use crate::grid::Tiling;
+use crate::grid::{TileRef, Tiling};
 use crate::gridfile::{self, GridFile};
 use crate::mpp::MppSource;
 use crate::render;
 use crate::slide::Slide;
+use crate::tiles::SkippedTile;
 
 /// The one-line JSON summary `gigapath tile` prints, also saved as `summary.json`.
 #[derive(Debug, Clone, Serialize)]
@@ -90,6 +91,35 @@ pub fn write_tiling(dir: &Path, slide: &Slide, tiling: &Tiling) -> Result<TileSu
     ];
     write_all_or_nothing(dir, &files)?;
     Ok(summary)
+}
+
+/// Records the kept tiles that could not be read beside a tiling in `dir`: `skipped_tiles.csv`
+/// (`index,gx,gy,x0_level0,y0_level0,error`) and the count as `skipped_tiles` in
+/// `summary.json` (when there is one).
+pub fn write_skipped_tiles(dir: &Path, tiles: &[TileRef], skipped: &[SkippedTile]) -> Result<()> {
+    let mut csv = String::from("index,gx,gy,x0_level0,y0_level0,error\n");
+    for s in skipped {
+        let Some(t) = tiles.get(s.index) else {
+            continue;
+        };
+        let error = s.error.replace('"', "'");
+        csv.push_str(&format!(
+            "{},{},{},{},{},\"{error}\"\n",
+            s.index, t.gx, t.gy, t.x0, t.y0
+        ));
+    }
+    let mut files = vec![("skipped_tiles.csv", csv.into_bytes())];
+    let summary_path = dir.join("summary.json");
+    if let Ok(text) = std::fs::read(&summary_path) {
+        if let Ok(serde_json::Value::Object(mut summary)) = serde_json::from_slice(&text) {
+            summary.insert("skipped_tiles".into(), skipped.len().into());
+            let bytes = serde_json::to_vec_pretty(&summary).map_err(|e| {
+                WsiError::format(&summary_path, format!("cannot serialise summary: {e}"))
+            })?;
+            files.push(("summary.json", bytes));
+        }
+    }
+    write_all_or_nothing(dir, &files)
 }
 
 /// Writes `files` into `dir` so that either all appear or none does.

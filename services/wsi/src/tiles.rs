@@ -5,6 +5,13 @@
 //! do not contend on one) and claims whole batches by index. A reader may run at most `window`
 //! batches ahead of the consumer, so at most `window` batches exist at once: with the defaults
 //! (batch 64, window 2 x threads) a 100,000-tile slide never holds more than a few hundred MB.
+//!
+//! A tile whose pixels cannot be decoded (a damaged JPEG) is skipped, not fatal, up to
+//! [`StreamConfig::max_bad_tile_fraction`] of the kept tiles: the batch carries the tiles it
+//! lacks ([`TileBatch::skipped`]) and the stream fails with [`WsiError::TooManyBadTiles`] once
+//! more are lost. OpenSlide 3.4 makes a decoding error sticky (every later read of that handle
+//! fails with it), so the reader opens a fresh handle after each failed read and tries the tile
+//! once more on it before calling it bad.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -37,6 +44,9 @@ pub struct StreamConfig {
     pub format: BatchFormat,
     /// Batches that may exist at once (0 = twice the threads).
     pub window: usize,
+    /// Share of the kept tiles that may be unreadable and skipped, in [0, 1); the stream fails
+    /// once more are (0: the first unreadable tile fails it).
+    pub max_bad_tile_fraction: f64,
 }
 
 impl Default for StreamConfig {
@@ -46,6 +56,7 @@ impl Default for StreamConfig {
             threads: 0,
             format: BatchFormat::Normalized,
             window: 0,
+            max_bad_tile_fraction: 0.0,
         }
     }
 }
@@ -57,12 +68,34 @@ pub enum BatchData {
     Rgb(Vec<u8>),
 }
 
-/// Consecutive kept tiles `start .. start + len`.
+/// A kept tile that could not be read, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SkippedTile {
+    /// Index in the kept tiles.
+    pub index: usize,
+    pub error: String,
+}
+
+/// Consecutive kept tiles `start .. start + len`; `data` holds those not in `skipped`, in order.
 #[derive(Debug)]
 pub struct TileBatch {
     pub start: usize,
     pub len: usize,
     pub data: BatchData,
+    /// Tiles of the range that could not be read (ascending); empty on a healthy slide.
+    pub skipped: Vec<SkippedTile>,
+}
+
+impl TileBatch {
+    /// Indices (in the kept tiles) of the tiles `data` holds, in order.
+    pub fn read_indices(&self) -> impl Iterator<Item = usize> + '_ {
+        (self.start..self.start + self.len).filter(|i| !self.skipped.iter().any(|s| s.index == *i))
+    }
+
+    /// Number of tiles `data` holds.
+    pub fn read_len(&self) -> usize {
+        self.len - self.skipped.len()
+    }
 }
 
 /// Reads one tile (level-0 origin from `tile`) as 256 x 256 RGB.
@@ -77,28 +110,61 @@ pub fn read_tile_rgb(slide: &Slide, plan: &TilePlan, tile: &TileRef) -> Result<V
     Ok(transform::resize_to_tile(rgb, plan.read_px))
 }
 
-fn read_batch(
-    slide: &Slide,
+/// Reads one tile through `slide`; after a failed read the handle is replaced by a fresh one
+/// (OpenSlide's errors are sticky) and the tile tried once more. `Ok(Err(msg))`: the tile is
+/// unreadable; `Err`: the slide itself is (it cannot be opened again).
+fn read_tile_tolerant(
+    slide: &mut Slide,
     plan: &TilePlan,
-    tiles: &[TileRef],
-    format: BatchFormat,
-) -> Result<BatchData> {
-    match format {
-        BatchFormat::Rgb => {
-            let mut out = Vec::with_capacity(tiles.len() * RGB_TILE_LEN);
-            for t in tiles {
-                out.extend_from_slice(&read_tile_rgb(slide, plan, t)?);
+    tile: &TileRef,
+) -> Result<std::result::Result<Vec<u8>, String>> {
+    let mut last = String::new();
+    for _ in 0..2 {
+        match read_tile_rgb(slide, plan, tile) {
+            Ok(rgb) => return Ok(Ok(rgb)),
+            Err(WsiError::Unreadable { msg, .. }) => {
+                last = msg;
+                let path = slide.path().to_path_buf();
+                *slide = Slide::open(&path, None)?;
             }
-            Ok(BatchData::Rgb(out))
-        }
-        BatchFormat::Normalized => {
-            let mut out = vec![0f32; tiles.len() * NORMALIZED_LEN];
-            for (t, dst) in tiles.iter().zip(out.chunks_exact_mut(NORMALIZED_LEN)) {
-                transform::crop_normalize(&read_tile_rgb(slide, plan, t)?, dst);
-            }
-            Ok(BatchData::Normalized(out))
+            Err(e) => return Err(e),
         }
     }
+    Ok(Err(last))
+}
+
+fn read_batch(
+    slide: &mut Slide,
+    plan: &TilePlan,
+    tiles: &[TileRef],
+    start: usize,
+    format: BatchFormat,
+) -> Result<(BatchData, Vec<SkippedTile>)> {
+    let mut skipped = Vec::new();
+    // One tile at a time into the batch buffer, so a batch holds at most its own pixels.
+    let mut data = match format {
+        BatchFormat::Rgb => BatchData::Rgb(Vec::with_capacity(tiles.len() * RGB_TILE_LEN)),
+        BatchFormat::Normalized => {
+            BatchData::Normalized(Vec::with_capacity(tiles.len() * NORMALIZED_LEN))
+        }
+    };
+    for (i, t) in tiles.iter().enumerate() {
+        match read_tile_tolerant(slide, plan, t)? {
+            Ok(rgb) => match &mut data {
+                BatchData::Rgb(out) => out.extend_from_slice(&rgb),
+                BatchData::Normalized(out) => {
+                    let at = out.len();
+                    out.resize(at + NORMALIZED_LEN, 0.0);
+                    transform::crop_normalize(&rgb, &mut out[at..]);
+                }
+            },
+            Err(error) => skipped.push(SkippedTile {
+                index: start + i,
+                error,
+            }),
+        }
+    }
+    Ok((data, skipped))
 }
 
 /// Claims of batch indices, gated by how far the consumer has got.
@@ -137,17 +203,22 @@ impl Gate {
     }
 }
 
+type BatchResult = Result<(BatchData, Vec<SkippedTile>)>;
+
 /// An ordered iterator of tile batches read by background threads.
 pub struct TileStream {
-    rx: Option<Receiver<(usize, Result<BatchData>)>>,
+    rx: Option<Receiver<(usize, BatchResult)>>,
     gate: Arc<Gate>,
     workers: Vec<JoinHandle<()>>,
-    pending: BTreeMap<usize, Result<BatchData>>,
+    pending: BTreeMap<usize, BatchResult>,
     next: usize,
     total_batches: usize,
     n_tiles: usize,
     batch_size: usize,
     failed: bool,
+    path: std::path::PathBuf,
+    max_bad_tile_fraction: f64,
+    skipped: Vec<SkippedTile>,
 }
 
 impl TileStream {
@@ -174,6 +245,14 @@ impl TileStream {
         } else {
             config.window
         };
+        let f = config.max_bad_tile_fraction;
+        if !(f.is_finite() && (0.0..1.0).contains(&f)) {
+            return Err(WsiError::InvalidParameter {
+                name: "max bad tile fraction",
+                value: f.to_string(),
+                why: "must be in [0, 1)",
+            });
+        }
         let total_batches = tiles.len().div_ceil(config.batch_size);
         // Open once here so that an unreadable slide fails before any thread starts.
         let first = Slide::open(path, None)?;
@@ -187,7 +266,7 @@ impl TileStream {
         let mut workers = Vec::new();
         let mut first = Some(first);
         for _ in 0..threads.min(total_batches.max(1)) {
-            let slide = match first.take() {
+            let mut slide = match first.take() {
                 Some(s) => s,
                 None => Slide::open(path, None)?,
             };
@@ -196,7 +275,7 @@ impl TileStream {
             workers.push(std::thread::spawn(move || {
                 while let Some(b) = gate.claim(total_batches) {
                     let chunk = &tiles[b * bs..((b + 1) * bs).min(tiles.len())];
-                    let data = read_batch(&slide, &plan, chunk, format);
+                    let data = read_batch(&mut slide, &plan, chunk, b * bs, format);
                     let failed = data.is_err();
                     if tx.send((b, data)).is_err() || failed {
                         return;
@@ -214,12 +293,25 @@ impl TileStream {
             n_tiles: tiles.len(),
             batch_size: config.batch_size,
             failed: false,
+            path: path.to_path_buf(),
+            max_bad_tile_fraction: f,
+            skipped: Vec::new(),
         })
     }
 
     /// Number of batches the stream will yield.
     pub fn total_batches(&self) -> usize {
         self.total_batches
+    }
+
+    /// The tiles skipped so far as unreadable, in order.
+    pub fn skipped(&self) -> &[SkippedTile] {
+        &self.skipped
+    }
+
+    /// Most tiles that may be skipped before the stream fails.
+    pub fn max_bad_tiles(&self) -> usize {
+        (self.max_bad_tile_fraction * self.n_tiles as f64).floor() as usize
     }
 }
 
@@ -250,11 +342,26 @@ impl Iterator for TileStream {
         let start = self.next * self.batch_size;
         self.next += 1;
         match data {
-            Ok(data) => Some(Ok(TileBatch {
-                start,
-                len: self.batch_size.min(self.n_tiles - start),
-                data,
-            })),
+            Ok((data, skipped)) => {
+                self.skipped.extend(skipped.iter().cloned());
+                if self.skipped.len() > self.max_bad_tiles() {
+                    self.failed = true;
+                    self.gate.cancel();
+                    return Some(Err(WsiError::TooManyBadTiles {
+                        path: self.path.clone(),
+                        bad: self.skipped.len(),
+                        total: self.n_tiles,
+                        max_fraction: self.max_bad_tile_fraction,
+                        first: self.skipped[0].error.clone(),
+                    }));
+                }
+                Some(Ok(TileBatch {
+                    start,
+                    len: self.batch_size.min(self.n_tiles - start),
+                    data,
+                    skipped,
+                }))
+            }
             Err(e) => {
                 self.failed = true;
                 self.gate.cancel();

@@ -2,10 +2,16 @@
 //! OME-TIFF (SubIFDs and flat pyramids, mpp from the OME-XML) and slides with unreadable tiles.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use gigapath_wsi::grid::TilePlan;
 use gigapath_wsi::synth::{self, Metadata, Scene, SlideSpec};
-use gigapath_wsi::{tile_slide, MppSource, Slide, TilingOptions, TissueMethod};
+use gigapath_wsi::tiles::read_tile_rgb;
+use gigapath_wsi::transform::RGB_TILE_LEN;
+use gigapath_wsi::{
+    tile_slide, BatchData, BatchFormat, MppSource, Slide, StreamConfig, TileStream, TilingOptions,
+    TissueMethod, WsiError,
+};
 
 const SCENE_UM: (f64, f64) = (2000.0, 1600.0);
 
@@ -98,4 +104,96 @@ fn flat_ome_tiff_pyramid_gives_levels_and_the_ome_mpp() {
     let plan = gigapath_wsi::grid::plan(&slide).unwrap();
     assert_eq!((plan.read_level, plan.resampled), (1, false));
     assert_tiles_near_truth(&slide);
+}
+
+/// Reads every kept tile through a stream; returns the skipped indices and the tiles read.
+fn stream_all(
+    path: &Path,
+    tiling: &gigapath_wsi::Tiling,
+    max_bad_tile_fraction: f64,
+) -> Result<(Vec<usize>, Vec<(usize, Vec<u8>)>), WsiError> {
+    let tiles: Arc<[_]> = tiling.tiles.clone().into();
+    let config = StreamConfig {
+        batch_size: 5,
+        threads: 3,
+        window: 3,
+        format: BatchFormat::Rgb,
+        max_bad_tile_fraction,
+    };
+    let (mut skipped, mut read) = (Vec::new(), Vec::new());
+    for batch in TileStream::start(path, &tiling.plan, tiles, &config)? {
+        let batch = batch?;
+        skipped.extend(batch.skipped.iter().map(|s| s.index));
+        let BatchData::Rgb(rgb) = &batch.data else {
+            panic!("wrong format")
+        };
+        assert_eq!(rgb.len(), batch.read_len() * RGB_TILE_LEN);
+        for (i, px) in batch.read_indices().zip(rgb.chunks_exact(RGB_TILE_LEN)) {
+            read.push((i, px.to_vec()));
+        }
+    }
+    Ok((skipped, read))
+}
+
+#[test]
+fn unreadable_tiles_are_skipped_and_named_up_to_the_allowed_fraction() {
+    let dir = tempfile::tempdir().unwrap();
+    // 0.5 um/px: a grid tile is exactly one stored 256 px TIFF tile of level 0.
+    let path = write(
+        dir.path(),
+        "bad.tiff",
+        0.5,
+        vec![1, 4, 16],
+        Metadata::TiffResolution,
+    );
+    let slide = Slide::open(&path, None).unwrap();
+    let tiling = tile_slide(&slide, &TilingOptions::default()).unwrap();
+    let n = tiling.tiles.len();
+    assert!(n > 60, "{n} tiles");
+    // Two kept tiles (in different batches and readers) damaged; the segmentation view reads
+    // level 2, which stays intact.
+    let bad = [7usize, 31];
+    let stored: Vec<(u32, u32)> = bad
+        .iter()
+        .map(|&i| (tiling.tiles[i].gx, tiling.tiles[i].gy))
+        .collect();
+    synth::corrupt_tiles(&path, 0, &stored).unwrap();
+    let slide = Slide::open(&path, None).unwrap();
+    let tiling2 = tile_slide(&slide, &TilingOptions::default()).unwrap();
+    assert_eq!(
+        tiling2.tiles, tiling.tiles,
+        "the view does not read level 0"
+    );
+
+    let (skipped, read) = stream_all(&path, &tiling, 0.05).unwrap();
+    assert_eq!(skipped, bad.to_vec());
+    let indices: Vec<usize> = read.iter().map(|r| r.0).collect();
+    let expected: Vec<usize> = (0..n).filter(|i| !bad.contains(i)).collect();
+    assert_eq!(indices, expected);
+    // Tiles after a failure (on a fresh handle) hold their own pixels.
+    let fresh = Slide::open(&path, None).unwrap();
+    for (i, px) in read.iter().filter(|r| [8usize, 32, n - 1].contains(&r.0)) {
+        assert_eq!(
+            px,
+            &read_tile_rgb(&fresh, &tiling.plan, &tiling.tiles[*i]).unwrap()
+        );
+    }
+
+    // Over the fraction (0 allowed; or 5% of n with more damaged): the slide fails, saying why.
+    match stream_all(&path, &tiling, 0.0) {
+        Err(WsiError::TooManyBadTiles {
+            bad, total, first, ..
+        }) => {
+            assert_eq!((bad, total), (1, n));
+            assert!(first.contains("JPEG"), "{first}");
+        }
+        other => panic!("expected too many bad tiles, got {:?}", other.map(|r| r.0)),
+    }
+    let more: Vec<(u32, u32)> = tiling.tiles[40..45].iter().map(|t| (t.gx, t.gy)).collect();
+    synth::corrupt_tiles(&path, 0, &more).unwrap();
+    let err = stream_all(&path, &tiling, 0.05).unwrap_err().to_string();
+    assert!(
+        err.contains("bad.tiff") && err.contains("tiling.max_bad_tile_fraction"),
+        "{err}"
+    );
 }

@@ -223,6 +223,7 @@ fn tile_stream_delivers_every_tile_in_order_as_read_directly() {
         threads: 3,
         window: 2,
         format: BatchFormat::Normalized,
+        max_bad_tile_fraction: 0.0,
     };
     let mut next = 0;
     let mut direct = vec![0f32; NORMALIZED_LEN];
