@@ -328,8 +328,9 @@ impl Catalog {
                     JobState::Cancelled => QueueOutcome::PreviouslyFailed {
                         id,
                         error: Some(format!(
-                            "job {id} was cancelled by an operator ({})",
-                            error.as_deref().unwrap_or("no reason recorded")
+                            "job {id} is cancelled ({}); `gigapath jobs retry {id}` or \
+                             --retry-failed queues it again",
+                            error.as_deref().unwrap_or("by an operator")
                         )),
                     },
                 }
