@@ -75,13 +75,13 @@ fn list(args: ListArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:>6}  {:<9}  {:<20}  {:>8}  {:<20}  {:<19}  {:<22}  error",
+        "{:>6}  {:<9}  {:<20}  {:>8}  {:<19}  {:<19}  {:<22}  error",
         "id", "state", "slide", "attempts", "first attempt", "last attempt", "worker / lease"
     );
     let now = now_ms();
     for j in &jobs {
         println!(
-            "{:>6}  {:<9}  {:<20}  {:>8}  {:<20}  {:<19}  {:<22}  {}",
+            "{:>6}  {:<9}  {:<20}  {:>8}  {:<19}  {:<19}  {:<22}  {}",
             j.id,
             j.state.as_str(),
             j.subject,
