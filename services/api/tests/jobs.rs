@@ -15,7 +15,33 @@ use common::{get, http, post, text, TEXT_MODEL};
 
 const KEY: &str = "jobs-admin-key-0123456789";
 
-fn setup(root: &Path) -> Config {
+/// A fresh schema of the test Postgres as a catalog URL, or `None` (with a message) when
+/// `GIGAPATH_TEST_POSTGRES_URL` is not set.
+fn postgres_catalog(test: &str) -> Option<String> {
+    let Ok(base) = std::env::var("GIGAPATH_TEST_POSTGRES_URL") else {
+        eprintln!("SKIPPED postgres {test}: set GIGAPATH_TEST_POSTGRES_URL");
+        return None;
+    };
+    let schema = format!("api_{test}_{}", std::process::id());
+    let out = std::process::Command::new("psql")
+        .args([
+            base.as_str(),
+            "-q",
+            "-c",
+            &format!("CREATE SCHEMA {schema}"),
+        ])
+        .output()
+        .expect("psql runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sep = if base.contains('?') { '&' } else { '?' };
+    Some(format!("{base}{sep}options=-c%20search_path%3D{schema}"))
+}
+
+fn setup(root: &Path, catalog_url: Option<String>) -> Config {
     let models = root.join("models");
     init_tile_encoder(
         &models.join("tile"),
@@ -57,6 +83,7 @@ fn setup(root: &Path) -> Config {
     cfg.serve.prompts_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../prompts");
     // Jobs queued over HTTP stay queued: this test drives the queue by hand.
     cfg.serve.run_worker = false;
+    cfg.store.catalog_url = catalog_url;
     cfg
 }
 
@@ -78,10 +105,21 @@ fn jobs(addr: std::net::SocketAddr, query: &str) -> Vec<Value> {
 }
 
 #[test]
-fn list_retry_and_cancel_jobs_over_http() {
+fn list_retry_and_cancel_jobs_over_http_sqlite() {
+    list_retry_and_cancel_jobs_over_http(None);
+}
+
+#[test]
+fn list_retry_and_cancel_jobs_over_http_postgres() {
+    if let Some(url) = postgres_catalog("http") {
+        list_retry_and_cancel_jobs_over_http(Some(url));
+    }
+}
+
+fn list_retry_and_cancel_jobs_over_http(catalog_url: Option<String>) {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let cfg = setup(root);
+    let cfg = setup(root, catalog_url);
     let slides = root.join("slides-root/cohort/slides");
     let mut names: Vec<PathBuf> = std::fs::read_dir(&slides)
         .unwrap()

@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-use crate::config::{Dims, StoreConfig, VectorBackendConfig};
+use crate::config::{Dims, Quantization, StoreConfig, VectorBackendConfig};
 use crate::error::{Result, StoreError};
 
 pub use edge::EmbeddedStore;
@@ -42,6 +42,10 @@ pub const JOINT: &str = "joint";
 pub const SLIDE: &str = "slide";
 /// Raw text-encoder output of a report (`reports`), so report search works before alignment.
 pub const TEXT: &str = "text";
+/// Collection of tile embeddings (one point per tile, for region search).
+pub const TILES: &str = "tiles";
+/// Tile-encoder output vector name (`tiles`).
+pub const TILE: &str = "tile";
 /// Payload key of the model fingerprint every point carries.
 pub const FINGERPRINT_KEY: &str = "fingerprint";
 
@@ -54,6 +58,9 @@ pub struct CollectionSpec {
     pub vectors: Vec<VectorSpec>,
     /// Payload keys with a keyword index (what users filter on). Dotted paths reach into maps.
     pub keyword_indexes: Vec<String>,
+    /// Vector compression: [`Quantization::Int8`] keeps int8 vectors in RAM and the originals
+    /// on disk (searches rescore with them); [`Quantization::None`] keeps float32 in RAM.
+    pub quantization: Quantization,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -88,6 +95,7 @@ impl CollectionSpec {
             ]
             .map(String::from)
             .to_vec(),
+            quantization: Quantization::None,
         }
     }
 
@@ -110,6 +118,24 @@ impl CollectionSpec {
             keyword_indexes: ["report_id", "slide_id", FINGERPRINT_KEY]
                 .map(String::from)
                 .to_vec(),
+            quantization: Quantization::None,
+        }
+    }
+
+    /// `tiles`: one `tile` vector (`dims.tile`, the tile encoder's width); payload tile_id,
+    /// slide_id, grid x / y, level-0 box, tissue fraction, labels, fingerprint (the tile
+    /// encoder's). Point ids come from (slide id, grid x, grid y) ([`tile_id`]), so re-ingesting
+    /// a slide overwrites its tiles.
+    pub fn tiles(dims: &Dims, quantization: Quantization) -> Self {
+        CollectionSpec {
+            name: TILES.into(),
+            id_key: "tile_id".into(),
+            vectors: vec![VectorSpec {
+                name: TILE.into(),
+                dim: dims.tile,
+            }],
+            keyword_indexes: ["slide_id", FINGERPRINT_KEY].map(String::from).to_vec(),
+            quantization,
         }
     }
 
@@ -156,6 +182,12 @@ pub fn point_uuid(id: &str) -> Uuid {
     // Fixed forever: changing it would orphan every stored point.
     const NAMESPACE: Uuid = Uuid::from_u128(0x6d1c_2b7e_4f0a_5e39_9a53_7c1e_0b8d_4a21);
     Uuid::new_v5(&NAMESPACE, id.as_bytes())
+}
+
+/// String id of the tile at grid cell (`gx`, `gy`) of `slide_id`: `<slide_id>@<gx>,<gy>`.
+/// Slide ids never contain `@` (the pipeline's id rule), so the id is unambiguous.
+pub fn tile_id(slide_id: &str, gx: u32, gy: u32) -> String {
+    format!("{slide_id}@{gx},{gy}")
 }
 
 /// One stored object: string id, model fingerprint, named vectors and free payload.
@@ -253,6 +285,14 @@ pub struct SearchHit {
     pub payload: Map<String, Value>,
 }
 
+/// Hits sharing one value of the grouping key, best first.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SearchGroup {
+    /// The grouping key's value (e.g. a slide id).
+    pub key: String,
+    pub hits: Vec<SearchHit>,
+}
+
 /// Size and index state of a collection (for `gigapath status`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CollectionStats {
@@ -295,12 +335,28 @@ pub trait VectorStore: Send + Sync {
         with_vectors: bool,
     ) -> Result<Vec<Point>>;
 
+    /// Deletes every point matching `filter` (e.g. a slide's tiles); an empty filter is
+    /// refused (it would delete everything).
+    async fn delete_by_filter(&self, collection: &str, filter: &PayloadFilter) -> Result<()>;
+
     /// Exact number of points matching `filter`.
     async fn count(&self, collection: &str, filter: &PayloadFilter) -> Result<u64>;
 
     /// Nearest neighbours, only among points with the query's fingerprint, and an error
     /// (`FingerprintMismatch`) if the collection holds points with any other fingerprint.
     async fn search(&self, request: &SearchRequest) -> Result<Vec<SearchHit>>;
+
+    /// Nearest neighbours grouped by the keyword payload key `group_by`: up to `request.k`
+    /// groups, each with up to `group_size` hits, best first (groups by their best hit). Same
+    /// fingerprint rules as [`VectorStore::search`]. The server uses Qdrant's group query; the
+    /// embedded backend (qdrant-edge has no group API) repeats searches that exclude the points
+    /// already seen and the groups already full.
+    async fn search_groups(
+        &self,
+        request: &SearchRequest,
+        group_by: &str,
+        group_size: usize,
+    ) -> Result<Vec<SearchGroup>>;
 
     /// Some fingerprint other than `fingerprint` stored in the collection, with how many points
     /// carry a different one (0 and `None` when all match or the collection is empty).
@@ -416,6 +472,57 @@ pub(crate) fn validate_points(spec: &CollectionSpec, points: &[Point]) -> Result
         });
     }
     Ok(())
+}
+
+pub(crate) fn validate_groups(
+    spec: &CollectionSpec,
+    req: &SearchRequest,
+    group_by: &str,
+    group_size: usize,
+) -> Result<()> {
+    validate_search(spec, req)?;
+    if !spec.keyword_indexes.iter().any(|k| k == group_by) {
+        return Err(StoreError::InvalidRequest(format!(
+            "cannot group `{}` by `{group_by}`: not one of its keyword-indexed keys ({})",
+            spec.name,
+            spec.keyword_indexes.join(", ")
+        )));
+    }
+    if group_size == 0 || req.k.saturating_mul(group_size) > MAX_K {
+        return Err(StoreError::InvalidRequest(format!(
+            "{} groups of {group_size}: group size must be at least 1 and groups x size at \
+             most {MAX_K}",
+            req.k
+        )));
+    }
+    Ok(())
+}
+
+/// Groups hits (best first) by the string value of `key` in their payload, keeping the order
+/// of each group's best hit; hits without the key are dropped.
+pub(crate) fn group_hits(
+    hits: impl IntoIterator<Item = SearchHit>,
+    key: &str,
+    groups: &mut Vec<SearchGroup>,
+    group_size: usize,
+) {
+    for hit in hits {
+        let value = match hit.payload.get(key) {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Number(n)) => n.to_string(),
+            _ => continue,
+        };
+        match groups.iter_mut().find(|g| g.key == value) {
+            Some(g) if g.hits.len() < group_size && !g.hits.iter().any(|h| h.id == hit.id) => {
+                g.hits.push(hit)
+            }
+            Some(_) => {}
+            None => groups.push(SearchGroup {
+                key: value,
+                hits: vec![hit],
+            }),
+        }
+    }
 }
 
 pub(crate) fn validate_search(spec: &CollectionSpec, req: &SearchRequest) -> Result<()> {
@@ -555,6 +662,54 @@ impl ReportPoint {
             id: self.report_id,
             fingerprint: self.fingerprint,
             vectors: named([(JOINT, self.joint), (TEXT, Some(self.text_embedding))]),
+            payload,
+        }
+    }
+}
+
+/// Typed builder for a `tiles` point.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TilePoint {
+    pub slide_id: String,
+    /// Grid cell of the tile.
+    pub gx: u32,
+    pub gy: u32,
+    /// Level-0 box of the tile: x, y, width, height in pixels.
+    pub x: i64,
+    pub y: i64,
+    pub w: u32,
+    pub h: u32,
+    /// Tissue fraction of the tile (from the tiling), when known.
+    pub tissue: Option<f32>,
+    /// The slide's labels (`subtype`, ...).
+    pub labels: BTreeMap<String, String>,
+    /// The tile encoder's fingerprint.
+    pub fingerprint: String,
+    pub tile: Vec<f32>,
+}
+
+impl TilePoint {
+    pub fn into_point(self) -> Point {
+        let mut payload = Map::new();
+        payload.insert("slide_id".into(), Value::String(self.slide_id.clone()));
+        payload.insert("gx".into(), Value::from(self.gx));
+        payload.insert("gy".into(), Value::from(self.gy));
+        payload.insert(
+            "box".into(),
+            serde_json::json!({"x": self.x, "y": self.y, "w": self.w, "h": self.h}),
+        );
+        payload.insert(
+            "tissue".into(),
+            self.tissue
+                .and_then(|t| serde_json::Number::from_f64(f64::from(t)))
+                .map(Value::Number)
+                .unwrap_or(Value::Null),
+        );
+        payload.insert("labels".into(), to_json_map(&self.labels));
+        Point {
+            id: tile_id(&self.slide_id, self.gx, self.gy),
+            fingerprint: self.fingerprint,
+            vectors: named([(TILE, Some(self.tile))]),
             payload,
         }
     }
