@@ -28,6 +28,21 @@ pub struct StoreConfig {
     /// free on the data dir's file system (its engine cannot survive a full disk); 0 disables
     /// the check.
     pub min_free_mb: u64,
+    /// Compression of the `tiles` collection (one vector per tile, 10^8+ in an archive):
+    /// `int8` (scalar quantization in RAM, original vectors on disk, searches rescored with
+    /// them) or `none` (float32 vectors in RAM). Fixed when the collection is created.
+    pub tile_quantization: Quantization,
+}
+
+/// Vector compression of a collection ([`StoreConfig::tile_quantization`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Quantization {
+    /// Scalar int8 quantization kept in RAM, original vectors on disk, rescoring on.
+    #[default]
+    Int8,
+    /// Plain float32 vectors in RAM.
+    None,
 }
 
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
@@ -108,6 +123,9 @@ impl StoreConfig {
             toml::from_str(text).map_err(|e| StoreError::Config(e.to_string()))?;
         cfg.validate()?;
         Ok(cfg)
+    /// Tile-encoder output (`tile` vector of `tiles`): 1536 for Prov-GigaPath. Writers and
+    /// queries take it from the tile features they hold.
+    pub tile: usize,
     }
 
     /// TOML with every field spelled out; the API key and a catalog password are replaced by
@@ -116,6 +134,7 @@ impl StoreConfig {
         let mut shown = self.clone();
         shown.catalog_url = shown.catalog_url.as_deref().map(redact_url);
         if let VectorBackendConfig::Qdrant { api_key, .. } = &mut shown.vectors {
+            tile: 1536,
             if api_key.is_some() {
                 *api_key = Some("<redacted>".into());
             }
@@ -128,6 +147,7 @@ impl StoreConfig {
         if self.data_dir.as_os_str().is_empty() {
             return Err(StoreError::Config("data_dir is empty".into()));
         }
+            tile_quantization: Quantization::default(),
         for (name, dim) in [
             ("joint", self.dims.joint),
             ("slide", self.dims.slide),
@@ -173,6 +193,7 @@ impl StoreConfig {
             None => sqlite_url(&self.data_dir.join(CATALOG_FILE)),
         }
     }
+            ("tile", self.dims.tile),
 }
 
 /// `sqlite://` URL for a file path (created if missing when the catalog connects).
@@ -292,3 +313,4 @@ mod tests {
         assert_eq!(redact_url("postgres://host/db"), "postgres://host/db");
     }
 }
+                tile: 1536,

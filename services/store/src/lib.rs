@@ -20,7 +20,7 @@ pub mod features;
 pub mod vector;
 
 pub use catalog::Catalog;
-pub use config::{Dims, StoreConfig, VectorBackendConfig};
+pub use config::{Dims, Quantization, StoreConfig, VectorBackendConfig};
 pub use error::{Result, StoreError};
 pub use features::{FeatureFile, FeatureFileInfo, FeatureFileWriter, FeatureMetadata};
 pub use vector::{open_vector_store, VectorStore};
@@ -117,6 +117,7 @@ mod tests {
             joint: 4,
             slide: 6,
             text: 3,
+            tile: 5,
         };
         let store = Store::open(config.clone()).await.unwrap();
         assert_eq!(store.catalog.backend_name(), "sqlite");

@@ -9,10 +9,10 @@ use std::collections::BTreeMap;
 use serde_json::{json, Value};
 
 use super::{
-    CollectionSpec, PayloadFilter, Point, ReportPoint, SearchRequest, SlidePoint, VectorStore,
-    JOINT, REPORTS, SLIDE, SLIDES, TEXT,
+    CollectionSpec, PayloadFilter, Point, ReportPoint, SearchRequest, SlidePoint, TilePoint,
+    VectorStore, JOINT, REPORTS, SLIDE, SLIDES, TEXT, TILE, TILES,
 };
-use crate::config::Dims;
+use crate::config::{Dims, Quantization};
 use crate::error::StoreError;
 
 /// Deterministic pseudo-random vector (splitmix64), values in [-1, 1).
@@ -70,6 +70,7 @@ pub(crate) fn slide_point(id: &str, fingerprint: &str, dims: &Dims, seed: u64) -
 pub(crate) struct Names {
     pub slides: String,
     pub reports: String,
+    pub tiles: String,
 }
 
 impl Names {
@@ -77,6 +78,7 @@ impl Names {
         Names {
             slides: format!("{prefix}{SLIDES}"),
             reports: format!("{prefix}{REPORTS}"),
+            tiles: format!("{prefix}{TILES}"),
         }
     }
 }
@@ -87,7 +89,9 @@ pub(crate) fn specs(prefix: &str, dims: &Dims) -> Vec<CollectionSpec> {
     slides.name = names.slides;
     let mut reports = CollectionSpec::reports(dims);
     reports.name = names.reports;
-    vec![slides, reports]
+    let mut tiles = CollectionSpec::tiles(dims, Quantization::Int8);
+    tiles.name = names.tiles;
+    vec![slides, reports, tiles]
 }
 
 /// Every collection a run of [`run_all`] creates under `prefix` (those of [`specs`] and the scratch
@@ -107,6 +111,7 @@ pub(crate) async fn upsert_sample(store: &dyn VectorStore, prefix: &str, n: u64)
         joint: 8,
         slide: 12,
         text: 6,
+        tile: 10,
     };
     let points: Vec<Point> = (0..n)
         .map(|i| slide_point(&format!("slide-{i:03}"), "fp-A", &dims, i))
@@ -118,7 +123,7 @@ pub(crate) async fn upsert_sample(store: &dyn VectorStore, prefix: &str, n: u64)
     points
 }
 
-/// Runs every check; `dims` must be `{ joint: 8, slide: 12, text: 6 }` (the sample points' dims) and
+/// Runs every check; `dims` must be `{ joint: 8, slide: 12, text: 6, tile: 10 }` (the sample points' dims) and
 /// the collections of `specs(prefix, dims)` must already exist and be empty.
 pub(crate) async fn run_all(store: &dyn VectorStore, dims: &Dims, prefix: &str) {
     ensure_is_idempotent_and_checks_dims(store, dims, prefix).await;
@@ -132,6 +137,193 @@ pub(crate) async fn run_all(store: &dyn VectorStore, dims: &Dims, prefix: &str) 
     delete_removes(store, prefix).await;
     reports_collection(store, prefix, dims).await;
     points_without_joint(store, prefix, dims).await;
+    tiles_collection(store, prefix, dims).await;
+}
+
+/// Tiles of `slides` slides, `per_slide` each: every slide's tiles scatter around a centre of
+/// their own, so that grouping by slide means something.
+pub(crate) fn tile_points(
+    slides: u64,
+    per_slide: u32,
+    dim: usize,
+    fingerprint: &str,
+) -> Vec<Point> {
+    let mut out = Vec::new();
+    for s in 0..slides {
+        let centre = vector(50_000 + s, dim);
+        for i in 0..per_slide {
+            let noise = vector(60_000 + s * 10_000 + u64::from(i), dim);
+            let tile = centre
+                .iter()
+                .zip(&noise)
+                .map(|(c, n)| c + 0.6 * n)
+                .collect();
+            out.push(
+                TilePoint {
+                    slide_id: format!("ts-{s}"),
+                    gx: i % 8,
+                    gy: i / 8,
+                    x: i64::from(i % 8) * 256,
+                    y: i64::from(i / 8) * 256,
+                    w: 256,
+                    h: 256,
+                    tissue: Some(0.5 + (i % 5) as f32 * 0.1),
+                    labels: BTreeMap::from([("subtype".into(), SUBTYPES[s as usize % 4].into())]),
+                    fingerprint: fingerprint.into(),
+                    tile,
+                }
+                .into_point(),
+            );
+        }
+    }
+    out
+}
+
+/// Top `k` tile ids and, grouped by slide, the first `groups` slides with up to `size` ids each,
+/// by exact cosine.
+pub(crate) fn brute_force_groups(
+    points: &[Point],
+    query: &[f32],
+    groups: usize,
+    size: usize,
+) -> Vec<(String, Vec<String>)> {
+    let ranked = brute_force(points, TILE, query, points.len(), |_| true);
+    let mut out: Vec<(String, Vec<String>)> = Vec::new();
+    for id in ranked {
+        let p = points.iter().find(|p| p.id == id).unwrap();
+        let slide = p.payload["slide_id"].as_str().unwrap().to_string();
+        match out.iter_mut().find(|(s, _)| *s == slide) {
+            Some((_, ids)) if ids.len() < size => ids.push(id),
+            Some(_) => {}
+            None => out.push((slide, vec![id])),
+        }
+    }
+    out.truncate(groups);
+    out
+}
+
+/// Checks search and group search of the tiles collection named `collection` against brute
+/// force over `points`; returns the recall@10 over a few queries (1.0 when every top-10 is exact).
+pub(crate) async fn tile_search_recall(
+    store: &dyn VectorStore,
+    collection: &str,
+    points: &[Point],
+) -> f64 {
+    let dim = points[0].vectors[TILE].len();
+    let mut found = 0usize;
+    let mut asked = 0usize;
+    for seed in [11u64, 22, 33, 44, 55] {
+        let query = vector(seed, dim);
+        let request = SearchRequest {
+            collection: collection.into(),
+            vector: TILE.into(),
+            query: query.clone(),
+            k: 10,
+            filter: PayloadFilter::none(),
+            fingerprint: "fp-T".into(),
+        };
+        let hits = store.search(&request).await.unwrap();
+        let exact = brute_force(points, TILE, &query, 10, |_| true);
+        asked += exact.len();
+        found += hits.iter().filter(|h| exact.contains(&h.id)).count();
+
+        // Best tiles per slide: 3 slides, 2 tiles each, as a brute-force grouping finds them.
+        let groups = store
+            .search_groups(&SearchRequest { k: 3, ..request }, "slide_id", 2)
+            .await
+            .unwrap();
+        let got: Vec<(String, Vec<String>)> = groups
+            .iter()
+            .map(|g| (g.key.clone(), g.hits.iter().map(|h| h.id.clone()).collect()))
+            .collect();
+        assert_eq!(
+            got,
+            brute_force_groups(points, &query, 3, 2),
+            "groups, query {seed}"
+        );
+        for g in &groups {
+            assert!(g.hits.windows(2).all(|w| w[0].score >= w[1].score));
+            assert!(g.hits.iter().all(|h| h.payload["slide_id"] == json!(g.key)));
+        }
+    }
+    found as f64 / asked as f64
+}
+
+async fn tiles_collection(store: &dyn VectorStore, prefix: &str, dims: &Dims) {
+    let tiles = Names::new(prefix).tiles;
+    let none = PayloadFilter::none();
+    let points = tile_points(6, 40, dims.tile, "fp-T");
+    for batch in points.chunks(64) {
+        store.upsert(&tiles, batch.to_vec()).await.unwrap();
+    }
+    assert_eq!(store.count(&tiles, &none).await.unwrap(), 240);
+    let of = |slide: &str| PayloadFilter::none().eq("slide_id", slide);
+    assert_eq!(store.count(&tiles, &of("ts-2")).await.unwrap(), 40);
+
+    // The payload a region search shows: slide, cell, level-0 box, tissue, labels.
+    let got = store
+        .retrieve(&tiles, &[points[42].id.clone()], true)
+        .await
+        .unwrap();
+    assert_eq!(got[0].id, "ts-1@2,0");
+    assert_eq!(
+        got[0].payload["box"],
+        json!({"x": 512, "y": 0, "w": 256, "h": 256})
+    );
+    assert_eq!(got[0].payload["gx"], json!(2));
+    assert_eq!(got[0].payload["labels"]["subtype"], json!("LUSC"));
+    assert!((got[0].payload["tissue"].as_f64().unwrap() - 0.7).abs() < 1e-6);
+
+    // Re-ingesting a slide overwrites its tiles (ids from slide and grid cell).
+    store.upsert(&tiles, points[..40].to_vec()).await.unwrap();
+    assert_eq!(store.count(&tiles, &none).await.unwrap(), 240);
+
+    let recall = tile_search_recall(store, &tiles, &points).await;
+    assert_eq!(recall, 1.0, "tile search recall@10 with int8 + rescoring");
+
+    // Grouping needs an indexed key; bad sizes are refused.
+    let request = SearchRequest {
+        collection: tiles.clone(),
+        vector: TILE.into(),
+        query: vector(1, dims.tile),
+        k: 3,
+        filter: PayloadFilter::none(),
+        fingerprint: "fp-T".into(),
+    };
+    let err = store.search_groups(&request, "gx", 2).await.unwrap_err();
+    assert!(err.to_string().contains("`gx`"), "{err}");
+    let err = store
+        .search_groups(&request, "slide_id", 0)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::InvalidRequest(_)), "{err}");
+    // More groups asked than slides stored: every slide once.
+    let all = store
+        .search_groups(
+            &SearchRequest {
+                k: 50,
+                ..request.clone()
+            },
+            "slide_id",
+            1,
+        )
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 6);
+
+    // Deleting a slide deletes its tiles, and only them.
+    store.delete_by_filter(&tiles, &of("ts-2")).await.unwrap();
+    assert_eq!(store.count(&tiles, &of("ts-2")).await.unwrap(), 0);
+    assert_eq!(store.count(&tiles, &none).await.unwrap(), 200);
+    let err = store.delete_by_filter(&tiles, &none).await.unwrap_err();
+    assert!(err.to_string().contains("empty filter"), "{err}");
+    assert_eq!(store.count(&tiles, &none).await.unwrap(), 200);
+    let groups = store
+        .search_groups(&SearchRequest { k: 50, ..request }, "slide_id", 3)
+        .await
+        .unwrap();
+    assert_eq!(groups.len(), 5);
+    assert!(groups.iter().all(|g| g.key != "ts-2" && g.hits.len() == 3));
 }
 
 async fn ensure_is_idempotent_and_checks_dims(store: &dyn VectorStore, dims: &Dims, prefix: &str) {

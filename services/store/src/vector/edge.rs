@@ -45,18 +45,20 @@ use std::sync::{Arc, Mutex, Once, RwLock};
 use async_trait::async_trait;
 use qdrant_edge::{
     CountRequest, CreateIndex, Distance, EdgeConfig, EdgeShard, EdgeVectorParams, FieldCondition,
-    FieldIndexOperations, Filter, JsonPath, Match, NamedQuery, PayloadFieldSchema,
-    PayloadSchemaType, PointId, PointInsertOperations, PointOperations, PointStruct, QueryEnum,
-    QueryRequest, ScoringQuery, ScrollRequest, UpdateOperation, VectorInternal,
+    FieldIndexOperations, Filter, HasIdCondition, JsonPath, Match, NamedQuery, PayloadFieldSchema,
+    PayloadSchemaType, PointId, PointInsertOperations, PointOperations, PointStruct,
+    QuantizationSearchParams, QueryEnum, QueryRequest, ScalarQuantizationConfig, ScalarType,
+    ScoringQuery, ScrollRequest, SearchParams, UpdateOperation, VectorInternal,
     VectorStructInternal, Vectors, WithPayloadInterface, WithVector,
 };
 use serde_json::{Map, Value};
 
 use super::{
-    identity_from_payload, point_uuid, stored_payload, validate_points, validate_search,
-    CollectionSpec, CollectionStats, PayloadFilter, Point, SearchHit, SearchRequest, VectorStore,
-    FINGERPRINT_KEY,
+    group_hits, identity_from_payload, point_uuid, stored_payload, validate_groups,
+    validate_points, validate_search, CollectionSpec, CollectionStats, PayloadFilter, Point,
+    SearchGroup, SearchHit, SearchRequest, VectorStore, FINGERPRINT_KEY, MAX_K,
 };
+use crate::config::Quantization;
 use crate::disk;
 use crate::error::{Result, StoreError};
 
@@ -190,10 +192,19 @@ impl Shard {
             disk::ensure_free(&path, WAL_SEGMENT_BYTES, min_free_bytes)?;
             let mut config = EdgeConfig::builder().on_disk_payload(true);
             for v in &spec.vectors {
-                config = config.vector(
-                    v.name.clone(),
-                    EdgeVectorParams::builder(v.dim, Distance::Cosine).build(),
-                );
+                let mut params = EdgeVectorParams::builder(v.dim, Distance::Cosine);
+                if spec.quantization == Quantization::Int8 {
+                    // int8 copies in RAM for the scan, originals on disk for the rescoring.
+                    params = params.on_disk(true).quantization_config(
+                        ScalarQuantizationConfig {
+                            r#type: ScalarType::Int8,
+                            quantile: Some(0.99),
+                            always_ram: Some(true),
+                        }
+                        .into(),
+                    );
+                }
+                config = config.vector(v.name.clone(), params.build());
             }
             let config = config.build();
             guarded(&path, "create", || EdgeShard::new(&path, config))?
@@ -422,8 +433,75 @@ impl Shard {
         Ok((n, example))
     }
 
+    fn delete_by_filter(&self, filter: Filter) -> Result<()> {
+        self.write(1 << 20, |edge| {
+            edge.update(UpdateOperation::PointOperation(
+                PointOperations::DeletePointsByFilter(filter),
+            ))
+            .map_err(|e| edge_err(&self.path, e))
+        })
+    }
+
     fn search(&self, req: &SearchRequest) -> Result<Vec<SearchHit>> {
         validate_search(&self.spec, req)?;
+        self.check_fingerprint(req)?;
+        self.query_hits(req, req.k, Vec::new(), Vec::new())
+    }
+
+    /// Qdrant's group-by, emulated: each round searches the points not seen yet, outside the
+    /// groups already full (and, once `k` groups are known, inside those groups only), so
+    /// every round adds hits and scores never go up from one round to the next.
+    fn search_groups(
+        &self,
+        req: &SearchRequest,
+        group_by: &str,
+        group_size: usize,
+    ) -> Result<Vec<SearchGroup>> {
+        validate_groups(&self.spec, req, group_by, group_size)?;
+        self.check_fingerprint(req)?;
+        let mut groups: Vec<SearchGroup> = Vec::new();
+        let mut seen: Vec<PointId> = Vec::new();
+        let limit = (req.k * group_size).clamp(16, MAX_K);
+        loop {
+            let mut must = Vec::new();
+            let mut must_not = Vec::new();
+            let full: Vec<String> = groups
+                .iter()
+                .filter(|g| g.hits.len() >= group_size)
+                .map(|g| g.key.clone())
+                .collect();
+            if groups.len() >= req.k {
+                let open: Vec<String> = groups[..req.k]
+                    .iter()
+                    .filter(|g| g.hits.len() < group_size)
+                    .map(|g| g.key.clone())
+                    .collect();
+                if open.is_empty() {
+                    break;
+                }
+                must.push(keyword_condition(group_by, &open)?);
+            } else if !full.is_empty() {
+                must_not.push(keyword_condition(group_by, &full)?);
+            }
+            if !seen.is_empty() {
+                must_not.push(qdrant_edge::Condition::HasId(
+                    seen.iter().cloned().collect::<HasIdCondition>(),
+                ));
+            }
+            let hits = self.query_hits(req, limit, must, must_not)?;
+            let exhausted = hits.len() < limit;
+            seen.extend(hits.iter().map(|h| PointId::Uuid(point_uuid(&h.id))));
+            group_hits(hits, group_by, &mut groups, group_size);
+            if exhausted {
+                break;
+            }
+        }
+        groups.truncate(req.k);
+        Ok(groups)
+    }
+
+    /// `FingerprintMismatch` when the collection holds points of other weights.
+    fn check_fingerprint(&self, req: &SearchRequest) -> Result<()> {
         let (other_points, example) = self.other_fingerprint(&req.fingerprint)?;
         if other_points > 0 {
             return Err(StoreError::FingerprintMismatch {
@@ -433,16 +511,37 @@ impl Shard {
                 example: example.unwrap_or_default(),
             });
         }
-        // The filter also pins the fingerprint, so a point written between the check above and
-        // this query cannot slip into the results.
+        Ok(())
+    }
+
+    /// The top `limit` points by `req`'s query and filter plus `must` / `must_not`.
+    fn query_hits(
+        &self,
+        req: &SearchRequest,
+        limit: usize,
+        must: Vec<qdrant_edge::Condition>,
+        must_not: Vec<qdrant_edge::Condition>,
+    ) -> Result<Vec<SearchHit>> {
+        // The filter also pins the fingerprint, so a point written between the fingerprint
+        // check and this query cannot slip into the results.
         let mut filter = to_edge_filter(&req.filter)?;
-        filter
-            .must
-            .get_or_insert_with(Vec::new)
-            .push(keyword_condition(
-                FINGERPRINT_KEY,
-                std::slice::from_ref(&req.fingerprint),
-            )?);
+        let all_must = filter.must.get_or_insert_with(Vec::new);
+        all_must.push(keyword_condition(
+            FINGERPRINT_KEY,
+            std::slice::from_ref(&req.fingerprint),
+        )?);
+        all_must.extend(must);
+        if !must_not.is_empty() {
+            filter.must_not = Some(must_not);
+        }
+        let params = (self.spec.quantization == Quantization::Int8).then(|| SearchParams {
+            quantization: Some(QuantizationSearchParams {
+                ignore: false,
+                rescore: Some(true),
+                oversampling: Some(2.0),
+            }),
+            ..SearchParams::default()
+        });
         let scored = self
             .edge
             .query(QueryRequest {
@@ -453,9 +552,9 @@ impl Shard {
                 )))),
                 filter: Some(filter),
                 score_threshold: None,
-                limit: req.k,
+                limit,
                 offset: 0,
-                params: None,
+                params,
                 with_vector: WithVector::Bool(false),
                 with_payload: WithPayloadInterface::Bool(true),
             })
@@ -730,11 +829,38 @@ impl VectorStore for EmbeddedStore {
         self.with_shard(collection, move |s| s.count(filter)).await
     }
 
+    async fn delete_by_filter(&self, collection: &str, filter: &PayloadFilter) -> Result<()> {
+        filter.validate()?;
+        if filter.is_empty() {
+            return Err(StoreError::InvalidRequest(
+                "delete by filter with an empty filter (it would delete everything)".into(),
+            ));
+        }
+        let filter = to_edge_filter(filter)?;
+        self.with_shard(collection, move |s| s.delete_by_filter(filter))
+            .await
+    }
+
     async fn search(&self, request: &SearchRequest) -> Result<Vec<SearchHit>> {
         let request = request.clone();
         let collection = request.collection.clone();
         self.with_shard(&collection, move |s| s.search(&request))
             .await
+    }
+
+    async fn search_groups(
+        &self,
+        request: &SearchRequest,
+        group_by: &str,
+        group_size: usize,
+    ) -> Result<Vec<SearchGroup>> {
+        let request = request.clone();
+        let group_by = group_by.to_string();
+        let collection = request.collection.clone();
+        self.with_shard(&collection, move |s| {
+            s.search_groups(&request, &group_by, group_size)
+        })
+        .await
     }
 
     async fn other_fingerprint(
@@ -808,6 +934,7 @@ mod tests {
             joint: 8,
             slide: 12,
             text: 6,
+            tile: 10,
         }
     }
 
@@ -847,8 +974,7 @@ mod tests {
         let err = wrong
             .ensure_collection(&CollectionSpec::slides(&Dims {
                 joint: 16,
-                slide: 12,
-                text: 6,
+                ..dims()
             }))
             .await
             .unwrap_err();
@@ -939,6 +1065,48 @@ mod tests {
             store.count(SLIDES, &PayloadFilter::none()).await.unwrap(),
             800
         );
+    }
+
+    /// The tiles collection stores int8 copies in RAM and the originals on disk; once its
+    /// segments are optimised (HNSW over quantized vectors), searches rescored with the
+    /// originals still find the exact top 10 and the exact best tiles per slide.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn quantized_tiles_keep_exact_recall_after_indexing() {
+        use crate::config::Quantization;
+        use crate::vector::{TILE, TILES};
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let dims = Dims { tile: 48, ..dims() };
+        store
+            .ensure_collection(&CollectionSpec::tiles(&dims, Quantization::Int8))
+            .await
+            .unwrap();
+        let config = store.shard(TILES).unwrap().edge.config().vectors[TILE].clone();
+        assert_eq!(config.on_disk, Some(true));
+        assert!(
+            matches!(
+                config.quantization_config,
+                Some(qdrant_edge::QuantizationConfig::Scalar(_))
+            ),
+            "{config:?}"
+        );
+        // 12 slides x 250 tiles x 48 floats x 4 B = 576 KiB: above 64 KiB, so optimize indexes.
+        let points = conformance::tile_points(12, 250, dims.tile, "fp-T");
+        for batch in points.chunks(500) {
+            store.upsert(TILES, batch.to_vec()).await.unwrap();
+        }
+        store.set_indexing_threshold_kb(64).unwrap();
+        store.optimize().await.unwrap();
+        let stats = store.stats(TILES).await.unwrap();
+        assert_eq!(stats.points, 3000);
+        assert!(stats.indexed_vectors > 0, "HNSW was built: {stats:?}");
+        let recall = conformance::tile_search_recall(&store, TILES, &points).await;
+        assert_eq!(recall, 1.0);
+
+        // Unquantized, the same layout otherwise.
+        let plain = CollectionSpec::tiles(&dims, Quantization::None);
+        let err = store.ensure_collection(&plain).await.unwrap_err();
+        assert!(err.to_string().contains("another layout"), "{err}");
     }
 
     /// Issue 13 item 6: on a full disk qdrant-edge panicked in its flush (exit 101) and the

@@ -22,19 +22,22 @@ use qdrant_client::qdrant::vectors_config::Config as VectorsConfigKind;
 use qdrant_client::qdrant::{
     Condition, CountPointsBuilder, CreateCollectionBuilder, CreateFieldIndexCollectionBuilder,
     DeletePointsBuilder, Distance, FieldType, Filter, GetPointsBuilder, PointId, PointStruct,
-    PointsIdsList, Query, QueryPointsBuilder, RepeatedStrings, ScrollPointsBuilder,
-    UpsertPointsBuilder, VectorParamsBuilder, VectorsConfigBuilder, VectorsOutput,
+    PointsIdsList, QuantizationSearchParamsBuilder, QuantizationType, Query,
+    QueryPointGroupsBuilder, QueryPointsBuilder, RepeatedStrings, ScalarQuantizationBuilder,
+    ScrollPointsBuilder, SearchParamsBuilder, UpsertPointsBuilder, VectorParamsBuilder,
+    VectorsConfigBuilder, VectorsOutput,
 };
 use qdrant_client::{Payload, Qdrant, QdrantError};
 use serde_json::{Map, Value};
 
 use super::{
-    identity_from_payload, point_uuid, stored_payload, validate_points, validate_search,
-    CollectionSpec, CollectionStats, PayloadFilter, Point, SearchHit, SearchRequest, VectorStore,
-    FINGERPRINT_KEY,
+    group_hits, identity_from_payload, point_uuid, stored_payload, validate_groups,
+    validate_points, validate_search, CollectionSpec, CollectionStats, PayloadFilter, Point,
+    SearchGroup, SearchHit, SearchRequest, VectorStore, FINGERPRINT_KEY,
 };
 use crate::config::redact_url;
 use crate::error::{Result, StoreError};
+use crate::config::Quantization;
 
 /// Vectors in a Qdrant server (or cluster). Cheap to share behind an `Arc`.
 pub struct QdrantServerStore {
@@ -113,10 +116,17 @@ impl QdrantServerStore {
     async fn create_collection(&self, spec: &CollectionSpec) -> Result<()> {
         let mut vectors = VectorsConfigBuilder::default();
         for v in &spec.vectors {
-            vectors.add_named_vector_params(
-                v.name.clone(),
-                VectorParamsBuilder::new(v.dim as u64, Distance::Cosine),
-            );
+            let mut params = VectorParamsBuilder::new(v.dim as u64, Distance::Cosine);
+            if spec.quantization == Quantization::Int8 {
+                // int8 copies in RAM for the scan, originals on disk for the rescoring.
+                params = params.on_disk(true).quantization_config(
+                    ScalarQuantizationBuilder::default()
+                        .r#type(QuantizationType::Int8.into())
+                        .quantile(0.99)
+                        .always_ram(true),
+                );
+            }
+            vectors.add_named_vector_params(v.name.clone(), params);
         }
         let created = self
             .client
@@ -246,6 +256,41 @@ fn vectors_from_output(
 impl VectorStore for QdrantServerStore {
     fn backend_name(&self) -> &'static str {
         "qdrant"
+
+    /// `FingerprintMismatch` when the collection holds points of other weights; else the
+    /// search's conditions, pinned to the query fingerprint.
+    async fn guarded_conditions(&self, request: &SearchRequest) -> Result<Vec<Condition>> {
+        let (other_points, example) = self
+            .other_fingerprint(&request.collection, &request.fingerprint)
+            .await?;
+        if other_points > 0 {
+            return Err(StoreError::FingerprintMismatch {
+                collection: request.collection.clone(),
+                query: request.fingerprint.clone(),
+                other_points,
+                example: example.unwrap_or_default(),
+            });
+        }
+        let mut conditions = to_filter(&request.filter);
+        conditions.push(keyword_condition(
+            FINGERPRINT_KEY,
+            std::slice::from_ref(&request.fingerprint),
+        ));
+        Ok(conditions)
+    }
+
+    fn scored_hit(
+        spec: &CollectionSpec,
+        scored: qdrant_client::qdrant::ScoredPoint,
+    ) -> Result<SearchHit> {
+        let payload = payload_to_json(scored.payload);
+        let (id, _) = identity_from_payload(spec, &payload)?;
+        Ok(SearchHit {
+            id,
+            score: scored.score,
+            payload,
+        })
+    }
     }
 
     async fn ensure_collection(&self, spec: &CollectionSpec) -> Result<()> {
@@ -273,6 +318,17 @@ impl VectorStore for QdrantServerStore {
                 .map_err(|e| self.err(e))?;
         }
         self.specs
+/// Rescoring with the original vectors on a quantized collection.
+fn search_params(spec: &CollectionSpec) -> Option<SearchParamsBuilder> {
+    (spec.quantization == Quantization::Int8).then(|| {
+        SearchParamsBuilder::default().quantization(
+            QuantizationSearchParamsBuilder::default()
+                .rescore(true)
+                .oversampling(2.0),
+        )
+    })
+}
+
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(spec.name.clone(), spec.clone());
@@ -385,47 +441,78 @@ impl VectorStore for QdrantServerStore {
     async fn search(&self, request: &SearchRequest) -> Result<Vec<SearchHit>> {
         let spec = self.spec(&request.collection)?;
         validate_search(&spec, request)?;
-        let (other_points, example) = self
-            .other_fingerprint(&request.collection, &request.fingerprint)
-            .await?;
-        if other_points > 0 {
-            return Err(StoreError::FingerprintMismatch {
-                collection: request.collection.clone(),
-                query: request.fingerprint.clone(),
-                other_points,
-                example: example.unwrap_or_default(),
-            });
+        let conditions = self.guarded_conditions(request).await?;
+        let mut query = QueryPointsBuilder::new(request.collection.clone())
+            .query(Query::new_nearest(request.query.clone()))
+            .using(request.vector.clone())
+            .filter(Filter::must(conditions))
+            .limit(request.k as u64)
+            .with_payload(true);
+        if let Some(params) = search_params(&spec) {
+            query = query.params(params);
         }
-        let mut conditions = to_filter(&request.filter);
-        conditions.push(keyword_condition(
-            FINGERPRINT_KEY,
-            std::slice::from_ref(&request.fingerprint),
-        ));
-        let response = self
-            .client
-            .query(
-                QueryPointsBuilder::new(request.collection.clone())
-                    .query(Query::new_nearest(request.query.clone()))
-                    .using(request.vector.clone())
-                    .filter(Filter::must(conditions))
-                    .limit(request.k as u64)
-                    .with_payload(true),
-            )
-            .await
-            .map_err(|e| self.err(e))?;
+        let response = self.client.query(query).await.map_err(|e| self.err(e))?;
         response
             .result
             .into_iter()
-            .map(|scored| {
-                let payload = payload_to_json(scored.payload);
-                let (id, _) = identity_from_payload(&spec, &payload)?;
-                Ok(SearchHit {
-                    id,
-                    score: scored.score,
-                    payload,
-                })
-            })
+            .map(|scored| Self::scored_hit(&spec, scored))
             .collect()
+    }
+
+    async fn search_groups(
+        &self,
+        request: &SearchRequest,
+        group_by: &str,
+        group_size: usize,
+    ) -> Result<Vec<SearchGroup>> {
+        let spec = self.spec(&request.collection)?;
+        validate_groups(&spec, request, group_by, group_size)?;
+        let conditions = self.guarded_conditions(request).await?;
+        let mut query = QueryPointGroupsBuilder::new(request.collection.clone(), group_by)
+            .query(Query::new_nearest(request.query.clone()))
+            .using(request.vector.clone())
+            .filter(Filter::must(conditions))
+            .limit(request.k as u64)
+            .group_size(group_size as u64)
+            .with_payload(true);
+        if let Some(params) = search_params(&spec) {
+            query = query.params(params);
+        }
+        let response = self
+            .client
+            .query_groups(query)
+            .await
+            .map_err(|e| self.err(e))?;
+        // Regrouped by the payload value, so the keys read the same on both backends.
+        let mut groups = Vec::new();
+        for group in response.result.map(|r| r.groups).unwrap_or_default() {
+            let hits = group
+                .hits
+                .into_iter()
+                .map(|scored| Self::scored_hit(&spec, scored))
+                .collect::<Result<Vec<_>>>()?;
+            group_hits(hits, group_by, &mut groups, group_size);
+        }
+        Ok(groups)
+    }
+
+    async fn delete_by_filter(&self, collection: &str, filter: &PayloadFilter) -> Result<()> {
+        self.spec(collection)?;
+        filter.validate()?;
+        if filter.is_empty() {
+            return Err(StoreError::InvalidRequest(
+                "delete by filter with an empty filter (it would delete everything)".into(),
+            ));
+        }
+        self.client
+            .delete_points(
+                DeletePointsBuilder::new(collection)
+                    .points(Filter::must(to_filter(filter)))
+                    .wait(true),
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(())
     }
 
     async fn other_fingerprint(
@@ -573,6 +660,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn unreachable_server_is_reported_with_its_url() {
         // Port 9 (discard) on loopback: nothing listens, the connection is refused at once.
+            tile: 10,
         let store = QdrantServerStore::connect("http://127.0.0.1:9", None).unwrap();
         let err = store.health().await.unwrap_err();
         assert!(err.to_string().contains("127.0.0.1:9"), "{err}");
