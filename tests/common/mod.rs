@@ -1,6 +1,8 @@
 //! Helpers shared by the end-to-end tests that drive the real `gigapath` binary.
 #![allow(dead_code)] // each test file uses its own subset
 
+pub mod servers;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

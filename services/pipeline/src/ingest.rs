@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use gigapath_store::catalog::{ClaimOptions, NewJob, NewReport, QueueOutcome};
+use gigapath_store::catalog::{ClaimOptions, JobState, NewJob, NewReport, QueueOutcome};
 use gigapath_store::vector::{combined_fingerprint, ReportPoint, REPORTS};
 use gigapath_store::StoreError;
 use serde::Serialize;
@@ -279,7 +279,9 @@ impl Pipeline {
     }
 
     /// Claims and runs slide jobs until none is left (`until_idle`) or `stop` is set; with
-    /// `until_idle` false it waits for new jobs instead.
+    /// `until_idle` false it waits for new jobs instead. "None left" includes the jobs other
+    /// workers hold: `until_idle` waits for them to finish, or for a dead worker's lease to
+    /// expire and then runs its job.
     pub fn work(
         &self,
         progress: &dyn Progress,
@@ -310,10 +312,25 @@ impl Pipeline {
         };
         let counts = self.block_on(self.store.catalog.job_counts())?;
         progress.run_started((counts.queued + counts.stale) as usize);
+        let mut waiting = false;
         while !stop.load(Ordering::Relaxed) {
             let Some(job) = self.claim_next(&options, &mut summary)? else {
                 if until_idle {
-                    break;
+                    // Jobs that other workers hold keep the queue busy: a live worker's ends,
+                    // a dead one's lease expires and the job is claimed here.
+                    let held = self.slide_jobs_held()?;
+                    if held == 0 {
+                        break;
+                    }
+                    if !waiting {
+                        tracing::info!(
+                            "queue empty; waiting for {held} job(s) held by other workers (a \
+                             dead worker's job is taken over when its lease expires)"
+                        );
+                        waiting = true;
+                    }
+                    std::thread::sleep(Duration::from_secs(1));
+                    continue;
                 }
                 std::thread::sleep(Duration::from_secs(2));
                 continue;
@@ -322,6 +339,16 @@ impl Pipeline {
         }
         summary.seconds = start.elapsed().as_secs_f64();
         Ok(summary)
+    }
+
+    /// Slide jobs running under a lease (this process holds none between its jobs).
+    fn slide_jobs_held(&self) -> Result<usize> {
+        let running = self.block_on(
+            self.store
+                .catalog
+                .list_jobs(Some(JobState::Running), u32::MAX),
+        )?;
+        Ok(running.iter().filter(|j| j.kind == EMBED_SLIDE).count())
     }
 
     /// Removes temporary files that a killed process left (feature files being written, tiling

@@ -178,6 +178,24 @@ pub struct Catalog {
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqlite");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
 
+/// An exclusive advisory lock on `<catalog>.lock` (released when the file is dropped); `None`
+/// where it cannot be had (an in-memory catalog, a read-only folder): opening goes on unlocked.
+fn sqlite_open_lock(db: &std::path::Path) -> Option<std::fs::File> {
+    if db.as_os_str().is_empty() || db.as_os_str() == ":memory:" {
+        return None;
+    }
+    let mut name = db.as_os_str().to_owned();
+    name.push(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&name)
+        .ok()?;
+    file.lock().ok()?;
+    Some(file)
+}
+
 /// How long a SQLite writer waits for another (ingest + worker on one machine) before failing.
 const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -215,6 +233,16 @@ impl Catalog {
                             .map_err(|e| StoreError::io("create catalog dir", parent, e))?;
                     }
                 }
+                // Processes opening a new catalog at the same moment (an ingest and a `jobs
+                // list`) would race to create it and apply the migrations (SQLite has no
+                // migration lock): opening is serialised by an advisory lock on a file next to
+                // it, held until the migrations are applied.
+                let db = options.get_filename().to_path_buf();
+                // Waiting for the lock blocks: off the async workers.
+                let _opening = tokio::task::spawn_blocking(move || sqlite_open_lock(&db))
+                    .await
+                    .ok()
+                    .flatten();
                 let pool = SqlitePoolOptions::new()
                     .max_connections(4)
                     .connect_with(options)

@@ -810,6 +810,29 @@ async fn migrations_are_idempotent_and_sqlite_file_is_in_data_dir() {
     assert!(c.slide("s1").await.unwrap().is_some());
 }
 
+/// Processes opening a new SQLite catalog at the same moment (an ingest and a `jobs list`) all
+/// get a migrated catalog: none fails on the migration another one applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_first_opens_of_a_sqlite_catalog_all_succeed() {
+    for round in 0..10 {
+        let dir = tempfile::tempdir().unwrap();
+        let url = crate::config::sqlite_url(&dir.path().join("catalog.sqlite"));
+        let opens: Vec<_> = (0..6)
+            .map(|_| {
+                let url = url.clone();
+                tokio::spawn(async move { Catalog::connect(&url).await })
+            })
+            .collect();
+        for o in opens {
+            let c = o
+                .await
+                .unwrap()
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+            c.upsert_slide(&slide("s1", "A")).await.unwrap();
+        }
+    }
+}
+
 #[test]
 fn sql_macro_spells_each_dialect() {
     let q = |d| sql!(d, "SELECT " NOW " FROM jobs LIMIT 1" SKIP_LOCKED);
