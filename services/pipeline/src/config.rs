@@ -257,6 +257,8 @@ pub struct IngestConfig {
     pub store_retry_seconds: u64,
     /// Cohort recorded for slides that do not name one.
     pub cohort: Option<String>,
+    /// Write every tile's features to the `tiles` collection (region search) after its slide.
+    pub index_tiles: bool,
 }
 
 impl Default for IngestConfig {
@@ -269,6 +271,7 @@ impl Default for IngestConfig {
             max_attempts: 3,
             store_retry_seconds: 120,
             cohort: None,
+            index_tiles: true,
         }
     }
 }

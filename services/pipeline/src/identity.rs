@@ -265,6 +265,7 @@ pub async fn forget_slide(store: &Store, id: &str, with_reports: bool) -> Result
         ResetOutcome::Reset { reports, .. } => reports,
     };
     store.vectors.delete(SLIDES, &[id.to_string()]).await?;
+    crate::tile_points::forget_tiles(store, id).await?;
     if with_reports {
         store.vectors.delete(REPORTS, &reports).await?;
     }

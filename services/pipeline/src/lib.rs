@@ -22,6 +22,7 @@ pub mod queue;
 pub mod reports;
 pub mod slide_job;
 pub mod status;
+pub mod tile_points;
 
 pub use config::Config;
 pub use error::{PipelineError, Result};

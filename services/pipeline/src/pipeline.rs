@@ -195,6 +195,9 @@ fn dims_from_models(config: &Config) -> Result<Dims> {
             None => 768, // the official gigapath_slide_enc12l768d
         };
     }
+    if let Some(dir) = m.tile_dir() {
+        dims.tile = crate::tile_points::tile_dim_from_config(dir)?;
+    }
     if let Some(dir) = &m.alignment {
         let cfg = dir.join(gigapath_models::align::CONFIG_FILE);
         dims.joint = json_usize(&cfg, "joint_dim")?

@@ -197,6 +197,9 @@ impl Pipeline {
         self.retrying("storing the slide's point", Some(cancelled), || {
             self.store.vectors.upsert(SLIDES, vec![point.clone()])
         })?;
+        crate::tile_points::write_at_ingest(
+            self, &point, &tile_fp, &features, &cells, &tiling, cancelled,
+        )?;
         let file = info.record(&job.slide_id, &tile_fp);
         self.retrying("recording the feature file", Some(cancelled), || {
             self.store.catalog.record_feature_file(&file)
