@@ -324,10 +324,16 @@ impl Config {
     fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) {
         let qdrant_key = var("GIGAPATH_QDRANT_API_KEY").filter(|v| !v.is_empty());
         if let Some(url) = var("GIGAPATH_QDRANT_URL").filter(|v| !v.is_empty()) {
-            self.store.vectors = VectorBackendConfig::Qdrant {
-                url,
-                api_key: qdrant_key,
-            };
+            // A file's cluster layout stays; the URL and key are the environment's.
+            match &mut self.store.vectors {
+                VectorBackendConfig::Qdrant {
+                    url: u, api_key, ..
+                } => {
+                    *u = url;
+                    *api_key = qdrant_key;
+                }
+                other => *other = VectorBackendConfig::qdrant(url, qdrant_key),
+            }
         } else if let (VectorBackendConfig::Qdrant { api_key, .. }, Some(key)) =
             (&mut self.store.vectors, qdrant_key)
         {
@@ -336,6 +342,30 @@ impl Config {
         }
         if let Some(url) = var("GIGAPATH_CATALOG_URL").filter(|v| !v.is_empty()) {
             self.store.catalog_url = Some(url);
+        }
+        if let VectorBackendConfig::Qdrant {
+            shard_number,
+            replication_factor,
+            write_consistency_factor,
+            ..
+        } = &mut self.store.vectors
+        {
+            for (name, slot) in [
+                ("GIGAPATH_QDRANT_SHARD_NUMBER", shard_number),
+                ("GIGAPATH_QDRANT_REPLICATION_FACTOR", replication_factor),
+                (
+                    "GIGAPATH_QDRANT_WRITE_CONSISTENCY_FACTOR",
+                    write_consistency_factor,
+                ),
+            ] {
+                if let Some(v) = var(name).filter(|v| !v.trim().is_empty()) {
+                    // Not a count: 0, which validation refuses with the key's name.
+                    *slot = v.trim().parse().unwrap_or_else(|_| {
+                        tracing::error!("{name}={v:?} is not a positive whole number");
+                        0
+                    });
+                }
+            }
         }
         let m = &mut self.models;
         for (name, slot) in [
@@ -808,6 +838,27 @@ mod tests {
             cfg.models.tile_encoder.as_deref(),
             Some(Path::new("/env/tile"))
         );
+        // The cluster layout from the environment; a later URL keeps it; a bad count is named.
+        cfg.apply_env(|k| match k {
+            "GIGAPATH_QDRANT_SHARD_NUMBER" => Some("3".into()),
+            "GIGAPATH_QDRANT_REPLICATION_FACTOR" => Some(" 2 ".into()),
+            _ => None,
+        });
+        cfg.apply_env(|k| (k == "GIGAPATH_QDRANT_URL").then(|| "http://other:6334".into()));
+        assert!(matches!(
+            &cfg.store.vectors,
+            VectorBackendConfig::Qdrant {
+                url,
+                shard_number: 3,
+                replication_factor: 2,
+                write_consistency_factor: 1,
+                ..
+            } if url == "http://other:6334"
+        ));
+        cfg.validate().unwrap();
+        cfg.apply_env(|k| (k == "GIGAPATH_QDRANT_SHARD_NUMBER").then(|| "three".into()));
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("vectors.shard_number"), "{err}");
     }
 
     #[test]
@@ -840,10 +891,8 @@ mod tests {
         let data = dir.path().join("data");
         let mut cfg = Config::default();
         cfg.store.data_dir = data.clone();
-        cfg.store.vectors = VectorBackendConfig::Qdrant {
-            url: "http://qdrant:6334".into(),
-            api_key: Some("qdrant-secret-k3y".into()),
-        };
+        cfg.store.vectors =
+            VectorBackendConfig::qdrant("http://qdrant:6334", Some("qdrant-secret-k3y".into()));
         cfg.store.catalog_url = Some("postgres://gp:pg-secret-pw@db:5432/g".into());
         cfg.serve.api_keys = vec!["service-secret-key-0123".into()];
         cfg.validate().unwrap();
@@ -867,20 +916,14 @@ mod tests {
         back.validate().unwrap();
         assert_eq!(
             back.store.vectors,
-            VectorBackendConfig::Qdrant {
-                url: "http://qdrant:6334".into(),
-                api_key: None
-            }
+            VectorBackendConfig::qdrant("http://qdrant:6334", None)
         );
         assert!(back.serve.api_keys.is_empty());
         // The key given again through the environment applies to the saved server.
         back.apply_env(|k| (k == "GIGAPATH_QDRANT_API_KEY").then(|| "again".to_string()));
         assert_eq!(
             back.store.vectors,
-            VectorBackendConfig::Qdrant {
-                url: "http://qdrant:6334".into(),
-                api_key: Some("again".into())
-            }
+            VectorBackendConfig::qdrant("http://qdrant:6334", Some("again".into()))
         );
         Config::load(Some(&data), None).unwrap();
     }

@@ -55,7 +55,39 @@ pub enum VectorBackendConfig {
         url: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         api_key: Option<String>,
+        /// Shards of each collection this creates (a cluster spreads them over its nodes).
+        /// Fixed when the collection is created; default 1.
+        #[serde(default = "one")]
+        shard_number: i64,
+        /// Copies of each shard, on distinct nodes of a cluster: 2 keeps every point readable
+        /// and writable with one node down. At most the number of nodes; default 1.
+        #[serde(default = "one")]
+        replication_factor: i64,
+        /// Replicas that must apply a write before it returns: 1 keeps writes going with a
+        /// replica down. At most `replication_factor`; default 1.
+        #[serde(default = "one")]
+        write_consistency_factor: i64,
     },
+}
+
+fn one() -> i64 {
+    1
+}
+
+/// Largest shard or replica count accepted (a typo guard; Qdrant clusters are far smaller).
+const MAX_SHARDS: i64 = 1024;
+
+impl VectorBackendConfig {
+    /// A Qdrant server at `url` with the default layout (1 shard, 1 replica).
+    pub fn qdrant(url: impl Into<String>, api_key: Option<String>) -> Self {
+        VectorBackendConfig::Qdrant {
+            url: url.into(),
+            api_key,
+            shard_number: 1,
+            replication_factor: 1,
+            write_consistency_factor: 1,
+        }
+    }
 }
 
 /// The API key never reaches logs or `--show` output through `Debug`.
@@ -63,10 +95,19 @@ impl fmt::Debug for VectorBackendConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             VectorBackendConfig::Embedded => f.write_str("Embedded"),
-            VectorBackendConfig::Qdrant { url, api_key } => f
+            VectorBackendConfig::Qdrant {
+                url,
+                api_key,
+                shard_number,
+                replication_factor,
+                write_consistency_factor,
+            } => f
                 .debug_struct("Qdrant")
                 .field("url", url)
                 .field("api_key", &api_key.as_ref().map(|_| "<redacted>"))
+                .field("shard_number", shard_number)
+                .field("replication_factor", replication_factor)
+                .field("write_consistency_factor", write_consistency_factor)
                 .finish(),
         }
     }
@@ -82,6 +123,9 @@ pub struct Dims {
     /// Raw text-encoder output (`text` vector of `reports`): 384 for all-MiniLM-L6-v2, 768 for
     /// PubMedBERT-base.
     pub text: usize,
+    /// Tile-encoder output (`tile` vector of `tiles`): 1536 for Prov-GigaPath. Writers and
+    /// queries take it from the tile features they hold.
+    pub tile: usize,
 }
 
 impl Default for Dims {
@@ -90,6 +134,7 @@ impl Default for Dims {
             joint: 512,
             slide: 768,
             text: 384,
+            tile: 1536,
         }
     }
 }
@@ -102,6 +147,7 @@ impl Default for StoreConfig {
             catalog_url: None,
             dims: Dims::default(),
             min_free_mb: crate::disk::DEFAULT_MIN_FREE_MB,
+            tile_quantization: Quantization::default(),
         }
     }
 }
@@ -123,9 +169,6 @@ impl StoreConfig {
             toml::from_str(text).map_err(|e| StoreError::Config(e.to_string()))?;
         cfg.validate()?;
         Ok(cfg)
-    /// Tile-encoder output (`tile` vector of `tiles`): 1536 for Prov-GigaPath. Writers and
-    /// queries take it from the tile features they hold.
-    pub tile: usize,
     }
 
     /// TOML with every field spelled out; the API key and a catalog password are replaced by
@@ -134,7 +177,6 @@ impl StoreConfig {
         let mut shown = self.clone();
         shown.catalog_url = shown.catalog_url.as_deref().map(redact_url);
         if let VectorBackendConfig::Qdrant { api_key, .. } = &mut shown.vectors {
-            tile: 1536,
             if api_key.is_some() {
                 *api_key = Some("<redacted>".into());
             }
@@ -147,11 +189,11 @@ impl StoreConfig {
         if self.data_dir.as_os_str().is_empty() {
             return Err(StoreError::Config("data_dir is empty".into()));
         }
-            tile_quantization: Quantization::default(),
         for (name, dim) in [
             ("joint", self.dims.joint),
             ("slide", self.dims.slide),
             ("text", self.dims.text),
+            ("tile", self.dims.tile),
         ] {
             if dim == 0 || dim > MAX_DIM {
                 return Err(StoreError::Config(format!(
@@ -159,7 +201,14 @@ impl StoreConfig {
                 )));
             }
         }
-        if let VectorBackendConfig::Qdrant { url, api_key } = &self.vectors {
+        if let VectorBackendConfig::Qdrant {
+            url,
+            api_key,
+            shard_number,
+            replication_factor,
+            write_consistency_factor,
+        } = &self.vectors
+        {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 return Err(StoreError::Config(format!(
                     "vectors.url `{url}`: expected http://HOST:PORT or https://HOST:PORT \
@@ -170,6 +219,24 @@ impl StoreConfig {
                 return Err(StoreError::Config(
                     "vectors.api_key is empty: remove it or set a key".into(),
                 ));
+            }
+            for (key, n) in [
+                ("shard_number", shard_number),
+                ("replication_factor", replication_factor),
+                ("write_consistency_factor", write_consistency_factor),
+            ] {
+                if !(1..=MAX_SHARDS).contains(n) {
+                    return Err(StoreError::Config(format!(
+                        "vectors.{key} = {n}: must be between 1 and {MAX_SHARDS}"
+                    )));
+                }
+            }
+            if write_consistency_factor > replication_factor {
+                return Err(StoreError::Config(format!(
+                    "vectors.write_consistency_factor = {write_consistency_factor} is over \
+                     vectors.replication_factor = {replication_factor}: a write cannot wait \
+                     for more replicas than there are"
+                )));
             }
         }
         if let Some(url) = &self.catalog_url {
@@ -193,7 +260,6 @@ impl StoreConfig {
             None => sqlite_url(&self.data_dir.join(CATALOG_FILE)),
         }
     }
-            ("tile", self.dims.tile),
 }
 
 /// `sqlite://` URL for a file path (created if missing when the catalog connects).
@@ -269,14 +335,12 @@ mod tests {
                 joint: 256,
                 slide: 768,
                 text: 384,
+                tile: 1536,
             }
         );
         assert_eq!(
             cfg.vectors,
-            VectorBackendConfig::Qdrant {
-                url: "http://qdrant:6334".into(),
-                api_key: Some("k3y".into())
-            }
+            VectorBackendConfig::qdrant("http://qdrant:6334", Some("k3y".into()))
         );
         assert!(!format!("{cfg:?}").contains("k3y"));
         assert!(!cfg.to_toml().contains("k3y"));
@@ -294,8 +358,67 @@ mod tests {
             StoreConfig::from_toml("[vectors]\nbackend = \"qdrant\"\nurl = \"qdrant:6334\"\n")
                 .unwrap_err();
         assert!(err.to_string().contains("vectors.url"), "{err}");
+        let qdrant = "[vectors]\nbackend = \"qdrant\"\nurl = \"http://q:6334\"\n";
+        for (extra, named) in [
+            ("shard_number = 0", "vectors.shard_number"),
+            ("replication_factor = 0", "vectors.replication_factor"),
+            (
+                "write_consistency_factor = 5000",
+                "vectors.write_consistency_factor",
+            ),
+            (
+                "replication_factor = 2\nwrite_consistency_factor = 3",
+                "is over vectors.replication_factor = 2",
+            ),
+            ("shard_number = -1", "vectors.shard_number = -1"),
+        ] {
+            let err = StoreConfig::from_toml(&format!("{qdrant}{extra}\n")).unwrap_err();
+            assert!(err.to_string().contains(named), "{extra}: {err}");
+        }
         let err = StoreConfig::from_toml("datadir = \"x\"\n").unwrap_err();
         assert!(err.to_string().contains("datadir"), "{err}");
+    }
+
+    #[test]
+    fn cluster_layout_is_read_and_defaults_to_one() {
+        let cfg = StoreConfig::from_toml(
+            "[vectors]\nbackend = \"qdrant\"\nurl = \"http://q:6334\"\nshard_number = 3\n\
+             replication_factor = 2\n",
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.vectors,
+            VectorBackendConfig::Qdrant {
+                url: "http://q:6334".into(),
+                api_key: None,
+                shard_number: 3,
+                replication_factor: 2,
+                write_consistency_factor: 1,
+            }
+        );
+        assert!(cfg.to_toml().contains("replication_factor = 2"));
+        let plain =
+            StoreConfig::from_toml("[vectors]\nbackend = \"qdrant\"\nurl = \"http://q:6334\"\n")
+                .unwrap();
+        assert_eq!(
+            plain.vectors,
+            VectorBackendConfig::qdrant("http://q:6334", None)
+        );
+    }
+
+    #[test]
+    fn tile_dims_and_quantization() {
+        assert_eq!(StoreConfig::default().tile_quantization, Quantization::Int8);
+        let cfg =
+            StoreConfig::from_toml("tile_quantization = \"none\"\n[dims]\ntile = 32\n").unwrap();
+        assert_eq!(
+            (cfg.tile_quantization, cfg.dims.tile),
+            (Quantization::None, 32)
+        );
+        let err = StoreConfig::from_toml("[dims]\ntile = 0\n").unwrap_err();
+        assert!(err.to_string().contains("dims.tile"), "{err}");
+        let err = StoreConfig::from_toml("tile_quantization = \"pq\"\n").unwrap_err();
+        assert!(err.to_string().contains("tile_quantization"), "{err}");
     }
 
     #[test]
@@ -313,4 +436,3 @@ mod tests {
         assert_eq!(redact_url("postgres://host/db"), "postgres://host/db");
     }
 }
-                tile: 1536,

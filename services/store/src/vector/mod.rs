@@ -389,8 +389,8 @@ pub async fn open_vector_store(config: &StoreConfig) -> Result<Arc<dyn VectorSto
             config.vectors_dir(),
             config.min_free_mb.saturating_mul(1 << 20),
         )?),
-        VectorBackendConfig::Qdrant { url, api_key } => {
-            Arc::new(QdrantServerStore::connect(url, api_key.as_deref())?)
+        VectorBackendConfig::Qdrant { .. } => {
+            Arc::new(QdrantServerStore::from_config(&config.vectors)?)
         }
     };
     for spec in CollectionSpec::standard(&config.dims) {

@@ -7,8 +7,9 @@
 //!
 //! Semantics match the embedded backend (the same conformance suite runs against both): writes
 //! use `wait(true)` so they are applied when `upsert` returns, counts are exact, and searches are
-//! pinned to the query fingerprint and refused when the collection holds another one. Sharding,
-//! replication and index building are the server's business; `optimize` is a no-op here.
+//! pinned to the query fingerprint and refused when the collection holds another one. Sharding
+//! and replication are set when a collection is created ([`Layout`], from `[store.vectors]`);
+//! moving shards and building indexes are the server's business; `optimize` is a no-op here.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::RwLock;
@@ -36,14 +37,33 @@ use super::{
     SearchGroup, SearchHit, SearchRequest, VectorStore, FINGERPRINT_KEY,
 };
 use crate::config::redact_url;
-use crate::error::{Result, StoreError};
 use crate::config::Quantization;
+use crate::error::{Result, StoreError};
 
 /// Vectors in a Qdrant server (or cluster). Cheap to share behind an `Arc`.
 pub struct QdrantServerStore {
     client: Qdrant,
     url: String,
     specs: RwLock<HashMap<String, CollectionSpec>>,
+    layout: Layout,
+}
+
+/// How the collections this creates are spread over a cluster (`[store.vectors]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    pub shard_number: u32,
+    pub replication_factor: u32,
+    pub write_consistency_factor: u32,
+}
+
+impl Default for Layout {
+    fn default() -> Self {
+        Layout {
+            shard_number: 1,
+            replication_factor: 1,
+            write_consistency_factor: 1,
+        }
+    }
 }
 
 impl QdrantServerStore {
@@ -64,7 +84,38 @@ impl QdrantServerStore {
             client,
             url: redact_url(url),
             specs: RwLock::new(HashMap::new()),
+            layout: Layout::default(),
         })
+    }
+
+    /// The server of a `backend = "qdrant"` config, creating collections with its cluster
+    /// layout (`shard_number`, `replication_factor`, `write_consistency_factor`).
+    pub fn from_config(config: &crate::config::VectorBackendConfig) -> Result<Self> {
+        let crate::config::VectorBackendConfig::Qdrant {
+            url,
+            api_key,
+            shard_number,
+            replication_factor,
+            write_consistency_factor,
+        } = config
+        else {
+            return Err(StoreError::Config(
+                "not a Qdrant server configuration".into(),
+            ));
+        };
+        let count = |key: &str, n: i64| {
+            u32::try_from(n).ok().filter(|&n| n >= 1).ok_or_else(|| {
+                StoreError::Config(format!("vectors.{key} = {n}: must be 1 or more"))
+            })
+        };
+        let layout = Layout {
+            shard_number: count("shard_number", *shard_number)?,
+            replication_factor: count("replication_factor", *replication_factor)?,
+            write_consistency_factor: count("write_consistency_factor", *write_consistency_factor)?,
+        };
+        let mut store = Self::connect(url, api_key.as_deref())?;
+        store.layout = layout;
+        Ok(store)
     }
 
     /// Deletes a whole collection (tests, and dropping a superseded re-embedding).
@@ -133,7 +184,10 @@ impl QdrantServerStore {
             .create_collection(
                 CreateCollectionBuilder::new(spec.name.clone())
                     .vectors_config(vectors)
-                    .on_disk_payload(true),
+                    .on_disk_payload(true)
+                    .shard_number(self.layout.shard_number)
+                    .replication_factor(self.layout.replication_factor)
+                    .write_consistency_factor(self.layout.write_consistency_factor),
             )
             .await;
         match created {
@@ -202,60 +256,6 @@ impl QdrantServerStore {
         let response = self.client.count(request).await.map_err(|e| self.err(e))?;
         Ok(response.result.map(|r| r.count).unwrap_or(0))
     }
-}
-
-fn point_id(id: &str) -> PointId {
-    PointId::from(point_uuid(id).to_string())
-}
-
-/// Exact keyword match. Built explicitly: qdrant-client's `From<String> for MatchValue` turns a
-/// value containing whitespace into a full-text match, which would make `cohort = "CPTAC lung"`
-/// behave differently here than in the embedded backend.
-fn keyword_condition(key: &str, values: &[String]) -> Condition {
-    let value = match values {
-        [one] => MatchValue::Keyword(one.clone()),
-        many => MatchValue::Keywords(RepeatedStrings {
-            strings: many.to_vec(),
-        }),
-    };
-    Condition::matches(key, value)
-}
-
-fn to_filter(filter: &PayloadFilter) -> Vec<Condition> {
-    filter
-        .must
-        .iter()
-        .map(|m| keyword_condition(&m.key, &m.any_of))
-        .collect()
-}
-
-fn payload_to_json(payload: HashMap<String, qdrant_client::qdrant::Value>) -> Map<String, Value> {
-    match Value::from(Payload::from(payload)) {
-        Value::Object(map) => map,
-        _ => Map::new(),
-    }
-}
-
-fn vectors_from_output(
-    output: Option<VectorsOutput>,
-    spec: &CollectionSpec,
-) -> BTreeMap<String, Vec<f32>> {
-    let Some(output) = output else {
-        return BTreeMap::new();
-    };
-    spec.vectors
-        .iter()
-        .filter_map(|v| match output.get_vector_by_name(&v.name) {
-            Some(VectorOutputKind::Dense(dense)) => Some((v.name.clone(), dense.data)),
-            _ => None,
-        })
-        .collect()
-}
-
-#[async_trait]
-impl VectorStore for QdrantServerStore {
-    fn backend_name(&self) -> &'static str {
-        "qdrant"
 
     /// `FingerprintMismatch` when the collection holds points of other weights; else the
     /// search's conditions, pinned to the query fingerprint.
@@ -291,6 +291,71 @@ impl VectorStore for QdrantServerStore {
             payload,
         })
     }
+}
+
+fn point_id(id: &str) -> PointId {
+    PointId::from(point_uuid(id).to_string())
+}
+
+/// Exact keyword match. Built explicitly: qdrant-client's `From<String> for MatchValue` turns a
+/// value containing whitespace into a full-text match, which would make `cohort = "CPTAC lung"`
+/// behave differently here than in the embedded backend.
+fn keyword_condition(key: &str, values: &[String]) -> Condition {
+    let value = match values {
+        [one] => MatchValue::Keyword(one.clone()),
+        many => MatchValue::Keywords(RepeatedStrings {
+            strings: many.to_vec(),
+        }),
+    };
+    Condition::matches(key, value)
+}
+
+fn to_filter(filter: &PayloadFilter) -> Vec<Condition> {
+    filter
+        .must
+        .iter()
+        .map(|m| keyword_condition(&m.key, &m.any_of))
+        .collect()
+}
+
+/// Rescoring with the original vectors on a quantized collection.
+fn search_params(spec: &CollectionSpec) -> Option<SearchParamsBuilder> {
+    (spec.quantization == Quantization::Int8).then(|| {
+        SearchParamsBuilder::default().quantization(
+            QuantizationSearchParamsBuilder::default()
+                .rescore(true)
+                .oversampling(2.0),
+        )
+    })
+}
+
+fn payload_to_json(payload: HashMap<String, qdrant_client::qdrant::Value>) -> Map<String, Value> {
+    match Value::from(Payload::from(payload)) {
+        Value::Object(map) => map,
+        _ => Map::new(),
+    }
+}
+
+fn vectors_from_output(
+    output: Option<VectorsOutput>,
+    spec: &CollectionSpec,
+) -> BTreeMap<String, Vec<f32>> {
+    let Some(output) = output else {
+        return BTreeMap::new();
+    };
+    spec.vectors
+        .iter()
+        .filter_map(|v| match output.get_vector_by_name(&v.name) {
+            Some(VectorOutputKind::Dense(dense)) => Some((v.name.clone(), dense.data)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[async_trait]
+impl VectorStore for QdrantServerStore {
+    fn backend_name(&self) -> &'static str {
+        "qdrant"
     }
 
     async fn ensure_collection(&self, spec: &CollectionSpec) -> Result<()> {
@@ -318,17 +383,6 @@ impl VectorStore for QdrantServerStore {
                 .map_err(|e| self.err(e))?;
         }
         self.specs
-/// Rescoring with the original vectors on a quantized collection.
-fn search_params(spec: &CollectionSpec) -> Option<SearchParamsBuilder> {
-    (spec.quantization == Quantization::Int8).then(|| {
-        SearchParamsBuilder::default().quantization(
-            QuantizationSearchParamsBuilder::default()
-                .rescore(true)
-                .oversampling(2.0),
-        )
-    })
-}
-
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(spec.name.clone(), spec.clone());
@@ -606,6 +660,7 @@ mod tests {
             joint: 8,
             slide: 12,
             text: 6,
+            tile: 10,
         };
         let prefix = format!(
             "gigapath_test_{}_{}_",
@@ -660,7 +715,6 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn unreachable_server_is_reported_with_its_url() {
         // Port 9 (discard) on loopback: nothing listens, the connection is refused at once.
-            tile: 10,
         let store = QdrantServerStore::connect("http://127.0.0.1:9", None).unwrap();
         let err = store.health().await.unwrap_err();
         assert!(err.to_string().contains("127.0.0.1:9"), "{err}");
