@@ -78,6 +78,13 @@ enum Command {
     Bench(cmd::bench::BenchCommand),
     /// The main job on the embedded defaults: what the README's first command runs.
     Demo(cmd::demo::DemoArgs),
+    /// Image questions: slides similar to a slide, regions similar to a box on a slide.
+    #[command(subcommand)]
+    Search(cmd::search::SearchCommand),
+    /// Indexes built from stored data: `gigapath index tiles` (region search) for slides
+    /// ingested before.
+    #[command(subcommand)]
+    Index(cmd::index::IndexCommand),
 }
 
 fn main() -> ExitCode {
@@ -118,6 +125,8 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Synth(c) => cmd::synth::run(c),
         Command::Bench(c) => cmd::bench::run(c),
         Command::Demo(a) => cmd::demo::run(a),
+        Command::Search(c) => cmd::search::run(c),
+        Command::Index(c) => cmd::index::run(c),
     }
 }
 

@@ -3,9 +3,11 @@
 pub mod bench;
 pub mod demo;
 pub mod encode;
+pub mod index;
 pub mod ingest;
 pub mod jobs;
 pub mod models;
+pub mod search;
 pub mod serve;
 pub mod slide;
 pub mod synth;
