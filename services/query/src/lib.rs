@@ -97,7 +97,8 @@ pub struct SimilarSlidesRequest {
     pub space: Space,
     pub k: usize,
     pub filter: PayloadFilter,
-    /// Also leave out slides of the query slide's patient (`labels.patient`).
+    /// Also leave out slides of the query slide's patient (`labels.patient_id`, else
+    /// `labels.patient`).
     pub exclude_patient: bool,
 }
 
@@ -139,7 +140,13 @@ pub async fn similar_slides(
             },
         })?;
     let labels = labels_of(&point.payload);
-    let patient = labels.get("patient").filter(|_| req.exclude_patient);
+    let patient_of = |labels: &BTreeMap<String, String>| {
+        labels
+            .get("patient_id")
+            .or_else(|| labels.get("patient"))
+            .cloned()
+    };
+    let patient = patient_of(&labels).filter(|_| req.exclude_patient);
     // Over-fetch so that dropping the query slide (and its patient's) still leaves k; fetch
     // more while too few are left and more exist.
     let mut fetch = req.k + 1 + if patient.is_some() { 8 } else { 0 };
@@ -168,7 +175,7 @@ pub async fn similar_slides(
                     .and_then(Value::as_str)
                     .map(String::from),
             })
-            .filter(|s| patient.is_none() || s.labels.get("patient") != patient)
+            .filter(|s| patient.is_none() || patient_of(&s.labels) != patient)
             .take(req.k)
             .collect();
         if kept.len() == req.k || exhausted || fetch >= MAX_K {

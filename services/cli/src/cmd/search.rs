@@ -37,7 +37,7 @@ pub struct SimilarArgs {
     /// `labels.subtype=LUAD`); repeatable, all must hold.
     #[arg(long = "filter")]
     pub filters: Vec<String>,
-    /// Leave out slides of the query slide's patient (`labels.patient`).
+    /// Leave out slides of the query slide's patient (`labels.patient_id` or `labels.patient`).
     #[arg(long)]
     pub exclude_patient: bool,
     /// Print one JSON array.
