@@ -223,6 +223,27 @@ pub struct TilingConfig {
     /// Share of a slide's kept tiles that may be unreadable (damaged JPEG tiles): they are
     /// skipped and listed in the slide's `skipped_tiles.csv`; beyond it the slide fails.
     pub max_bad_tile_fraction: f64,
+    /// Leave out pen marks, debris and out-of-focus tiles (off: the reference's tiling); each
+    /// rule below then runs when true (see the README's QC rules).
+    pub artifacts: bool,
+    pub pen_marks: bool,
+    pub debris: bool,
+    pub out_of_focus: bool,
+    /// Variance of the Laplacian (grey levels^2 at 0.5 um/px) under which a tile is out of focus.
+    pub blur_threshold: f64,
+}
+
+impl TilingConfig {
+    /// The artifact rules as the tiler takes them.
+    pub fn artifact_options(&self) -> gigapath_wsi::artifacts::ArtifactOptions {
+        gigapath_wsi::artifacts::ArtifactOptions {
+            enabled: self.artifacts,
+            pen: self.pen_marks,
+            debris: self.debris,
+            blur: self.out_of_focus,
+            blur_threshold: self.blur_threshold,
+        }
+    }
 }
 
 impl Default for TilingConfig {
@@ -233,6 +254,11 @@ impl Default for TilingConfig {
             mpp: None,
             max_tiles: gigapath_wsi::grid::DEFAULT_MAX_TILES,
             max_bad_tile_fraction: 0.05,
+            artifacts: false,
+            pen_marks: true,
+            debris: true,
+            out_of_focus: true,
+            blur_threshold: gigapath_wsi::artifacts::DEFAULT_BLUR_THRESHOLD,
         }
     }
 }
@@ -440,6 +466,13 @@ impl Config {
             return bad(
                 "tiling.max_bad_tile_fraction",
                 format!("{f} is not in [0, 1)"),
+            );
+        }
+        let b = self.tiling.blur_threshold;
+        if !(b.is_finite() && b >= 0.0) {
+            return bad(
+                "tiling.blur_threshold",
+                format!("{b} is not a non-negative number"),
             );
         }
         if let Some(mpp) = self.tiling.mpp {

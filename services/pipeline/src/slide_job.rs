@@ -114,7 +114,7 @@ impl Pipeline {
                 .map_err(PipelineError::Config)?,
             tissue_threshold: self.config.tiling.tissue_threshold,
             max_tiles: self.config.tiling.max_tiles,
-            ..TilingOptions::default()
+            artifacts: self.config.tiling.artifact_options(),
         };
         let tiling = tile_slide(&slide, &opts)?;
         if tiling.tiles.is_empty() {

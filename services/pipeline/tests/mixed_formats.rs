@@ -141,3 +141,89 @@ fn a_mixed_folder_ingests_in_one_run_and_unreadable_tiles_are_skipped_and_listed
         assert_eq!(f.len(), n, "{id}");
     }
 }
+
+#[test]
+fn artifact_rules_are_switched_in_the_config_and_recorded_with_the_tiles() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let file = root.join("qc.toml");
+    std::fs::write(
+        &file,
+        "[tiling]\nartifacts = true\nout_of_focus = false\nblur_threshold = 80.0\n",
+    )
+    .unwrap();
+    let cfg = Config::load(Some(&root.join("data")), Some(&file)).unwrap();
+    let a = cfg.tiling.artifact_options();
+    assert!(a.enabled && a.pen && a.debris && !a.blur);
+    assert_eq!(a.blur_threshold, 80.0);
+    // Off by default: the reference's tiling.
+    let default = Config::load(Some(&root.join("data2")), None).unwrap();
+    assert!(!default.tiling.artifact_options().enabled);
+    std::fs::write(&file, "[tiling]\nblur_threshold = -1.0\n").unwrap();
+    let err = Config::load(Some(&root.join("data3")), Some(&file)).unwrap_err();
+    assert!(err.to_string().contains("tiling.blur_threshold"), "{err}");
+
+    // An ingest with the rules on: the slide's pen marks and blur are left out, and the tiles
+    // folder says so.
+    let models = root.join("models");
+    init_tile_encoder(
+        &models.join("tile"),
+        TileSize {
+            embed_dim: 48,
+            depth: 1,
+            num_heads: 3,
+        },
+        0,
+    )
+    .unwrap();
+    init_slide_encoder(
+        &models.join("slide"),
+        SlideSize {
+            in_chans: 48,
+            embed_dim: 64,
+            depth: 1,
+            num_heads: 16,
+        },
+        1,
+    )
+    .unwrap();
+    let slides = root.join("slides");
+    std::fs::create_dir_all(&slides).unwrap();
+    let (w_um, h_um) = (2000.0, 1600.0);
+    let spec = SlideSpec {
+        width: (w_um / MPP) as u64,
+        height: (h_um / MPP) as u64,
+        mpp: MPP,
+        downsamples: vec![1, 4, 16],
+        metadata: Metadata::Aperio { app_mag: 20 },
+        jpeg_quality: 90,
+    };
+    synth::write_slide(
+        &slides.join("pen.svs"),
+        &spec,
+        &Scene::blobs_with_artifacts(w_um, h_um),
+    )
+    .unwrap();
+    let mut cfg = Config::load(Some(&root.join("data")), None).unwrap();
+    cfg.models.tile_encoder = Some(models.join("tile"));
+    cfg.models.slide_encoder = Some(models.join("slide"));
+    cfg.models.text_encoder = Some(TEXT_MODEL.into());
+    cfg.models.text_pool = "cls".into();
+    cfg.tiling.artifacts = true;
+    let pipeline = Pipeline::open(cfg).unwrap();
+    let req = IngestRequest {
+        inputs: vec![slides],
+        ..IngestRequest::default()
+    };
+    let summary = pipeline.ingest(&req, &Quiet).unwrap();
+    assert_eq!(summary.run.slides_ok, 1, "{:?}", summary.run.failures);
+    let tiles: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(pipeline.tiles_dir("pen").join("summary.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(tiles["artifacts"]["out_of_focus_tiles"], 9);
+    assert!(tiles["artifacts"]["pen_area_fraction"].as_f64().unwrap() > 0.03);
+    let fp = pipeline.slide_models().unwrap().fingerprints["tile"].clone();
+    let features = FeatureFile::read(pipeline.store.feature_path("pen", &fp)).unwrap();
+    assert_eq!(features.len() as u64, tiles["tiles"].as_u64().unwrap());
+}

@@ -20,6 +20,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::artifacts::{self, ArtifactMap, ArtifactOptions, ArtifactSummary};
 use crate::error::{Result, WsiError};
 use crate::mpp::MppSource;
 use crate::slide::Slide;
@@ -210,6 +211,9 @@ pub struct TilingOptions {
     pub tissue_threshold: f64,
     /// A slide whose grid has more tiles than this is refused before any pixel is read.
     pub max_tiles: u64,
+    /// Pen marks, debris and out-of-focus tiles left out (off by default: see
+    /// [`crate::artifacts`]).
+    pub artifacts: ArtifactOptions,
 }
 
 impl Default for TilingOptions {
@@ -218,6 +222,7 @@ impl Default for TilingOptions {
             method: TissueMethod::Otsu,
             tissue_threshold: DEFAULT_TISSUE_THRESHOLD,
             max_tiles: DEFAULT_MAX_TILES,
+            artifacts: ArtifactOptions::default(),
         }
     }
 }
@@ -235,6 +240,10 @@ pub struct Tiling {
     pub view_downsample: f64,
     /// Kept tiles, row-major (y, then x).
     pub tiles: Vec<TileRef>,
+    /// View pixels left out as artifacts (all 0 when the rules are off).
+    pub artifacts: ArtifactMap,
+    /// What the artifact rules removed, when they ran.
+    pub artifact_summary: Option<ArtifactSummary>,
 }
 
 /// Segments `slide` and keeps the tiles with enough tissue.
@@ -258,8 +267,32 @@ pub fn tile_slide(slide: &Slide, opts: &TilingOptions) -> Result<Tiling> {
     let view_downsample = plan.level0_tile_px as f64 / mask_px_per_tile as f64;
     let view = thumbnail::read_downsampled(slide, view_downsample, MAX_VIEW_PX)?;
     let params = SegmentParams::for_mask_scale(opts.method, mask_px_per_tile);
-    let mask = tissue::segment(&view, &params);
-    let tiles = keep_tiles(&plan, &mask, mask_px_per_tile, opts.tissue_threshold);
+    let a = &opts.artifacts;
+    let mut artifacts = artifacts::label_view(&view, mask_px_per_tile, a);
+    let ignore = a.enabled.then_some(artifacts.data.as_slice());
+    let mut mask = tissue::segment_ignoring(&view, &params, ignore);
+    artifacts::exclude(&mut mask, &artifacts);
+    let mut tiles = keep_tiles(&plan, &mask, mask_px_per_tile, opts.tissue_threshold);
+    let artifact_summary = a.enabled.then(|| {
+        let out_of_focus_tiles = if a.blur {
+            artifacts::drop_out_of_focus(
+                slide,
+                &plan,
+                &mut tiles,
+                &mut artifacts,
+                mask_px_per_tile,
+                a.blur_threshold,
+            )
+        } else {
+            0
+        };
+        let area = artifacts.data.len().max(1) as f64;
+        ArtifactSummary {
+            pen_area_fraction: artifacts.count(artifacts::ArtifactKind::Pen) as f64 / area,
+            debris_area_fraction: artifacts.count(artifacts::ArtifactKind::Debris) as f64 / area,
+            out_of_focus_tiles,
+        }
+    });
     tracing::debug!(
         "{}: {} of {} tiles kept",
         slide.path().display(),
@@ -275,6 +308,8 @@ pub fn tile_slide(slide: &Slide, opts: &TilingOptions) -> Result<Tiling> {
         mask_px_per_tile,
         view_downsample,
         tiles,
+        artifacts,
+        artifact_summary,
     })
 }
 

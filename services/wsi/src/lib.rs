@@ -9,8 +9,10 @@
 //! [`thumbnail`] (a downsampled view for segmentation) -> [`tissue`] (mask) ->
 //! [`grid`] (tile plan and kept tiles) -> [`gridfile`] / [`outputs`] (files on disk) ->
 //! [`tiles`] (parallel, bounded tile batches) -> [`transform`] (crop + normalise).
+//! [`artifacts`] (pen, debris, out of focus) refines the mask and the kept tiles.
 //! [`render`] draws the mask and overlay pictures; [`synth`] writes test slides.
 
+pub mod artifacts;
 pub mod error;
 pub mod grid;
 pub mod gridfile;

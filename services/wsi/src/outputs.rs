@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use crate::artifacts::ArtifactSummary;
 use crate::error::{Result, WsiError};
 use crate::grid::{TileRef, Tiling};
 use crate::gridfile::{self, GridFile};
@@ -37,6 +38,9 @@ pub struct TileSummary {
     pub tissue_threshold: f64,
     /// Share of the slide's area the mask calls tissue.
     pub tissue_area_fraction: f64,
+    /// What the artifact rules removed (absent when they are off).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub artifacts: Option<ArtifactSummary>,
     pub output: PathBuf,
 }
 
@@ -72,6 +76,7 @@ pub fn write_tiling(dir: &Path, slide: &Slide, tiling: &Tiling) -> Result<TileSu
         tissue_method: tiling.method.to_string(),
         tissue_threshold: tiling.tissue_threshold,
         tissue_area_fraction: tiling.mask.tissue_fraction(),
+        artifacts: tiling.artifact_summary.clone(),
         output: dir.to_path_buf(),
     };
     // Everything is encoded in memory first: nothing touches the disk until it all succeeded.

@@ -3,6 +3,7 @@
 
 use image::{imageops::FilterType, ImageBuffer, Luma, Rgb};
 
+use crate::artifacts::ArtifactKind;
 use crate::error::{Result, WsiError};
 use crate::grid::Tiling;
 use crate::thumbnail::RgbImage;
@@ -26,14 +27,28 @@ pub fn thumbnail_png(view: &RgbImage) -> Result<Vec<u8>> {
     encode_png(fit(to_image(view)).into())
 }
 
-/// PNG bytes of the view with tissue tinted green and kept tiles outlined in blue.
+/// Tint of tissue in the overlay picture.
+pub const TISSUE_RGB: [u8; 3] = [40, 200, 60];
+
+/// PNG bytes of the view with tissue tinted green, each artifact kind in its own colour
+/// ([`ArtifactKind::rgb`]: pen orange, debris red, out of focus cyan) and kept tiles outlined
+/// in blue.
 pub fn overlay_png(tiling: &Tiling) -> Result<Vec<u8>> {
     let mut img = to_image(&tiling.view);
-    for (px, &m) in img.pixels_mut().zip(&tiling.mask.data) {
-        if m != 0 {
-            for (c, tint) in px.0.iter_mut().zip([40u8, 200, 60]) {
-                *c = ((*c as u32 * 3 + tint as u32 * 2) / 5) as u8;
-            }
+    let tint = |px: &mut Rgb<u8>, rgb: [u8; 3]| {
+        for (c, t) in px.0.iter_mut().zip(rgb) {
+            *c = ((*c as u32 * 3 + t as u32 * 2) / 5) as u8;
+        }
+    };
+    for ((px, &m), &a) in img
+        .pixels_mut()
+        .zip(&tiling.mask.data)
+        .zip(&tiling.artifacts.data)
+    {
+        if let Some(kind) = ArtifactKind::ALL.into_iter().find(|k| *k as u8 == a) {
+            tint(px, kind.rgb());
+        } else if m != 0 {
+            tint(px, TISSUE_RGB);
         }
     }
     let img = fit(img);

@@ -28,15 +28,48 @@ pub const TEXTURE_MPP: f64 = 0.499;
 /// Side of the TIFF's internal tiles.
 const TIFF_TILE_PX: u32 = 256;
 
-/// Which real H&E crop fills a region.
+/// What fills a region: a real H&E crop, or an artifact laid over what is below it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum TextureKind {
     /// Squamous epithelium: dense, purple, many nuclei.
     Epithelium,
     /// Collagenous stroma: pink, sparse nuclei.
     Stroma,
+    /// Marker ink over whatever is below (glass or tissue): it multiplies the light through,
+    /// as ink on a coverslip does.
+    BlueInk,
+    GreenInk,
+    BlackInk,
+    /// Opaque dark brown-black dirt.
+    Debris,
+    /// Tissue below seen out of focus (a fold, a bubble, a tilted scan): its texture blurred.
+    OutOfFocus,
 }
+
+impl TextureKind {
+    /// Whether this is tissue as it should be embedded (not an artifact).
+    pub fn is_tissue(self) -> bool {
+        matches!(self, TextureKind::Epithelium | TextureKind::Stroma)
+    }
+
+    /// Per-channel transmission of an ink.
+    fn ink(self) -> Option<[f32; 3]> {
+        match self {
+            TextureKind::BlueInk => Some([0.25, 0.4, 0.9]),
+            TextureKind::GreenInk => Some([0.3, 0.85, 0.45]),
+            TextureKind::BlackInk => Some([0.2, 0.2, 0.22]),
+            _ => None,
+        }
+    }
+}
+
+/// Colour of [`TextureKind::Debris`].
+const DEBRIS_RGB: [u8; 3] = [44, 34, 28];
+/// Mip levels by which [`TextureKind::OutOfFocus`] blurs the texture (2^3 = 8 px at 0.5 um/px).
+const BLUR_MIP_LEVELS: usize = 3;
+/// Spacing of the lattice [`TextureKind::OutOfFocus`] averages over, microns.
+const BLUR_RADIUS_UM: f64 = 3.0;
 
 /// An RGB texture with a box-filtered mip chain, sampled with mirrored repeat so that tiling it
 /// shows no seams.
@@ -53,7 +86,8 @@ impl Texture {
         match kind {
             TextureKind::Epithelium => EPI
                 .get_or_init(|| Texture::from_jpeg(include_bytes!("../assets/he_epithelium.jpg"))),
-            TextureKind::Stroma => {
+            // Artifacts have no texture of their own; stroma stands in should one be asked for.
+            _ => {
                 STROMA.get_or_init(|| Texture::from_jpeg(include_bytes!("../assets/he_stroma.jpg")))
             }
         }
@@ -100,6 +134,44 @@ impl Texture {
         let y = mirror((v / scale).floor() as i64, *h);
         let i = (y * w + x) * 3;
         [px[i], px[i + 1], px[i + 2]]
+    }
+}
+
+impl Texture {
+    /// Like [`Texture::sample`] but `extra_levels` mip levels coarser and bilinear: the texture
+    /// as an out-of-focus lens shows it (smooth, no block edges).
+    pub fn sample_blurred(
+        &self,
+        u: f64,
+        v: f64,
+        texels_per_px: f64,
+        extra_levels: usize,
+    ) -> [u8; 3] {
+        let base = if texels_per_px > 1.0 {
+            texels_per_px.log2().floor() as usize
+        } else {
+            0
+        };
+        let level = (base + extra_levels).min(self.mips.len() - 1);
+        let scale = (1u64 << level) as f64;
+        let (w, h, px) = &self.mips[level];
+        let (fu, fv) = (u / scale - 0.5, v / scale - 0.5);
+        let (x0, y0) = (fu.floor(), fv.floor());
+        let (ax, ay) = (fu - x0, fv - y0);
+        let at = |dx: i64, dy: i64| {
+            let x = mirror(x0 as i64 + dx, *w);
+            let y = mirror(y0 as i64 + dy, *h);
+            let i = (y * w + x) * 3;
+            [px[i] as f64, px[i + 1] as f64, px[i + 2] as f64]
+        };
+        let (p00, p10, p01, p11) = (at(0, 0), at(1, 0), at(0, 1), at(1, 1));
+        let mut out = [0u8; 3];
+        for c in 0..3 {
+            let top = p00[c] * (1.0 - ax) + p10[c] * ax;
+            let bottom = p01[c] * (1.0 - ax) + p11[c] * ax;
+            out[c] = (top * (1.0 - ay) + bottom * ay).round().clamp(0.0, 255.0) as u8;
+        }
+        out
     }
 }
 
@@ -253,6 +325,101 @@ impl Scene {
         self.regions.iter().rev().find(|r| r.shape.contains(x, y))
     }
 
+    /// The tissue region at (`x`, `y`) when nothing but focus troubles it: `(region, in focus)`;
+    /// `None` on glass, under ink or under debris.
+    pub fn clean_tissue_at(&self, x: f64, y: f64) -> Option<(&TissueRegion, bool)> {
+        let mut in_focus = true;
+        for r in self.regions.iter().rev().filter(|r| r.shape.contains(x, y)) {
+            match r.texture {
+                TextureKind::OutOfFocus => in_focus = false,
+                k if k.is_tissue() => return Some((r, in_focus)),
+                _ => return None,
+            }
+        }
+        None
+    }
+
+    /// Fraction of the square [`x`, `x`+`size`) x [`y`, `y`+`size`) microns that is tissue not
+    /// covered by ink or debris (out of focus or not), on an `n` x `n` lattice.
+    pub fn clean_tissue_coverage(&self, x: f64, y: f64, size: f64, n: usize) -> f64 {
+        let step = size / n as f64;
+        let mut inside = 0usize;
+        for j in 0..n {
+            for i in 0..n {
+                let (px, py) = (x + (i as f64 + 0.5) * step, y + (j as f64 + 0.5) * step);
+                inside += self.clean_tissue_at(px, py).is_some() as usize;
+            }
+        }
+        inside as f64 / (n * n) as f64
+    }
+
+    /// [`Scene::blobs`] with the artifacts a slide meets: a wide blue pen stroke across the large
+    /// stroma piece and onto glass, a green ink dot on the epithelial block, a black pen line,
+    /// a 3 x 3 tile out-of-focus patch of stroma (on the 128 um grid of 0.5 um/px tiles, so that
+    /// which tiles are out of focus is exact) and a few flecks of dark debris.
+    pub fn blobs_with_artifacts(width_um: f64, height_um: f64) -> Scene {
+        const TILE_UM: f64 = 128.0;
+        let on_tile_grid = |v: f64| (v / TILE_UM).round() * TILE_UM;
+        let (w, h) = (width_um, height_um);
+        let mut scene = Scene::blobs(w, h);
+        let region = |shape, texture| TissueRegion {
+            shape,
+            texture,
+            od_gain: unit_gain(),
+        };
+        scene.regions.extend([
+            region(
+                Shape::Rect {
+                    x: on_tile_grid(0.22 * w),
+                    y: on_tile_grid(0.32 * h),
+                    w: 3.0 * TILE_UM,
+                    h: 3.0 * TILE_UM,
+                },
+                TextureKind::OutOfFocus,
+            ),
+            region(
+                Shape::Rotated {
+                    cx: 0.38 * w,
+                    cy: 0.28 * h,
+                    rx: 0.30 * w,
+                    ry: 0.045 * h,
+                    angle: 0.35,
+                },
+                TextureKind::BlueInk,
+            ),
+            region(
+                Shape::Ellipse {
+                    cx: 0.72 * w,
+                    cy: 0.68 * h,
+                    rx: 0.06 * w,
+                    ry: 0.07 * h,
+                },
+                TextureKind::GreenInk,
+            ),
+            region(
+                Shape::Rect {
+                    x: 0.55 * w,
+                    y: 0.90 * h,
+                    w: 0.40 * w,
+                    h: 0.05 * h,
+                },
+                TextureKind::BlackInk,
+            ),
+        ]);
+        for (fx, fy) in [(0.52, 0.12), (0.12, 0.85), (0.45, 0.70), (0.80, 0.40)] {
+            scene.regions.push(region(
+                Shape::Ellipse {
+                    cx: fx * w,
+                    cy: fy * h,
+                    rx: 0.012 * w,
+                    ry: 0.012 * w,
+                },
+                TextureKind::Debris,
+            ));
+        }
+        scene
+    }
+
     /// Fraction of the square [`x`, `x`+`size`) x [`y`, `y`+`size`) microns that is tissue,
     /// measured on an `n` x `n` lattice of sample points.
     pub fn coverage(&self, x: f64, y: f64, size: f64, n: usize) -> f64 {
@@ -275,44 +442,88 @@ impl Scene {
         // Only the regions whose bounding box meets this window are tested per pixel: scenes
         // of a cohort hold hundreds of small nests and papillae.
         let (x1_um, y1_um) = (x0_um + w as f64 * um_per_px, y0_um + h as f64 * um_per_px);
+        // Out-of-focus pixels look a blur radius around them.
+        let m = BLUR_RADIUS_UM;
         let active: Vec<&TissueRegion> = self
             .regions
             .iter()
             .filter(|r| {
                 let (a, b, c, d) = r.shape.bbox();
-                a < x1_um && c > x0_um && b < y1_um && d > y0_um
+                a < x1_um + m && c > x0_um - m && b < y1_um + m && d > y0_um - m
             })
             .collect();
         let luts: Vec<[[u8; 256]; 3]> = active.iter().map(|r| od_lut(r.od_gain)).collect();
+        let layers = Layers {
+            active: &active,
+            luts: &luts,
+            background: self.background,
+            texels_per_px,
+        };
         for j in 0..h {
             let y = y0_um + (j as f64 + 0.5) * um_per_px;
             for i in 0..w {
                 let x = x0_um + (i as f64 + 0.5) * um_per_px;
                 let o = (j as usize * w as usize + i as usize) * 3;
-                let idx = active.iter().rposition(|r| r.shape.contains(x, y));
-                let rgb = match idx {
-                    Some(k) => {
-                        let r = active[k];
-                        let t = Texture::get(r.texture).sample(
-                            x / TEXTURE_MPP,
-                            y / TEXTURE_MPP,
-                            texels_per_px,
-                        );
-                        [
-                            luts[k][0][t[0] as usize],
-                            luts[k][1][t[1] as usize],
-                            luts[k][2][t[2] as usize],
-                        ]
-                    }
-                    None => {
-                        let n = glass_noise(x, y);
-                        self.background.map(|c| (c as i32 + n).clamp(0, 255) as u8)
-                    }
-                };
+                let c = layers.shade(active.len(), x, y, false);
+                let rgb = c.map(|v| v.round().clamp(0.0, 255.0) as u8);
                 out[o..o + 3].copy_from_slice(&rgb);
             }
         }
         out
+    }
+}
+
+/// The regions under a render window, for shading one point.
+struct Layers<'a> {
+    active: &'a [&'a TissueRegion],
+    luts: &'a [[[u8; 256]; 3]],
+    background: [u8; 3],
+    texels_per_px: f64,
+}
+
+impl Layers<'_> {
+    /// Colour at (`x`, `y`) microns of the regions `active[..below]`, from the top one down:
+    /// inks multiply what is under them, debris is opaque, out of focus averages what is under
+    /// it over a 3 x 3 lattice [`BLUR_RADIUS_UM`] apart (textures from a coarser mip, so edges
+    /// and texture both blur), tissue or glass ends it.
+    fn shade(&self, below: usize, x: f64, y: f64, blurred: bool) -> [f32; 3] {
+        let Some(k) = self.active[..below]
+            .iter()
+            .rposition(|r| r.shape.contains(x, y))
+        else {
+            let n = glass_noise(x, y);
+            return self.background.map(|c| (c as i32 + n).clamp(0, 255) as f32);
+        };
+        let r = self.active[k];
+        if let Some(ink) = r.texture.ink() {
+            let c = self.shade(k, x, y, blurred);
+            return [c[0] * ink[0], c[1] * ink[1], c[2] * ink[2]];
+        }
+        match r.texture {
+            TextureKind::Debris => DEBRIS_RGB.map(|c| c as f32),
+            TextureKind::OutOfFocus if !blurred => {
+                let mut acc = [0f32; 3];
+                for dy in [-1.0, 0.0, 1.0] {
+                    for dx in [-1.0, 0.0, 1.0] {
+                        let c =
+                            self.shade(k, x + dx * BLUR_RADIUS_UM, y + dy * BLUR_RADIUS_UM, true);
+                        (0..3).for_each(|i| acc[i] += c[i] / 9.0);
+                    }
+                }
+                acc
+            }
+            TextureKind::OutOfFocus => self.shade(k, x, y, true),
+            _ => {
+                let tex = Texture::get(r.texture);
+                let (u, v) = (x / TEXTURE_MPP, y / TEXTURE_MPP);
+                let t = if blurred {
+                    tex.sample_blurred(u, v, self.texels_per_px, BLUR_MIP_LEVELS)
+                } else {
+                    tex.sample(u, v, self.texels_per_px)
+                };
+                [0, 1, 2].map(|c| self.luts[k][c][t[c] as usize] as f32)
+            }
+        }
     }
 }
 

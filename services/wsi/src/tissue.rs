@@ -109,19 +109,40 @@ impl TissueMask {
 
 /// Segments `view` with `params`.
 pub fn segment(view: &RgbImage, params: &SegmentParams) -> TissueMask {
+    segment_ignoring(view, params, None)
+}
+
+/// [`segment`], with the view pixels set in `ignore` (artifacts: ink, debris) left out of the
+/// Otsu threshold's statistics, so that a dark pen stroke does not move it.
+pub fn segment_ignoring(
+    view: &RgbImage,
+    params: &SegmentParams,
+    ignore: Option<&[u8]>,
+) -> TissueMask {
     match params.method {
-        TissueMethod::Otsu => segment_otsu(view),
+        TissueMethod::Otsu => segment_otsu(view, ignore),
         TissueMethod::Saturation => segment_saturation(view, params),
     }
 }
 
-fn segment_otsu(view: &RgbImage) -> TissueMask {
+fn segment_otsu(view: &RgbImage, ignore: Option<&[u8]>) -> TissueMask {
     let lum: Vec<u8> = view
         .pixels
         .chunks_exact(3)
         .map(|p| ((p[0] as u32 + p[1] as u32 + p[2] as u32 + 1) / 3) as u8)
         .collect();
-    let (t, contrast) = otsu(&lum);
+    let (t, contrast) = match ignore {
+        Some(ignore) => {
+            let kept: Vec<u8> = lum
+                .iter()
+                .zip(ignore)
+                .filter(|(_, &i)| i == 0)
+                .map(|(&l, _)| l)
+                .collect();
+            otsu(&kept)
+        }
+        None => otsu(&lum),
+    };
     let data = if contrast < MIN_OTSU_CONTRAST {
         vec![0; lum.len()]
     } else {

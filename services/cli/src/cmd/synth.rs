@@ -121,6 +121,16 @@ pub struct SynthArgs {
     /// be decoded: a slide with unreadable tiles, for testing.
     #[arg(long = "corrupt-tile", value_parser = parse_tile_xy)]
     pub corrupt_tiles: Vec<(u32, u32)>,
+    /// What the slide shows: `blobs` (tissue on glass) or `artifacts` (the same with a blue
+    /// pen stroke, a green ink dot, a black pen line, an out-of-focus patch and debris).
+    #[arg(long, value_enum, default_value = "blobs")]
+    pub scene: SceneArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum SceneArg {
+    Blobs,
+    Artifacts,
 }
 
 fn parse_tile_xy(s: &str) -> std::result::Result<(u32, u32), String> {
@@ -157,7 +167,11 @@ fn slide(args: SynthArgs) -> Result<()> {
         },
         jpeg_quality: args.quality,
     };
-    let scene = Scene::blobs(args.width as f64 * args.mpp, args.height as f64 * args.mpp);
+    let (w_um, h_um) = (args.width as f64 * args.mpp, args.height as f64 * args.mpp);
+    let scene = match args.scene {
+        SceneArg::Blobs => Scene::blobs(w_um, h_um),
+        SceneArg::Artifacts => Scene::blobs_with_artifacts(w_um, h_um),
+    };
     let t = std::time::Instant::now();
     synth::write_slide(&args.output, &spec, &scene)?;
     if !args.corrupt_tiles.is_empty() {

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 use gigapath_wsi::{
+    artifacts::{ArtifactOptions, DEFAULT_BLUR_THRESHOLD},
     grid::{DEFAULT_MAX_TILES, DEFAULT_TISSUE_THRESHOLD},
     outputs, tile_slide, Slide, TilingOptions, TissueMethod,
 };
@@ -29,6 +30,19 @@ pub struct TileArgs {
     /// Refuse a slide whose grid (kept or not) has more tiles than this, before reading pixels.
     #[arg(long, default_value_t = DEFAULT_MAX_TILES)]
     pub max_tiles: u64,
+    /// Leave out pen marks, dark debris and out-of-focus tiles (rules in the README); each
+    /// rule can then be turned off with `--no-pen`, `--no-debris`, `--no-blur`.
+    #[arg(long)]
+    pub artifacts: bool,
+    #[arg(long, requires = "artifacts")]
+    pub no_pen: bool,
+    #[arg(long, requires = "artifacts")]
+    pub no_debris: bool,
+    #[arg(long, requires = "artifacts")]
+    pub no_blur: bool,
+    /// Variance of the Laplacian (grey levels^2, 0.5 um/px) under which a tile is out of focus.
+    #[arg(long, default_value_t = DEFAULT_BLUR_THRESHOLD)]
+    pub blur_threshold: f64,
 }
 
 fn parse_method(s: &str) -> std::result::Result<TissueMethod, String> {
@@ -45,6 +59,13 @@ pub fn run(args: TileArgs) -> Result<()> {
         method: args.method,
         tissue_threshold: args.tissue_threshold,
         max_tiles: args.max_tiles,
+        artifacts: ArtifactOptions {
+            enabled: args.artifacts,
+            pen: !args.no_pen,
+            debris: !args.no_debris,
+            blur: !args.no_blur,
+            blur_threshold: args.blur_threshold,
+        },
     };
     let tiling = tile_slide(&slide, &opts)?;
     let summary = outputs::write_tiling(&output, &slide, &tiling)
