@@ -1109,6 +1109,48 @@ mod tests {
         assert!(err.to_string().contains("another layout"), "{err}");
     }
 
+    /// The ingest cost of tile points at full width: 20,000 tiles of 1536 floats upserted in
+    /// batches of 256 (as the pipeline does), each batch flushed. Prints tiles/s and the disk
+    /// taken. `cargo test --workspace --lib tile_upsert_cost -- --ignored --nocapture`
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "a measurement (README: ingest cost of tile points)"]
+    async fn tile_upsert_cost() {
+        use crate::config::Quantization;
+        use crate::vector::TILES;
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        let dims = Dims {
+            tile: 1536,
+            ..dims()
+        };
+        store
+            .ensure_collection(&CollectionSpec::tiles(&dims, Quantization::Int8))
+            .await
+            .unwrap();
+        let points = conformance::tile_points(10, 2000, 1536, "fp-T");
+        let start = std::time::Instant::now();
+        for batch in points.chunks(256) {
+            store.upsert(TILES, batch.to_vec()).await.unwrap();
+        }
+        let upsert = start.elapsed().as_secs_f64();
+        let bytes = dir_bytes(dir.path());
+        let start = std::time::Instant::now();
+        store.optimize().await.unwrap();
+        let optimize = start.elapsed().as_secs_f64();
+        eprintln!(
+            "tile points: {} upserted in {upsert:.2} s ({:.0} tiles/s), {:.0} MB on disk; \
+             optimize (HNSW + int8) {optimize:.1} s, {:.0} MB after",
+            points.len(),
+            points.len() as f64 / upsert,
+            bytes as f64 / 1e6,
+            dir_bytes(dir.path()) as f64 / 1e6
+        );
+        assert_eq!(
+            store.count(TILES, &PayloadFilter::none()).await.unwrap(),
+            20_000
+        );
+    }
+
     /// Issue 13 item 6: on a full disk qdrant-edge panicked in its flush (exit 101) and the
     /// store could not reopen. Now a write that would eat into the reserve is refused with an
     /// error naming the disk, reads go on, nothing acknowledged is lost, and once space is
