@@ -83,6 +83,7 @@ fn serve_takes_up_a_new_alignment_checkpoint_without_restart() {
     cfg.serve.bind = "127.0.0.1:0".into();
     cfg.serve.api_keys = vec![KEY.into()];
     cfg.serve.run_worker = false;
+    cfg.serve.slide_roots = vec![cohort.clone()];
     cfg.serve.prompts_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../prompts");
 
     // gigapath ingest, then gigapath train (checkpoints at steps 10 and 20).
@@ -162,6 +163,19 @@ fn serve_takes_up_a_new_alignment_checkpoint_without_restart() {
         "zero-shot after reembed",
     );
     assert_eq!(zs["results"].as_array().map(Vec::len), Some(3), "{zs}");
+
+    // Slides queued over HTTP are queued for the new weights, as `gigapath ingest` on the data
+    // dir would (the jobs of the earlier weights are done, these are not).
+    let again = post(
+        addr,
+        "/v1/ingest",
+        &json!({"slides": [cohort.join("slides").display().to_string()]}),
+        Some(KEY),
+    );
+    assert_eq!(again.status, 202, "{}", text(&again));
+    let again = again.json();
+    assert_eq!(again["queued"].as_array().map(Vec::len), Some(6), "{again}");
+    assert_eq!(again["already_done"], json!([]), "{again}");
 
     // Another checkpoint later: followed too (the cached prompt embeddings go with the old one).
     let (early_slide_fp, _) = reembed(&service, &early);

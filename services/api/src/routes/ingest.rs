@@ -128,7 +128,6 @@ pub async fn ingest(
     }
     let roots = state.config.serve.slide_roots.clone();
     let paths = req.slides.clone();
-    let models = state.config.models.clone();
     let replace = req.replace;
     // Reads only (paths, files, catalog), bounded: a folder walk stops at `Limits` and visits
     // each folder once, so a link loop cannot keep a blocking thread busy.
@@ -154,7 +153,8 @@ pub async fn ingest(
                     return Err(ApiError::Conflict(msg));
                 }
             }
-            let fps = gigapath_pipeline::encoders::slide_fingerprints(&models)?;
+            // The models of this request's heads (a reloaded alignment included).
+            let fps = gigapath_pipeline::encoders::slide_fingerprints(&p.config.models)?;
             Ok((
                 slides,
                 sources,
