@@ -355,6 +355,53 @@ mod tests {
         assert!(tissue_from_csv(&dir.path().join("none.csv")).is_empty());
     }
 
+    /// Forgetting a slide deletes its tile points and only them; a store that never had a
+    /// tiles collection gets none made for it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn forget_tiles_deletes_one_slides_tiles() {
+        use gigapath_store::vector::PayloadFilter;
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = gigapath_store::StoreConfig::with_data_dir(dir.path().join("data"));
+        config.dims = Dims {
+            joint: 4,
+            slide: 6,
+            text: 3,
+            tile: 5,
+        };
+        let store = Store::open(config).await.unwrap();
+        forget_tiles(&store, "a").await.unwrap();
+        assert!(!store.config.vectors_dir().join(TILES).exists());
+
+        store
+            .vectors
+            .ensure_collection(&tiles_spec(&store, 5))
+            .await
+            .unwrap();
+        let points: Vec<Point> = ["a", "b"]
+            .iter()
+            .flat_map(|slide| {
+                (0..3u32).map(move |i| {
+                    TilePoint {
+                        slide_id: slide.to_string(),
+                        gx: i,
+                        gy: 0,
+                        w: 256,
+                        h: 256,
+                        fingerprint: "t".into(),
+                        tile: vec![1.0, i as f32, 0.5, 0.0, 2.0],
+                        ..TilePoint::default()
+                    }
+                    .into_point()
+                })
+            })
+            .collect();
+        store.vectors.upsert(TILES, points).await.unwrap();
+        forget_tiles(&store, "a").await.unwrap();
+        let of = |s: &str| PayloadFilter::none().eq("slide_id", s);
+        assert_eq!(store.vectors.count(TILES, &of("a")).await.unwrap(), 0);
+        assert_eq!(store.vectors.count(TILES, &of("b")).await.unwrap(), 3);
+    }
+
     #[test]
     fn tile_dim_comes_from_the_timm_config() {
         let dir = tempfile::tempdir().unwrap();
