@@ -227,6 +227,13 @@ impl Shard {
 
     fn check_layout(&self) -> Result<()> {
         let config = self.edge.config();
+        let quantized: Vec<String> = config
+            .vectors
+            .iter()
+            .filter(|(_, p)| p.quantization_config.is_some())
+            .map(|(k, _)| k.to_string())
+            .collect();
+        super::warn_quantization(&self.spec, &quantized);
         for v in &self.spec.vectors {
             let Some(params) = config.vectors.get(&v.name) else {
                 return Err(StoreError::SchemaMismatch {

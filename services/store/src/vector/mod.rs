@@ -399,6 +399,30 @@ pub async fn open_vector_store(config: &StoreConfig) -> Result<Arc<dyn VectorSto
     Ok(store)
 }
 
+/// Quantization is fixed when a collection is created: a stored collection whose vectors
+/// (`quantized`: the names that have a quantization config) disagree with the configured
+/// quantization keeps working as stored, with a warning saying so.
+pub(crate) fn warn_quantization(spec: &CollectionSpec, quantized: &[String]) {
+    let stored_int8 = spec
+        .vectors
+        .iter()
+        .all(|v| quantized.iter().any(|q| *q == v.name));
+    let stored_none = quantized.is_empty();
+    let mismatch = match spec.quantization {
+        Quantization::Int8 => !stored_int8,
+        Quantization::None => !stored_none,
+    };
+    if mismatch {
+        tracing::warn!(
+            "collection `{}` was created with {} quantization; the configured {:?} applies only \
+             to a new collection (drop it and re-index to change it)",
+            spec.name,
+            if stored_none { "no" } else { "int8" },
+            spec.quantization
+        );
+    }
+}
+
 /// Checks run by both backends before a write, so that bad input is rejected the same way
 /// whatever stores it.
 pub(crate) fn validate_points(spec: &CollectionSpec, points: &[Point]) -> Result<()> {

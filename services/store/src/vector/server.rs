@@ -208,6 +208,22 @@ impl QdrantServerStore {
             .map_err(|e| self.err(e))?
             .result
             .ok_or_else(|| StoreError::Server(format!("no info for `{}`", spec.name)))?;
+        let quantized: Vec<String> = match info
+            .config
+            .as_ref()
+            .and_then(|c| c.params.as_ref())
+            .and_then(|p| p.vectors_config.as_ref())
+            .and_then(|v| v.config.as_ref())
+        {
+            Some(VectorsConfigKind::ParamsMap(map)) => map
+                .map
+                .iter()
+                .filter(|(_, p)| p.quantization_config.is_some())
+                .map(|(k, _)| k.clone())
+                .collect(),
+            _ => Vec::new(),
+        };
+        super::warn_quantization(spec, &quantized);
         let stored: HashMap<String, u64> = match info
             .config
             .and_then(|c| c.params)
