@@ -231,9 +231,23 @@ pub struct TilingConfig {
     pub out_of_focus: bool,
     /// Variance of the Laplacian (grey levels^2 at 0.5 um/px) under which a tile is out of focus.
     pub blur_threshold: f64,
+    /// A folder of corrected masks, `SLIDE_ID.geojson` (QuPath GeoJSON, level-0 pixels), used
+    /// instead of segmentation for their slides; a `SLIDE_ID.geojson` beside a slide is used too.
+    pub masks_dir: Option<PathBuf>,
 }
 
 impl TilingConfig {
+    /// The corrected mask for a slide: `masks_dir/SLIDE_ID.geojson`, else the slide's path
+    /// with the extension `.geojson`, when the file exists.
+    pub fn mask_for(&self, slide_id: &str, slide_path: &Path) -> Option<PathBuf> {
+        let in_dir = self
+            .masks_dir
+            .as_ref()
+            .map(|d| d.join(format!("{slide_id}.geojson")));
+        let beside = slide_path.with_extension("geojson");
+        in_dir.into_iter().chain([beside]).find(|p| p.is_file())
+    }
+
     /// The artifact rules as the tiler takes them.
     pub fn artifact_options(&self) -> gigapath_wsi::artifacts::ArtifactOptions {
         gigapath_wsi::artifacts::ArtifactOptions {
@@ -259,6 +273,7 @@ impl Default for TilingConfig {
             debris: true,
             out_of_focus: true,
             blur_threshold: gigapath_wsi::artifacts::DEFAULT_BLUR_THRESHOLD,
+            masks_dir: None,
         }
     }
 }

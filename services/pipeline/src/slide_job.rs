@@ -115,6 +115,7 @@ impl Pipeline {
             tissue_threshold: self.config.tiling.tissue_threshold,
             max_tiles: self.config.tiling.max_tiles,
             artifacts: self.config.tiling.artifact_options(),
+            mask_geojson: self.config.tiling.mask_for(&job.slide_id, &job.path),
         };
         let tiling = tile_slide(&slide, &opts)?;
         if tiling.tiles.is_empty() {

@@ -204,6 +204,15 @@ fn artifact_rules_are_switched_in_the_config_and_recorded_with_the_tiles() {
         &Scene::blobs_with_artifacts(w_um, h_um),
     )
     .unwrap();
+    // A slide with a corrected mask beside it (`SLIDE_ID.geojson`): its tiles are the mask's,
+    // grid tiles x 2..6, y 1..4 (256 level-0 px each at 0.5 um/px).
+    write(&slides.join("masked.svs"), Metadata::Aperio { app_mag: 20 });
+    let mask = serde_json::json!({"type": "FeatureCollection", "features": [{
+        "type": "Feature",
+        "geometry": {"type": "Polygon", "coordinates": [[[512, 256], [1536, 256], [1536, 1024], [512, 1024], [512, 256]]]},
+        "properties": {"objectType": "annotation", "classification": {"name": "Tissue"}}
+    }]});
+    std::fs::write(slides.join("masked.geojson"), mask.to_string()).unwrap();
     let mut cfg = Config::load(Some(&root.join("data")), None).unwrap();
     cfg.models.tile_encoder = Some(models.join("tile"));
     cfg.models.slide_encoder = Some(models.join("slide"));
@@ -216,7 +225,7 @@ fn artifact_rules_are_switched_in_the_config_and_recorded_with_the_tiles() {
         ..IngestRequest::default()
     };
     let summary = pipeline.ingest(&req, &Quiet).unwrap();
-    assert_eq!(summary.run.slides_ok, 1, "{:?}", summary.run.failures);
+    assert_eq!(summary.run.slides_ok, 2, "{:?}", summary.run.failures);
     let tiles: serde_json::Value = serde_json::from_slice(
         &std::fs::read(pipeline.tiles_dir("pen").join("summary.json")).unwrap(),
     )
@@ -226,4 +235,17 @@ fn artifact_rules_are_switched_in_the_config_and_recorded_with_the_tiles() {
     let fp = pipeline.slide_models().unwrap().fingerprints["tile"].clone();
     let features = FeatureFile::read(pipeline.store.feature_path("pen", &fp)).unwrap();
     assert_eq!(features.len() as u64, tiles["tiles"].as_u64().unwrap());
+    let masked = FeatureFile::read(pipeline.store.feature_path("masked", &fp)).unwrap();
+    let mut cells = masked.grid_xy.clone();
+    cells.sort();
+    let want: Vec<[i32; 2]> = (2..6).flat_map(|x| (1..4).map(move |y| [x, y])).collect();
+    assert_eq!(cells, want);
+    let summary: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(pipeline.tiles_dir("masked").join("summary.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(summary["mask_geojson"]
+        .as_str()
+        .unwrap()
+        .ends_with("masked.geojson"));
 }

@@ -403,12 +403,13 @@ pub fn blur_scores(slide: &Slide, plan: &TilePlan, tiles: &[TileRef]) -> Vec<Opt
         .collect()
 }
 
-/// Drops the tiles whose blur score is under the threshold, labelling their view pixels
-/// out of focus in `map`; returns how many were dropped.
+/// Drops the tiles whose blur score is under the threshold, moving their tissue pixels from
+/// `mask` to out of focus in `map`; returns how many were dropped.
 pub fn drop_out_of_focus(
     slide: &Slide,
     plan: &TilePlan,
     tiles: &mut Vec<TileRef>,
+    mask: &mut TissueMask,
     map: &mut ArtifactMap,
     mask_px_per_tile: u32,
     threshold: f64,
@@ -429,8 +430,11 @@ pub fn drop_out_of_focus(
     for t in dropped {
         for y in t.gy * m..((t.gy + 1) * m).min(map.height) {
             for x in t.gx * m..((t.gx + 1) * m).min(map.width) {
-                map.data[y as usize * map.width as usize + x as usize] =
-                    ArtifactKind::OutOfFocus as u8;
+                let i = y as usize * map.width as usize + x as usize;
+                if mask.data[i] != 0 {
+                    mask.data[i] = 0;
+                    map.data[i] = ArtifactKind::OutOfFocus as u8;
+                }
             }
         }
     }

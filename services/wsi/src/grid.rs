@@ -214,6 +214,9 @@ pub struct TilingOptions {
     /// Pen marks, debris and out-of-focus tiles left out (off by default: see
     /// [`crate::artifacts`]).
     pub artifacts: ArtifactOptions,
+    /// A corrected mask (GeoJSON, see [`crate::geojson`]) used instead of segmentation and the
+    /// artifact rules.
+    pub mask_geojson: Option<std::path::PathBuf>,
 }
 
 impl Default for TilingOptions {
@@ -223,6 +226,7 @@ impl Default for TilingOptions {
             tissue_threshold: DEFAULT_TISSUE_THRESHOLD,
             max_tiles: DEFAULT_MAX_TILES,
             artifacts: ArtifactOptions::default(),
+            mask_geojson: None,
         }
     }
 }
@@ -244,6 +248,8 @@ pub struct Tiling {
     pub artifacts: ArtifactMap,
     /// What the artifact rules removed, when they ran.
     pub artifact_summary: Option<ArtifactSummary>,
+    /// The GeoJSON the mask was read from, when it was not segmented.
+    pub mask_geojson: Option<std::path::PathBuf>,
 }
 
 /// Segments `slide` and keeps the tiles with enough tissue.
@@ -267,6 +273,24 @@ pub fn tile_slide(slide: &Slide, opts: &TilingOptions) -> Result<Tiling> {
     let view_downsample = plan.level0_tile_px as f64 / mask_px_per_tile as f64;
     let view = thumbnail::read_downsampled(slide, view_downsample, MAX_VIEW_PX)?;
     let params = SegmentParams::for_mask_scale(opts.method, mask_px_per_tile);
+    if let Some(path) = &opts.mask_geojson {
+        let (mask, artifacts) =
+            crate::geojson::read_mask(path, view.width, view.height, view_downsample)?;
+        let tiles = keep_tiles(&plan, &mask, mask_px_per_tile, opts.tissue_threshold);
+        return Ok(Tiling {
+            plan,
+            method: opts.method,
+            tissue_threshold: opts.tissue_threshold,
+            view,
+            mask,
+            mask_px_per_tile,
+            view_downsample,
+            tiles,
+            artifacts,
+            artifact_summary: None,
+            mask_geojson: Some(path.clone()),
+        });
+    }
     let a = &opts.artifacts;
     let mut artifacts = artifacts::label_view(&view, mask_px_per_tile, a);
     let ignore = a.enabled.then_some(artifacts.data.as_slice());
@@ -279,6 +303,7 @@ pub fn tile_slide(slide: &Slide, opts: &TilingOptions) -> Result<Tiling> {
                 slide,
                 &plan,
                 &mut tiles,
+                &mut mask,
                 &mut artifacts,
                 mask_px_per_tile,
                 a.blur_threshold,
@@ -310,6 +335,7 @@ pub fn tile_slide(slide: &Slide, opts: &TilingOptions) -> Result<Tiling> {
         tiles,
         artifacts,
         artifact_summary,
+        mask_geojson: None,
     })
 }
 

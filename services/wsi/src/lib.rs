@@ -14,6 +14,7 @@
 
 pub mod artifacts;
 pub mod error;
+pub mod geojson;
 pub mod grid;
 pub mod gridfile;
 pub mod mpp;

@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use crate::artifacts::ArtifactSummary;
 use crate::error::{Result, WsiError};
+use crate::geojson;
 use crate::grid::{TileRef, Tiling};
 use crate::gridfile::{self, GridFile};
 use crate::mpp::MppSource;
@@ -41,6 +42,9 @@ pub struct TileSummary {
     /// What the artifact rules removed (absent when they are off).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub artifacts: Option<ArtifactSummary>,
+    /// The corrected mask the tiles were kept by, when one was given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mask_geojson: Option<PathBuf>,
     pub output: PathBuf,
 }
 
@@ -55,8 +59,8 @@ pub fn grid_file(slide: &Slide, tiling: &Tiling) -> GridFile {
     }
 }
 
-/// Writes `tiles.safetensors`, `tiles.csv`, `mask.png`, `thumbnail.png`, `overlay.png` and
-/// `summary.json` into `dir`.
+/// Writes `tiles.safetensors`, `tiles.csv`, `mask.png`, `thumbnail.png`, `overlay.png`,
+/// `mask.geojson` (tissue and left-out regions for QuPath) and `summary.json` into `dir`.
 pub fn write_tiling(dir: &Path, slide: &Slide, tiling: &Tiling) -> Result<TileSummary> {
     let p = &tiling.plan;
     let summary = TileSummary {
@@ -77,6 +81,7 @@ pub fn write_tiling(dir: &Path, slide: &Slide, tiling: &Tiling) -> Result<TileSu
         tissue_threshold: tiling.tissue_threshold,
         tissue_area_fraction: tiling.mask.tissue_fraction(),
         artifacts: tiling.artifact_summary.clone(),
+        mask_geojson: tiling.mask_geojson.clone(),
         output: dir.to_path_buf(),
     };
     // Everything is encoded in memory first: nothing touches the disk until it all succeeded.
@@ -89,6 +94,15 @@ pub fn write_tiling(dir: &Path, slide: &Slide, tiling: &Tiling) -> Result<TileSu
         ("mask.png", render::mask_png(tiling)?),
         ("thumbnail.png", render::thumbnail_png(&tiling.view)?),
         ("overlay.png", render::overlay_png(tiling)?),
+        (
+            "mask.geojson",
+            serde_json::to_vec(&geojson::mask_geojson(
+                &tiling.mask,
+                &tiling.artifacts,
+                tiling.view_downsample,
+            ))
+            .expect("GeoJSON serialises"),
+        ),
         (
             "summary.json",
             serde_json::to_vec_pretty(&summary).expect("summary serialises"),

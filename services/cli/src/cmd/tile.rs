@@ -43,6 +43,10 @@ pub struct TileArgs {
     /// Variance of the Laplacian (grey levels^2, 0.5 um/px) under which a tile is out of focus.
     #[arg(long, default_value_t = DEFAULT_BLUR_THRESHOLD)]
     pub blur_threshold: f64,
+    /// A corrected mask (GeoJSON in level-0 pixels, as QuPath exports the `mask.geojson` this
+    /// command writes) used instead of segmentation: tiles are kept by the same tissue rule.
+    #[arg(long, conflicts_with = "artifacts")]
+    pub mask_geojson: Option<PathBuf>,
 }
 
 fn parse_method(s: &str) -> std::result::Result<TissueMethod, String> {
@@ -66,6 +70,7 @@ pub fn run(args: TileArgs) -> Result<()> {
             blur: !args.no_blur,
             blur_threshold: args.blur_threshold,
         },
+        mask_geojson: args.mask_geojson.clone(),
     };
     let tiling = tile_slide(&slide, &opts)?;
     let summary = outputs::write_tiling(&output, &slide, &tiling)
