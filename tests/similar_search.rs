@@ -269,6 +269,33 @@ fn similar_slides_and_regions_through_the_binary() {
         "region->regions {region_frac:.3} (chance {chance:.3})"
     );
 
+    // The same numbers from a command.
+    let eval = json(&[
+        "search",
+        "eval",
+        "--data-dir",
+        &data,
+        "-k",
+        "4",
+        "--regions",
+        "4",
+        "--json",
+    ]);
+    assert_eq!(eval["queries"], slides.len() as u64, "{eval}");
+    assert_eq!(eval["region_queries"], slides.len() as u64, "{eval}");
+    assert!(
+        (eval["slides_same_label"].as_f64().unwrap() - slide_frac).abs() < 1e-9,
+        "{eval}"
+    );
+    assert!(
+        (eval["chance"].as_f64().unwrap() - chance).abs() < 1e-9,
+        "{eval}"
+    );
+    assert!(
+        eval["regions_same_label"].as_f64().unwrap() >= 0.6,
+        "{eval}"
+    );
+
     // Filters and the joint space; bad input names the problem.
     let filtered = json(&[
         "search",

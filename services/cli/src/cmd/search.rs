@@ -18,6 +18,28 @@ pub enum SearchCommand {
     /// Region -> regions: tiles of other slides most similar to a box on a stored slide (the
     /// mean of the tiles it covers), grouped by slide with their level-0 boxes.
     Regions(RegionsArgs),
+    /// How often answers share the query's label: every embedded slide asks slide -> slides
+    /// (top k) and region -> regions (a 2 x 2-tile box on its most tissue-rich tile, top
+    /// `--regions` slides); prints the fractions.
+    Eval(EvalArgs),
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// The label compared (`labels.<KEY>` of the slides).
+    #[arg(long, default_value = "subtype")]
+    pub label: String,
+    /// Slides per slide question.
+    #[arg(short, long, default_value_t = 5)]
+    pub k: usize,
+    /// Slides per region question.
+    #[arg(long, default_value_t = 20)]
+    pub regions: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]
@@ -70,7 +92,153 @@ pub fn run(command: SearchCommand) -> Result<()> {
     match command {
         SearchCommand::Similar(a) => similar(a),
         SearchCommand::Regions(a) => regions(a),
+        SearchCommand::Eval(a) => eval(a),
     }
+}
+
+#[derive(serde::Serialize)]
+struct Eval {
+    label: String,
+    queries: usize,
+    k: usize,
+    /// Fraction of slide -> slides hits sharing the query's label.
+    slides_same_label: f64,
+    /// Fraction of queries whose top k has at least k - 1 hits with the query's label.
+    slides_queries_k_minus_1: f64,
+    regions: usize,
+    /// Region queries asked (slides with a tissue tile).
+    region_queries: usize,
+    /// Fraction of region -> regions hit slides sharing the query's label.
+    regions_same_label: f64,
+    /// Fraction expected by chance: other slides with the query's label / other slides.
+    chance: f64,
+}
+
+fn eval(args: EvalArgs) -> Result<()> {
+    use gigapath_store::catalog::SlideState;
+    if args.k == 0 || args.regions == 0 {
+        anyhow::bail!("-k and --regions must be at least 1");
+    }
+    let pipeline = Pipeline::open(args.data.load()?).context("opening the data dir")?;
+    let slides = pipeline.block_on(
+        pipeline
+            .store
+            .catalog
+            .list_slides(Some(SlideState::Embedded)),
+    )?;
+    let label =
+        |labels: &std::collections::BTreeMap<String, String>| labels.get(&args.label).cloned();
+    let labelled: Vec<(String, String)> = slides
+        .iter()
+        .filter_map(|s| Some((s.id.clone(), label(&s.labels)?)))
+        .collect();
+    if labelled.len() < 2 {
+        anyhow::bail!(
+            "{} embedded slides carry `labels.{}`: nothing to compare",
+            labelled.len(),
+            args.label
+        );
+    }
+    let (mut same, mut all, mut good) = (0usize, 0usize, 0usize);
+    let (mut rsame, mut rall, mut rqueries) = (0usize, 0usize, 0usize);
+    let mut chance = 0.0;
+    let bar = crate::progress::bar(labelled.len() as u64, "queries");
+    for (id, want) in &labelled {
+        let peers = labelled
+            .iter()
+            .filter(|(o, l)| o != id && l == want)
+            .count();
+        chance += peers as f64 / (labelled.len() - 1) as f64;
+        let hits = pipeline.block_on(similar_slides(
+            &pipeline.store,
+            &SimilarSlidesRequest {
+                slide_id: id.clone(),
+                space: Space::Slide,
+                k: args.k,
+                filter: PayloadFilter::none(),
+                exclude_patient: false,
+            },
+        ))?;
+        let n = hits
+            .iter()
+            .filter(|h| label(&h.labels).as_ref() == Some(want))
+            .count();
+        same += n;
+        all += hits.len();
+        good += usize::from(n + 1 >= args.k);
+        if let Some(region) = tissue_box(&pipeline, id) {
+            let groups = pipeline.block_on(similar_regions(
+                &pipeline.store,
+                &SimilarRegionsRequest {
+                    slide_id: id.clone(),
+                    region,
+                    k_groups: args.regions,
+                    per_group: 1,
+                },
+            ))?;
+            rqueries += 1;
+            rall += groups.len();
+            rsame += groups
+                .iter()
+                .filter(|g| label(&g.labels).as_ref() == Some(want))
+                .count();
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let frac = |a: usize, b: usize| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+    let out = Eval {
+        label: args.label,
+        queries: labelled.len(),
+        k: args.k,
+        slides_same_label: frac(same, all),
+        slides_queries_k_minus_1: frac(good, labelled.len()),
+        regions: args.regions,
+        region_queries: rqueries,
+        regions_same_label: frac(rsame, rall),
+        chance: chance / labelled.len() as f64,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&out)?);
+    } else {
+        println!(
+            "{} queries by `{}`: slide -> slides top {}: {:.1}% share the label, {:.1}% of \
+             queries have >= {} of {}; region -> regions top {} slides ({} queries): {:.1}% \
+             share the label; chance {:.1}%",
+            out.queries,
+            out.label,
+            out.k,
+            100.0 * out.slides_same_label,
+            100.0 * out.slides_queries_k_minus_1,
+            out.k.saturating_sub(1),
+            out.k,
+            out.regions,
+            out.region_queries,
+            100.0 * out.regions_same_label,
+            100.0 * out.chance
+        );
+    }
+    Ok(())
+}
+
+/// A 2 x 2-tile box at the slide's most tissue-rich tile (from its tiling's `tiles.csv`).
+fn tissue_box(pipeline: &Pipeline, slide_id: &str) -> Option<Level0Box> {
+    let dir = pipeline.tiles_dir(slide_id);
+    let tissue = gigapath_pipeline::tile_points::tissue_from_csv(&dir.join("tiles.csv"));
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("summary.json")).ok()?).ok()?;
+    let px = summary.get("level0_tile_px")?.as_i64()?;
+    // Most tissue; ties to the first cell in row-major order (deterministic).
+    let (&(gx, gy), _) = tissue.iter().max_by(|a, b| {
+        a.1.total_cmp(b.1)
+            .then((b.0 .1, b.0 .0).cmp(&(a.0 .1, a.0 .0)))
+    })?;
+    Some(Level0Box {
+        x: i64::from(gx) * px,
+        y: i64::from(gy) * px,
+        w: 2 * px,
+        h: 2 * px,
+    })
 }
 
 fn filter_of(filters: &[String]) -> Result<PayloadFilter> {
