@@ -10,10 +10,11 @@
 //! - **pen, green**: `H` in [70, 170], `S` >= 0.2, green above red and blue (H&E has no green);
 //! - **dark**: `V` < 0.22 (every channel under 56; clusters of nuclei are lighter once
 //!   averaged): a dark piece at least a tile's area is black marker
-//!   (**pen**), a smaller one of at least 16 x 16 um **debris**;
+//!   (**pen**), a smaller one of at least 16 x 16 um **debris**; both grow by the averaging
+//!   radius plus one pixel (their dark core is narrower than they are);
 //! - colours are judged on the view averaged over about 12 um (ink over tissue by its mean
-//!   colour), coloured ink also on the view itself (thin strokes); black pen then grows by the averaging radius plus one pixel (its dark core is
-//!   narrower than the stroke), coloured pen by one pixel on a view coarser than 6 um/px;
+//!   colour), coloured ink also on the view itself (thin strokes); coloured pen grows by one pixel
+//!   on a view coarser than 6 um/px;
 //! - **out of focus**, per kept tile: the variance of the Laplacian of the grey centre quarter of
 //!   the tile, read at 0.5 um/px (128 x 128 px), over its tissue pixels (grey under 215), under
 //!   [`DEFAULT_BLUR_THRESHOLD`]; a patch less than half tissue is not judged.
@@ -215,6 +216,7 @@ pub fn label_view(view: &RgbImage, mask_px_per_tile: u32, opts: &ArtifactOptions
     };
     let dark: Vec<u8> = smooth.chunks_exact(3).map(|p| is_dark(p) as u8).collect();
     let mut black = vec![0u8; w * h];
+    let mut debris = vec![0u8; w * h];
     let tile_area = (mask_px_per_tile as usize).pow(2);
     let min_debris_px = ((MIN_DEBRIS_UM / view_um).powi(2).round() as usize).max(2);
     for component in components(&dark, w, h) {
@@ -222,9 +224,7 @@ pub fn label_view(view: &RgbImage, mask_px_per_tile: u32, opts: &ArtifactOptions
         if is_pen && opts.pen {
             component.iter().for_each(|&i| black[i] = 1);
         } else if !is_pen && opts.debris && component.len() >= min_debris_px {
-            component
-                .iter()
-                .for_each(|&i| map.data[i] = ArtifactKind::Debris as u8);
+            component.iter().for_each(|&i| debris[i] = 1);
         }
     }
     // The averaged view puts the edge of a coloured stroke where ink and tissue mix half and
@@ -235,6 +235,12 @@ pub fn label_view(view: &RgbImage, mask_px_per_tile: u32, opts: &ArtifactOptions
     }
     for _ in 0..=r {
         black = grow(&black, w, h);
+        debris = grow(&debris, w, h);
+    }
+    for (i, &d) in debris.iter().enumerate() {
+        if d != 0 {
+            map.data[i] = ArtifactKind::Debris as u8;
+        }
     }
     for (p, b) in pen.iter_mut().zip(&black) {
         *p |= b;
@@ -476,7 +482,8 @@ mod tests {
             let i = ((y * w + x) * 3) as usize;
             pixels[i..i + 3].copy_from_slice(&[30, 30, 32]);
         };
-        // A 10 x 10 dark block (over one 4 x 4 px tile: black pen) and a 2 x 2 fleck (debris).
+        // A 10 x 10 dark block (over one 4 x 4 px tile: black pen) and a 2 x 2 fleck (debris;
+        // at 32 um per view pixel any fleck of 2 pixels counts).
         for y in 2..12 {
             for x in 2..12 {
                 paint(x, y);
@@ -501,8 +508,9 @@ mod tests {
         let map = exclude_on_view(&view, &mut mask, 4, &ArtifactOptions::all());
         // The pen block grows by one pixel on each side.
         assert_eq!(map.count(ArtifactKind::Pen), 12 * 12);
-        assert_eq!(map.count(ArtifactKind::Debris), 4);
-        assert_eq!(mask.data.iter().filter(|&&v| v == 0).count(), 148);
+        // The fleck grows by one pixel too.
+        assert_eq!(map.count(ArtifactKind::Debris), 16);
+        assert_eq!(mask.data.iter().filter(|&&v| v == 0).count(), 160);
         // Rules off: nothing labelled, the mask untouched.
         let mut mask2 = TissueMask {
             data: vec![1; (w * h) as usize],
