@@ -358,3 +358,76 @@ fn similar_slides_and_regions_through_the_binary() {
     ]);
     assert!(err.contains("no tissue tile"), "{err}");
 }
+
+/// The same questions with the vectors on a Qdrant server (its own, from
+/// `../shared/qdrant/start.sh`): tile points written at ingest, grouped by Qdrant's group-by.
+#[test]
+fn similar_search_on_a_qdrant_server() {
+    let Some(qdrant) = common::servers::Qdrant::start(1) else {
+        eprintln!("SKIPPED similar_search_on_a_qdrant_server: no Qdrant server here");
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    small_cohort(
+        root,
+        3,
+        600,
+        "run.toml",
+        &format!(
+            "[store.vectors]\nbackend = \"qdrant\"\nurl = \"{}\"\n",
+            qdrant.grpc(0)
+        ),
+    );
+    ingest(root, "data", "run.toml");
+    assert_eq!(qdrant.count(0, "tiles").map(|n| n > 0), Some(true));
+    let data = root.join("data").display().to_string();
+    let subtype = subtypes(root);
+    let q = subtype.keys().nth(4).unwrap();
+
+    let hits = json(&[
+        "search",
+        "similar",
+        "--data-dir",
+        &data,
+        "--slide",
+        q,
+        "-k",
+        "2",
+        "--json",
+    ]);
+    let hits = hits.as_array().unwrap();
+    assert_eq!(hits.len(), 2);
+    assert!(hits.iter().all(|h| h["slide_id"] != q.as_str()));
+    assert!(hits
+        .iter()
+        .all(|h| h["labels"]["subtype"] == subtype[q].as_str()));
+
+    let groups = json(&[
+        "search",
+        "regions",
+        "--data-dir",
+        &data,
+        "--slide",
+        q,
+        "--box",
+        &tissue_box(&root.join("data"), q),
+        "-k",
+        "3",
+        "--per-slide",
+        "2",
+        "--json",
+    ]);
+    let groups = groups.as_array().unwrap();
+    assert_eq!(groups.len(), 3);
+    assert!(groups.iter().all(|g| g["slide_id"] != q.as_str()));
+    assert!(groups
+        .iter()
+        .all(|g| g["regions"].as_array().unwrap().len() == 2));
+    assert_eq!(groups[0]["labels"]["subtype"], subtype[q].as_str());
+
+    // Everything is there already: the backfill has nothing to do.
+    let again = json(&["index", "tiles", "--data-dir", &data, "--json"]);
+    assert_eq!(again["slides_already_indexed"], 9, "{again}");
+    assert_eq!(again["slides_written"], 0, "{again}");
+}
