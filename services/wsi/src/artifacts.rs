@@ -532,7 +532,7 @@ mod tests {
         );
         let checker: Vec<u8> = (0..side * side)
             .flat_map(|i| {
-                let v = if (i % side + i / side) % 2 == 0 {
+                let v = if (i % side + i / side).is_multiple_of(2) {
                     0
                 } else {
                     200

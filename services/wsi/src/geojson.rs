@@ -32,6 +32,8 @@ const MAX_GEOJSON_BYTES: u64 = 256 << 20;
 
 /// A closed ring of vertices (the first not repeated), in view-pixel corner coordinates.
 type Ring = Vec<(i64, i64)>;
+/// A polygon read from GeoJSON: its rings of level-0 points (outer first, then holes).
+type Polygon = Vec<Vec<(f64, f64)>>;
 
 /// Rings around the set pixels of `bits` (`w` x `h`), along pixel edges: outer rings run one
 /// way, holes the other; pieces touching only at a corner are separate rings. Collinear
@@ -74,11 +76,7 @@ pub fn trace_rings(bits: &[u8], w: usize, h: usize) -> Vec<Ring> {
             let mut ring = vec![start];
             let mut at = start;
             let mut dir: Option<(i64, i64)> = None;
-            loop {
-                let Some(next) = out.get_mut(&at) else { break };
-                if next.is_empty() {
-                    break;
-                }
+            while let Some(next) = out.get_mut(&at).filter(|n| !n.is_empty()) {
                 // At a corner shared by two diagonal pixels, stay with the pixel the ring came
                 // along (the sharpest turn one way), so that rings never cross.
                 let pick = match dir {
@@ -239,7 +237,7 @@ fn excluded_kind(name: Option<&str>) -> Option<Option<ArtifactKind>> {
 }
 
 /// Polygons of a geometry, each a list of rings of level-0 points.
-fn geometry_polygons(geom: &Value, path: &Path) -> Result<Vec<Vec<Vec<(f64, f64)>>>> {
+fn geometry_polygons(geom: &Value, path: &Path) -> Result<Vec<Polygon>> {
     let bad = |msg: String| WsiError::format(path, msg);
     let ring = |v: &Value| -> Result<Vec<(f64, f64)>> {
         let pts = v
@@ -256,7 +254,7 @@ fn geometry_polygons(geom: &Value, path: &Path) -> Result<Vec<Vec<Vec<(f64, f64)
             })
             .collect()
     };
-    let polygon = |v: &Value| -> Result<Vec<Vec<(f64, f64)>>> {
+    let polygon = |v: &Value| -> Result<Polygon> {
         v.as_array()
             .ok_or_else(|| bad("polygon coordinates are not a list of rings".into()))?
             .iter()

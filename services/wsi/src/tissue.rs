@@ -195,11 +195,7 @@ fn segment_saturation(view: &RgbImage, p: &SegmentParams) -> TissueMask {
         .map(|px| {
             let max = px.iter().copied().max().unwrap_or(0) as u32;
             let min = px.iter().copied().min().unwrap_or(0) as u32;
-            if max == 0 {
-                0
-            } else {
-                ((255 * (max - min) + max / 2) / max) as u8
-            }
+            (255 * (max - min) + max / 2).checked_div(max).unwrap_or(0) as u8
         })
         .collect();
     let blurred = median_filter(&sat, w, h, p.median_px as usize);

@@ -106,12 +106,15 @@ fn flat_ome_tiff_pyramid_gives_levels_and_the_ome_mpp() {
     assert_tiles_near_truth(&slide);
 }
 
+/// (index, RGB pixels) of the tiles a stream delivered.
+type ReadTiles = Vec<(usize, Vec<u8>)>;
+
 /// Reads every kept tile through a stream; returns the skipped indices and the tiles read.
 fn stream_all(
     path: &Path,
     tiling: &gigapath_wsi::Tiling,
     max_bad_tile_fraction: f64,
-) -> Result<(Vec<usize>, Vec<(usize, Vec<u8>)>), WsiError> {
+) -> Result<(Vec<usize>, ReadTiles), WsiError> {
     let tiles: Arc<[_]> = tiling.tiles.clone().into();
     let config = StreamConfig {
         batch_size: 5,
