@@ -3,6 +3,9 @@
 //!
 //! Segmentation runs on this view; its pixel grid is chosen so that every tile covers a whole
 //! number of its pixels (see [`crate::grid`]).
+//!
+//! A damaged stored tile does not fail the view: its pixels show the slide's background (see
+//! `BlockReader`), so no tile is kept there.
 
 use crate::error::{Result, WsiError};
 use crate::slide::Slide;
@@ -63,6 +66,11 @@ pub fn read_downsampled(slide: &Slide, downsample: f64, max_px: u64) -> Result<R
     // Source pixels of `level` per output pixel.
     let f = downsample / lvl.downsample;
     let mut pixels = vec![0u8; out_w as usize * out_h as usize * 3];
+    let mut reader = BlockReader {
+        slide,
+        fresh: None,
+        lost_pieces: 0,
+    };
     // Blocks of output pixels whose source block holds at most about STRIP_PX pixels: bands of
     // about 4096 source rows, cut into columns.
     let rows_per_band = ((4096.0 / f).floor() as u32).clamp(1, out_h);
@@ -88,14 +96,7 @@ pub fn read_downsampled(slide: &Slide, downsample: f64, max_px: u64) -> Result<R
                 y0: src_y0,
                 y1: src_y1,
             };
-            let to_level0 = |v: u64| (v as f64 * lvl.downsample).round() as u64;
-            let src = slide.read_rgb(
-                level,
-                to_level0(src_x0),
-                to_level0(src_y0),
-                block.width() as u32,
-                block.height() as u32,
-            )?;
+            let src = reader.read_block(level, lvl.downsample, &block)?;
             for j in row..row + rows {
                 let (sy0, sy1) = source_span(j, f, src_y0, src_y1);
                 for i in col..col + cols {
@@ -109,11 +110,100 @@ pub fn read_downsampled(slide: &Slide, downsample: f64, max_px: u64) -> Result<R
         }
         row += rows;
     }
+    if reader.lost_pieces > 0 {
+        tracing::warn!(
+            "{}: {} stored tiles of level {level} could not be decoded; the tissue view shows \
+             background there",
+            slide.path().display(),
+            reader.lost_pieces
+        );
+    }
     Ok(RgbImage {
         width: out_w,
         height: out_h,
         pixels,
     })
+}
+
+/// Side of the pieces a block is read in again after a failed read (a stored tile's usual size).
+const PIECE_PX: u64 = 256;
+
+/// Reads blocks of one level, surviving damaged stored tiles: OpenSlide's errors are sticky, so
+/// after a failed read a fresh handle reads the block again in [`PIECE_PX`] pieces, and a piece
+/// that still fails shows the slide's background colour.
+struct BlockReader<'a> {
+    slide: &'a Slide,
+    fresh: Option<Slide>,
+    lost_pieces: usize,
+}
+
+impl BlockReader<'_> {
+    fn handle(&self) -> &Slide {
+        self.fresh.as_ref().unwrap_or(self.slide)
+    }
+
+    fn reopen(&mut self) -> Result<()> {
+        self.fresh = Some(Slide::open(self.slide.path(), None)?);
+        Ok(())
+    }
+
+    fn read_block(&mut self, level: usize, downsample: f64, b: &Block) -> Result<Vec<u8>> {
+        let to_level0 = |v: u64| (v as f64 * downsample).round() as u64;
+        let (w, h) = (b.width() as u32, b.height() as u32);
+        let first = self
+            .handle()
+            .read_rgb(level, to_level0(b.x0), to_level0(b.y0), w, h);
+        let err = match first {
+            Ok(rgb) => return Ok(rgb),
+            Err(e @ WsiError::Unreadable { .. }) => e,
+            Err(e) => return Err(e),
+        };
+        self.reopen()?;
+        let background = self.slide.info().background_rgb;
+        let mut rgb: Vec<u8> = background
+            .iter()
+            .copied()
+            .cycle()
+            .take(w as usize * h as usize * 3)
+            .collect();
+        let (mut read, mut lost) = (0usize, 0usize);
+        // Pieces aligned to the level's stored tiles, so that one bad tile costs one piece.
+        let mut py = b.y0 / PIECE_PX * PIECE_PX;
+        while py < b.y1 {
+            let (y0, y1) = (py.max(b.y0), (py + PIECE_PX).min(b.y1));
+            let mut px = b.x0 / PIECE_PX * PIECE_PX;
+            while px < b.x1 {
+                let (x0, x1) = (px.max(b.x0), (px + PIECE_PX).min(b.x1));
+                let (pw, ph) = ((x1 - x0) as u32, (y1 - y0) as u32);
+                match self
+                    .handle()
+                    .read_rgb(level, to_level0(x0), to_level0(y0), pw, ph)
+                {
+                    Ok(piece) => {
+                        read += 1;
+                        for row in 0..ph as usize {
+                            let src = &piece[row * pw as usize * 3..][..pw as usize * 3];
+                            let at =
+                                ((y0 - b.y0) as usize + row) * w as usize + (x0 - b.x0) as usize;
+                            rgb[at * 3..at * 3 + src.len()].copy_from_slice(src);
+                        }
+                    }
+                    Err(WsiError::Unreadable { .. }) => {
+                        lost += 1;
+                        self.reopen()?;
+                    }
+                    Err(e) => return Err(e),
+                }
+                px += PIECE_PX;
+            }
+            py += PIECE_PX;
+        }
+        if read == 0 {
+            return Err(err);
+        }
+        self.lost_pieces += lost;
+        Ok(rgb)
+    }
 }
 
 /// A rectangle of source pixels [x0, x1) x [y0, y1) of one level, read as packed RGB.

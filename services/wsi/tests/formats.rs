@@ -200,3 +200,38 @@ fn unreadable_tiles_are_skipped_and_named_up_to_the_allowed_fraction() {
         "{err}"
     );
 }
+
+#[test]
+fn damaged_tiles_in_the_level_the_view_reads_show_as_background_not_a_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    // A SubIFDs OME-TIFF: OpenSlide sees level 0 alone, so the tissue view reads level 0 too.
+    let path = write(
+        dir.path(),
+        "one-level.ome.tiff",
+        0.5,
+        vec![1, 4],
+        Metadata::Ome { sub_ifds: true },
+    );
+    let slide = Slide::open(&path, None).unwrap();
+    assert_eq!(slide.levels().len(), 1);
+    let intact = tile_slide(&slide, &TilingOptions::default()).unwrap();
+    let damaged: Vec<(u32, u32)> = [5usize, 20]
+        .iter()
+        .map(|&i| (intact.tiles[i].gx, intact.tiles[i].gy))
+        .collect();
+    synth::corrupt_tiles(&path, 0, &damaged).unwrap();
+    let slide = Slide::open(&path, None).unwrap();
+    let tiling = tile_slide(&slide, &TilingOptions::default()).unwrap();
+    let kept: Vec<(u32, u32)> = tiling.tiles.iter().map(|t| (t.gx, t.gy)).collect();
+    let want: Vec<(u32, u32)> = intact
+        .tiles
+        .iter()
+        .map(|t| (t.gx, t.gy))
+        .filter(|t| !damaged.contains(t))
+        .collect();
+    assert_eq!(kept, want);
+    // The rest reads through.
+    let (skipped, read) = stream_all(&path, &tiling, 0.0).unwrap();
+    assert!(skipped.is_empty());
+    assert_eq!(read.len(), want.len());
+}

@@ -281,6 +281,7 @@ fn grid_file_round_trips_and_outputs_are_complete() {
         "mask.png",
         "thumbnail.png",
         "overlay.png",
+        "mask.geojson",
         "summary.json",
     ] {
         assert!(out.join(f).is_file(), "{f} missing");
@@ -292,7 +293,7 @@ fn grid_file_round_trips_and_outputs_are_complete() {
     let csv = std::fs::read_to_string(out.join("tiles.csv")).unwrap();
     assert_eq!(csv.lines().count(), tiling.tiles.len() + 1);
     // No staging folder is left behind.
-    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 6);
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 7);
 }
 
 #[test]
