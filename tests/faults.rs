@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::servers::{free_base, http, wait_for, Postgres, Procs, Qdrant};
+use common::servers::{free_base, http, wait_for, Postgres, PrintLogs, Procs, Qdrant};
 use common::{gigapath, small_cohort};
 use serde_json::json;
 
@@ -33,25 +33,6 @@ fn spawn(root: &Path, args: &[&str], log: &str) -> Child {
         .stderr(std::fs::File::create(root.join("logs").join(log)).unwrap())
         .spawn()
         .unwrap()
-}
-
-/// The processes' logs, printed when the test fails.
-struct PrintLogs(std::path::PathBuf);
-
-impl Drop for PrintLogs {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            return;
-        }
-        for entry in std::fs::read_dir(&self.0).into_iter().flatten().flatten() {
-            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().rev().take(25).collect();
-            eprintln!("--- {}:", entry.path().display());
-            for line in tail.iter().rev() {
-                eprintln!("{line}");
-            }
-        }
-    }
 }
 
 #[test]

@@ -108,6 +108,25 @@ impl Drop for Procs {
     }
 }
 
+/// A folder of process logs, printed (last lines of each) when the test fails.
+pub struct PrintLogs(pub PathBuf);
+
+impl Drop for PrintLogs {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for entry in std::fs::read_dir(&self.0).into_iter().flatten().flatten() {
+            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(25).collect();
+            eprintln!("--- {}:", entry.path().display());
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
 /// A base port with the `nodes` x {REST, gRPC, p2p} ports of start.sh free (base + 10 i + 0..3).
 pub fn free_base(nodes: usize) -> u16 {
     let seed = std::process::id() as u64
