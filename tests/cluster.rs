@@ -111,7 +111,10 @@ fn a_replicated_cluster_survives_a_dead_node_and_takes_it_back() {
         let params = &info["result"]["config"]["params"];
         assert_eq!(params["shard_number"], 3, "{collection}: {params}");
         assert_eq!(params["replication_factor"], 2, "{collection}: {params}");
-        assert_eq!(params["write_consistency_factor"], 1, "{collection}: {params}");
+        assert_eq!(
+            params["write_consistency_factor"], 1,
+            "{collection}: {params}"
+        );
         assert!(all_replicas_active(&q, 0, collection), "{collection}");
     }
     assert_eq!(q.count(1, "slides"), Some(6));
@@ -161,8 +164,7 @@ fn a_replicated_cluster_survives_a_dead_node_and_takes_it_back() {
         std::fs::read_to_string(root.join("serve.log")).unwrap_or_default()
     );
     assert_eq!(
-        hits["results"][0]["payload"]["slide_id"],
-        first["slide_id"],
+        hits["results"][0]["payload"]["slide_id"], first["slide_id"],
         "{hits}"
     );
 

@@ -289,7 +289,10 @@ fn page_and_prompt_sets(addr: SocketAddr, fx: &Fixture) {
         "/v1/prompt-sets",
         "heatmap",
     ] {
-        assert!(script.contains(endpoint), "the page does not call {endpoint}");
+        assert!(
+            script.contains(endpoint),
+            "the page does not call {endpoint}"
+        );
     }
 
     // Prompt sets: what the prompts folder holds, with their sizes.

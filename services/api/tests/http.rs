@@ -299,7 +299,10 @@ fn every_endpoint_bad_input_and_auth_rule() {
         &json!({"slides": ["/definitely/not/here.svs"]}),
         Some(KEY),
     );
-    assert_eq!(r.status, 403, "outside the roots, existing or not: one answer");
+    assert_eq!(
+        r.status, 403,
+        "outside the roots, existing or not: one answer"
+    );
     let r = post(
         addr,
         "/v1/ingest",
