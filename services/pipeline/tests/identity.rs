@@ -106,7 +106,10 @@ fn a_different_file_under_a_known_id_is_refused_unless_replaced() {
     let p = fx.pipeline();
     let first = fx.slides.join("SYN-0001.svs");
     assert_eq!(
-        ingest(&p, &[first.clone()], false).unwrap().run.slides_ok,
+        ingest(&p, std::slice::from_ref(&first), false)
+            .unwrap()
+            .run
+            .slides_ok,
         1
     );
     let before = slide_vector(&p, "SYN-0001");
@@ -121,7 +124,7 @@ fn a_different_file_under_a_known_id_is_refused_unless_replaced() {
     std::fs::create_dir_all(&other).unwrap();
     let impostor = other.join("SYN-0001.svs");
     std::fs::copy(fx.slides.join("SYN-0002.svs"), &impostor).unwrap();
-    let err = ingest(&p, &[impostor.clone()], false)
+    let err = ingest(&p, std::slice::from_ref(&impostor), false)
         .unwrap_err()
         .to_string();
     let canon_first = first.canonicalize().unwrap();
@@ -166,7 +169,7 @@ fn a_different_file_under_a_known_id_is_refused_unless_replaced() {
     assert_eq!(orphan.subject, "SYN-0001");
 
     // Replacing re-embeds the id from the new file: new vector, new tiles, nothing stale.
-    let replaced = ingest(&p, &[impostor.clone()], true).unwrap();
+    let replaced = ingest(&p, std::slice::from_ref(&impostor), true).unwrap();
     assert_eq!(replaced.replaced, vec!["SYN-0001".to_string()]);
     assert_eq!(replaced.run.slides_ok, 1, "{:?}", replaced.run.failures);
     let rec = p

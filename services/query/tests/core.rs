@@ -41,7 +41,7 @@ async fn store(dir: &std::path::Path) -> Store {
     config.dims = DIMS;
     let store = Store::open(config).await.unwrap();
     gigapath_query::ensure_tiles(&store).await.unwrap();
-    for c in 0..3 {
+    for (c, subtype) in SUBTYPES.iter().enumerate() {
         for i in 0..3 {
             let id = format!("s{c}{i}");
             let patient = if c == 0 && i < 2 {
@@ -50,7 +50,7 @@ async fn store(dir: &std::path::Path) -> Store {
                 id.clone()
             };
             let labels = BTreeMap::from([
-                ("subtype".to_string(), SUBTYPES[c].to_string()),
+                ("subtype".to_string(), subtype.to_string()),
                 ("patient_id".to_string(), patient),
             ]);
             let point = SlidePoint {

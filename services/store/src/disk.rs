@@ -111,46 +111,6 @@ pub fn full_disk(path: &Path, err: io::Error) -> StoreError {
     )
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn free_space_is_measured_and_a_write_past_the_reserve_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let (available, total) = space(dir.path()).unwrap();
-        assert!(available > 0 && total >= available, "{available} / {total}");
-        ensure_free(dir.path(), 1 << 20, 1).unwrap();
-        let err = ensure_free(dir.path(), 0, available + (1 << 30)).unwrap_err();
-        let msg = err.to_string();
-        assert!(
-            msg.contains("disk full") && msg.contains(&dir.path().display().to_string()),
-            "{msg}"
-        );
-        assert!(msg.contains("store.min_free_mb"), "{msg}");
-        match err {
-            StoreError::Io { err, .. } => assert_eq!(err.kind(), io::ErrorKind::StorageFull),
-            other => panic!("{other}"),
-        }
-    }
-
-    #[test]
-    fn enospc_is_recognised() {
-        assert!(is_full(&io::Error::from_raw_os_error(libc::ENOSPC)));
-        assert!(!is_full(&io::Error::from_raw_os_error(libc::EACCES)));
-        let msg = io_error(
-            "write",
-            Path::new("/"),
-            io::Error::from_raw_os_error(libc::ENOSPC),
-        )
-        .to_string();
-        assert!(
-            msg.contains("disk full") && msg.contains("MB free"),
-            "{msg}"
-        );
-    }
-}
-
 /// A small real file system for full-disk tests: an ext4 image loop-mounted on a fresh folder,
 /// unmounted and removed on drop. Needs root and `mkfs.ext4`; where they are missing,
 /// [`LoopDisk::new`] prints why and returns `None` (the test then skips).
@@ -224,5 +184,45 @@ impl Drop for LoopDisk {
                 .arg(self.dir.path())
                 .status();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_space_is_measured_and_a_write_past_the_reserve_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (available, total) = space(dir.path()).unwrap();
+        assert!(available > 0 && total >= available, "{available} / {total}");
+        ensure_free(dir.path(), 1 << 20, 1).unwrap();
+        let err = ensure_free(dir.path(), 0, available + (1 << 30)).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("disk full") && msg.contains(&dir.path().display().to_string()),
+            "{msg}"
+        );
+        assert!(msg.contains("store.min_free_mb"), "{msg}");
+        match err {
+            StoreError::Io { err, .. } => assert_eq!(err.kind(), io::ErrorKind::StorageFull),
+            other => panic!("{other}"),
+        }
+    }
+
+    #[test]
+    fn enospc_is_recognised() {
+        assert!(is_full(&io::Error::from_raw_os_error(libc::ENOSPC)));
+        assert!(!is_full(&io::Error::from_raw_os_error(libc::EACCES)));
+        let msg = io_error(
+            "write",
+            Path::new("/"),
+            io::Error::from_raw_os_error(libc::ENOSPC),
+        )
+        .to_string();
+        assert!(
+            msg.contains("disk full") && msg.contains("MB free"),
+            "{msg}"
+        );
     }
 }

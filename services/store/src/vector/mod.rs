@@ -403,10 +403,7 @@ pub async fn open_vector_store(config: &StoreConfig) -> Result<Arc<dyn VectorSto
 /// (`quantized`: the names that have a quantization config) disagree with the configured
 /// quantization keeps working as stored, with a warning saying so.
 pub(crate) fn warn_quantization(spec: &CollectionSpec, quantized: &[String]) {
-    let stored_int8 = spec
-        .vectors
-        .iter()
-        .all(|v| quantized.iter().any(|q| *q == v.name));
+    let stored_int8 = spec.vectors.iter().all(|v| quantized.contains(&v.name));
     let stored_none = quantized.is_empty();
     let mismatch = match spec.quantization {
         Quantization::Int8 => !stored_int8,
