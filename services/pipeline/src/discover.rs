@@ -68,9 +68,25 @@ fn is_slide(path: &Path) -> bool {
 /// The slide id of a file: its name without the extension (lossy for a non-UTF-8 name, which
 /// discovery refuses).
 pub fn slide_id(path: &Path) -> String {
-    path.file_stem()
+    let stem = path
+        .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default()
+        .unwrap_or_default();
+    // OME-TIFF's double extension (`X.ome.tif`, `X.ome.tiff`) names slide `X`.
+    let tiff = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("tif") || e.eq_ignore_ascii_case("tiff"));
+    match stem.len().checked_sub(4) {
+        Some(cut) if tiff && cut > 0 && stem.is_char_boundary(cut) => {
+            if stem[cut..].eq_ignore_ascii_case(".ome") {
+                stem[..cut].to_string()
+            } else {
+                stem
+            }
+        }
+        _ => stem,
+    }
 }
 
 /// The rules every slide id follows, wherever it comes from (file names, HTTP paths): ids
@@ -352,6 +368,20 @@ impl Walker<'_> {
 mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
+
+    #[test]
+    fn ome_tiff_double_extensions_name_the_slide_without_ome() {
+        for (file, id) in [
+            ("a/S-1.ome.tiff", "S-1"),
+            ("S-1.OME.TIF", "S-1"),
+            ("S-1.ome.svs", "S-1.ome"),
+            ("S-1.tiff", "S-1"),
+            (".ome.tiff", ".ome"),
+            ("x.y.tif", "x.y"),
+        ] {
+            assert_eq!(slide_id(Path::new(file)), id, "{file}");
+        }
+    }
 
     #[test]
     fn finds_slides_recursively_and_rejects_id_clashes() {
