@@ -3,16 +3,14 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use gigapath_api::Service;
-use gigapath_models::init::{init_slide_encoder, init_tile_encoder, SlideSize, TileSize};
 use gigapath_pipeline::{Config, IngestRequest, Pipeline, Quiet};
-use gigapath_synth::CohortSpec;
 use serde_json::json;
 
-use common::{get, http, post, TEXT_MODEL};
+use common::{get, http, post, tiny_service_config};
 const KEY: &str = "test-admin-key-0123456789";
 
 struct Setup {
@@ -23,45 +21,8 @@ struct Setup {
 fn setup() -> (Setup, Config) {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_path_buf();
-    let models = root.join("models");
-    init_tile_encoder(
-        &models.join("tile"),
-        TileSize {
-            embed_dim: 48,
-            depth: 1,
-            num_heads: 3,
-        },
-        0,
-    )
-    .unwrap();
-    init_slide_encoder(
-        &models.join("slide"),
-        SlideSize {
-            in_chans: 48,
-            embed_dim: 64,
-            depth: 1,
-            num_heads: 16,
-        },
-        1,
-    )
-    .unwrap();
     let cohort = root.join("slides-root/cohort");
-    let spec = CohortSpec {
-        slides_per_subtype: 2,
-        slide_um: 700.0,
-        ..CohortSpec::default()
-    };
-    gigapath_synth::generate(&cohort, &spec, &|_, _| {}).unwrap();
-    let mut cfg = Config::load(Some(&root.join("data")), None).unwrap();
-    cfg.models.tile_encoder = Some(models.join("tile"));
-    cfg.models.slide_encoder = Some(models.join("slide"));
-    cfg.models.text_encoder = Some(PathBuf::from(TEXT_MODEL));
-    cfg.models.text_pool = "cls".into();
-    cfg.ingest.batch_size = 8;
-    cfg.serve.bind = "127.0.0.1:0".into();
-    cfg.serve.api_keys = vec![KEY.into()];
-    cfg.serve.slide_roots = vec![root.join("slides-root")];
-    cfg.serve.prompts_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../prompts");
+    let cfg = tiny_service_config(&root, 2, KEY);
     // Ingest 4 of the 6 slides now; the other 2 come through the ingest endpoint.
     {
         let pipeline = Pipeline::open(cfg.clone()).unwrap();

@@ -14,54 +14,15 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use gigapath_api::Service;
-use gigapath_models::init::{init_slide_encoder, init_tile_encoder, SlideSize, TileSize};
 use gigapath_pipeline::Config;
-use gigapath_synth::CohortSpec;
 use serde_json::{json, Value};
 
-use common::{get, http, post, text, TEXT_MODEL};
+use common::{get, http, post, text, tiny_service_config};
 
 const KEY: &str = "test-admin-key-0123456789";
 
 fn config(root: &Path) -> Config {
-    init_tile_encoder(
-        &root.join("models/tile"),
-        TileSize {
-            embed_dim: 48,
-            depth: 1,
-            num_heads: 3,
-        },
-        0,
-    )
-    .unwrap();
-    init_slide_encoder(
-        &root.join("models/slide"),
-        SlideSize {
-            in_chans: 48,
-            embed_dim: 64,
-            depth: 1,
-            num_heads: 16,
-        },
-        1,
-    )
-    .unwrap();
-    let spec = CohortSpec {
-        slides_per_subtype: 1,
-        slide_um: 700.0,
-        ..CohortSpec::default()
-    };
-    gigapath_synth::generate(&root.join("slides-root/cohort"), &spec, &|_, _| {}).unwrap();
-    let mut cfg = Config::load(Some(&root.join("data")), None).unwrap();
-    cfg.models.tile_encoder = Some(root.join("models/tile"));
-    cfg.models.slide_encoder = Some(root.join("models/slide"));
-    cfg.models.text_encoder = Some(PathBuf::from(TEXT_MODEL));
-    cfg.models.text_pool = "cls".into();
-    cfg.ingest.batch_size = 8;
-    cfg.serve.bind = "127.0.0.1:0".into();
-    cfg.serve.api_keys = vec![KEY.into()];
-    cfg.serve.slide_roots = vec![root.join("slides-root")];
-    cfg.serve.prompts_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../prompts");
-    cfg
+    tiny_service_config(root, 1, KEY)
 }
 
 fn ingest(addr: SocketAddr, body: Value) -> common::Reply {

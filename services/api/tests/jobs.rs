@@ -6,12 +6,10 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use gigapath_api::Service;
-use gigapath_models::init::{init_slide_encoder, init_tile_encoder, SlideSize, TileSize};
 use gigapath_pipeline::{Config, IngestRequest, Pipeline, Quiet};
-use gigapath_synth::CohortSpec;
 use serde_json::{json, Value};
 
-use common::{get, http, post, text, TEXT_MODEL};
+use common::{get, http, post, text, tiny_service_config};
 
 const KEY: &str = "jobs-admin-key-0123456789";
 
@@ -42,45 +40,7 @@ fn postgres_catalog(test: &str) -> Option<String> {
 }
 
 fn setup(root: &Path, catalog_url: Option<String>) -> Config {
-    let models = root.join("models");
-    init_tile_encoder(
-        &models.join("tile"),
-        TileSize {
-            embed_dim: 48,
-            depth: 1,
-            num_heads: 3,
-        },
-        0,
-    )
-    .unwrap();
-    init_slide_encoder(
-        &models.join("slide"),
-        SlideSize {
-            in_chans: 48,
-            embed_dim: 64,
-            depth: 1,
-            num_heads: 16,
-        },
-        1,
-    )
-    .unwrap();
-    let cohort = root.join("slides-root/cohort");
-    let spec = CohortSpec {
-        slides_per_subtype: 1,
-        slide_um: 700.0,
-        ..CohortSpec::default()
-    };
-    gigapath_synth::generate(&cohort, &spec, &|_, _| {}).unwrap();
-    let mut cfg = Config::load(Some(&root.join("data")), None).unwrap();
-    cfg.models.tile_encoder = Some(models.join("tile"));
-    cfg.models.slide_encoder = Some(models.join("slide"));
-    cfg.models.text_encoder = Some(PathBuf::from(TEXT_MODEL));
-    cfg.models.text_pool = "cls".into();
-    cfg.ingest.batch_size = 8;
-    cfg.serve.bind = "127.0.0.1:0".into();
-    cfg.serve.api_keys = vec![KEY.into()];
-    cfg.serve.slide_roots = vec![root.join("slides-root")];
-    cfg.serve.prompts_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../prompts");
+    let mut cfg = tiny_service_config(root, 1, KEY);
     // Jobs queued over HTTP stay queued: this test drives the queue by hand.
     cfg.serve.run_worker = false;
     cfg.store.catalog_url = catalog_url;

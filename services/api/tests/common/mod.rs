@@ -4,8 +4,12 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use gigapath_models::init::{init_slide_encoder, init_tile_encoder, SlideSize, TileSize};
+use gigapath_pipeline::Config;
+use gigapath_synth::CohortSpec;
 use serde_json::Value;
 
 /// The small BERT fixture (text_pool = cls): fast enough for tests.
@@ -13,6 +17,52 @@ pub const TEXT_MODEL: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../../tests/fixtures/reference/text_bert_mlm"
 );
+
+/// A service config over `root`: tiny seeded tile and slide encoders in `root/models`, a
+/// synthetic cohort of `slides_per_subtype` x 3 slides in `root/slides-root/cohort` (the slide
+/// root), the data dir `root/data`, the small BERT text model, `key` as the admin key, and a
+/// random loopback port.
+pub fn tiny_service_config(root: &Path, slides_per_subtype: usize, key: &str) -> Config {
+    let models = root.join("models");
+    init_tile_encoder(
+        &models.join("tile"),
+        TileSize {
+            embed_dim: 48,
+            depth: 1,
+            num_heads: 3,
+        },
+        0,
+    )
+    .unwrap();
+    init_slide_encoder(
+        &models.join("slide"),
+        SlideSize {
+            in_chans: 48,
+            embed_dim: 64,
+            depth: 1,
+            num_heads: 16,
+        },
+        1,
+    )
+    .unwrap();
+    let spec = CohortSpec {
+        slides_per_subtype,
+        slide_um: 700.0,
+        ..CohortSpec::default()
+    };
+    gigapath_synth::generate(&root.join("slides-root/cohort"), &spec, &|_, _| {}).unwrap();
+    let mut cfg = Config::load(Some(&root.join("data")), None).unwrap();
+    cfg.models.tile_encoder = Some(models.join("tile"));
+    cfg.models.slide_encoder = Some(models.join("slide"));
+    cfg.models.text_encoder = Some(PathBuf::from(TEXT_MODEL));
+    cfg.models.text_pool = "cls".into();
+    cfg.ingest.batch_size = 8;
+    cfg.serve.bind = "127.0.0.1:0".into();
+    cfg.serve.api_keys = vec![key.into()];
+    cfg.serve.slide_roots = vec![root.join("slides-root")];
+    cfg.serve.prompts_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../prompts");
+    cfg
+}
 
 pub struct Reply {
     pub status: u16,
