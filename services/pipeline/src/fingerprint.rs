@@ -46,9 +46,45 @@ pub fn model_fingerprint(path: &Path) -> Result<String> {
             "no model files (config.json, weights) found",
         ));
     }
+    // Hashing full-size weights takes seconds, and one process asks for the same folder several
+    // times (fingerprints, each encoder's load; a release folder serves two roles): the digest
+    // is kept per file set, keyed by each file's identity (path, size, mtime, inode), so a
+    // changed file is hashed again.
+    let key = identities(&files)?;
+    let cache = FINGERPRINTS.get_or_init(Default::default);
+    if let Some(fp) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        return Ok(fp.clone());
+    }
+    let fp = hash_files(&files)?;
+    cache
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(key, fp.clone());
+    Ok(fp)
+}
+
+type FileIdentity = (std::path::PathBuf, u64, Option<std::time::SystemTime>, u64);
+
+static FINGERPRINTS: std::sync::OnceLock<
+    std::sync::Mutex<std::collections::HashMap<Vec<FileIdentity>, String>>,
+> = std::sync::OnceLock::new();
+
+fn identities(files: &[std::path::PathBuf]) -> Result<Vec<FileIdentity>> {
+    use std::os::unix::fs::MetadataExt;
+    files
+        .iter()
+        .map(|f| {
+            let m = std::fs::metadata(f).map_err(|e| PipelineError::io(f, e))?;
+            let abs = std::fs::canonicalize(f).map_err(|e| PipelineError::io(f, e))?;
+            Ok((abs, m.len(), m.modified().ok(), m.ino()))
+        })
+        .collect()
+}
+
+fn hash_files(files: &[std::path::PathBuf]) -> Result<String> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
-    for f in &files {
+    for f in files {
         h.update(
             f.file_name()
                 .map(|n| n.as_encoded_bytes())
@@ -92,6 +128,14 @@ mod tests {
         assert_eq!(fa.len(), 16);
         assert_eq!(fa, model_fingerprint(b.path()).unwrap());
         std::fs::write(b.path().join("model.safetensors"), [1u8, 2, 4]).unwrap();
+        assert_ne!(fa, model_fingerprint(b.path()).unwrap());
+        // A rewrite of the same size is seen: the cache's key changes with the mtime.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(b.path().join("model.safetensors"), [1u8, 2, 3]).unwrap();
+        assert_eq!(fa, model_fingerprint(b.path()).unwrap());
+        // (file times move in kernel ticks of a few ms)
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(b.path().join("model.safetensors"), [9u8, 2, 3]).unwrap();
         assert_ne!(fa, model_fingerprint(b.path()).unwrap());
         assert!(model_fingerprint(&a.path().join("nothing")).is_err());
     }
