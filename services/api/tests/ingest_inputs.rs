@@ -150,6 +150,20 @@ fn ingest_inputs_identity_and_delete_over_http() {
     assert!(m.contains("..svs: the slide id `.`"), "{m}");
     assert_eq!(m.matches("not valid UTF-8").count(), 2, "{m}");
     assert_eq!(slides_known(addr), before, "nothing half-registered");
+    // Ids given as `labels` keys follow the same rule as ids from file names.
+    for key in ["..", "a/b", ""] {
+        let r = ingest(
+            addr,
+            json!({"slides": [cohort], "labels": {key: {"subtype": "X"}}}),
+        );
+        assert_eq!(r.status, 400, "{key:?}: {}", text(&r));
+        assert!(message(&r).contains("`labels[0]`"), "{}", message(&r));
+    }
+    assert_eq!(
+        slides_known(addr),
+        before,
+        "nothing registered by a refused request"
+    );
 
     // The cohort, embedded by the service's worker.
     let r = ingest(addr, json!({"slides": [cohort]}));

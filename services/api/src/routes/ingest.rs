@@ -126,6 +126,8 @@ pub async fn ingest(
     if let Some(mpp) = req.mpp {
         gigapath_wsi::mpp::validate(mpp).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     }
+    // The keys of `labels` are slide ids: the one id rule, like every other id field.
+    super::ids::check_all(super::ids::IdKind::Slide, "labels", req.labels.keys())?;
     let roots = state.config.serve.slide_roots.clone();
     let paths = req.slides.clone();
     let replace = req.replace;
