@@ -1,4 +1,5 @@
-// `sqlx::migrate!` embeds the migration files at compile time; rebuild when they change.
+//! Build script of the store crate: `sqlx::migrate!` embeds the migration files at compile
+//! time, so the crate is rebuilt when they change.
 fn main() {
     println!("cargo:rerun-if-changed=../../migrations");
 }

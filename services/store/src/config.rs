@@ -13,6 +13,8 @@ use crate::error::{Result, StoreError};
 /// Name of the SQLite catalog file inside the data dir (when no catalog URL is configured).
 pub const CATALOG_FILE: &str = "catalog.sqlite";
 
+/// Where the store keeps its data and which backends hold it: the `[store]` table of the
+/// configuration.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
@@ -45,6 +47,7 @@ pub enum Quantization {
     None,
 }
 
+/// Which vector store holds the collections (`backend = "embedded"` or `"qdrant"`).
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "backend", rename_all = "snake_case", deny_unknown_fields)]
 pub enum VectorBackendConfig {
@@ -52,7 +55,9 @@ pub enum VectorBackendConfig {
     Embedded,
     /// A Qdrant server or cluster over gRPC (usually port 6334).
     Qdrant {
+        /// The server's gRPC endpoint, `http://HOST:PORT` or `https://HOST:PORT`.
         url: String,
+        /// Key sent with every request; `None` for a server without authentication.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         api_key: Option<String>,
         /// Shards of each collection this creates (a cluster spreads them over its nodes).
@@ -113,6 +118,7 @@ impl fmt::Debug for VectorBackendConfig {
     }
 }
 
+/// Vector dimensions of the collections, one per named vector.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Dims {
@@ -164,6 +170,7 @@ impl StoreConfig {
         }
     }
 
+    /// Parses a `[store]` table (missing keys at their defaults) and validates it.
     pub fn from_toml(text: &str) -> Result<Self> {
         let cfg: StoreConfig =
             toml::from_str(text).map_err(|e| StoreError::Config(e.to_string()))?;
@@ -185,6 +192,8 @@ impl StoreConfig {
         toml::to_string_pretty(&shown).unwrap_or_default()
     }
 
+    /// Checks what serde cannot: a non-empty data dir, dims in range, a well-formed Qdrant
+    /// URL and layout, a parseable catalog URL.
     pub fn validate(&self) -> Result<()> {
         if self.data_dir.as_os_str().is_empty() {
             return Err(StoreError::Config("data_dir is empty".into()));
@@ -245,10 +254,12 @@ impl StoreConfig {
         Ok(())
     }
 
+    /// `<data dir>/vectors`: the embedded vector store's shards.
     pub fn vectors_dir(&self) -> PathBuf {
         self.data_dir.join("vectors")
     }
 
+    /// `<data dir>/features`: the tile feature files.
     pub fn features_dir(&self) -> PathBuf {
         self.data_dir.join("features")
     }

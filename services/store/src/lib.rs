@@ -31,8 +31,11 @@ use std::sync::Arc;
 /// (standard collections ensured). Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
+    /// The configuration it was opened with (validated).
     pub config: StoreConfig,
+    /// The SQL catalog: slides, reports, feature files, jobs, training runs.
     pub catalog: Catalog,
+    /// The vector store, with the standard collections ensured.
     pub vectors: Arc<dyn VectorStore>,
 }
 

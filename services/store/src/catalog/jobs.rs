@@ -42,18 +42,25 @@ pub mod kinds {
     pub const EMBED_REPORT: &str = "embed_report";
 }
 
+/// Where a job is in its life; stored as [`JobState::as_str`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
+    /// Waiting for a worker to claim it.
     Queued,
+    /// Claimed by a worker that holds its lease (or whose lease expired: see
+    /// [`JobCounts::stale`]).
     Running,
+    /// Finished with a result.
     Done,
+    /// Gave up: the last attempt's error is in [`Job::error`].
     Failed,
     /// Cancelled by an operator (`gigapath jobs cancel`); queued again only by a retry.
     Cancelled,
 }
 
 impl JobState {
+    /// Every state, in the order of a job's life.
     pub const ALL: [JobState; 5] = [
         JobState::Queued,
         JobState::Running,
@@ -62,6 +69,7 @@ impl JobState {
         JobState::Cancelled,
     ];
 
+    /// The name stored in the catalog and shown to users (`queued`, `running`, ...).
     pub fn as_str(self) -> &'static str {
         match self {
             JobState::Queued => "queued",
@@ -93,9 +101,13 @@ impl FromStr for JobState {
 /// is a no-op, and re-running ingest with new weights queues new jobs.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct NewJob {
+    /// What to do; one of [`kinds`] for the pipeline's jobs.
     pub kind: String,
+    /// What to do it to: a slide or report id.
     pub subject: String,
+    /// Fingerprint of the weights the job embeds with.
     pub fingerprint: String,
+    /// Everything else the worker needs (the pipeline's job as JSON), stored as is.
     pub payload: Value,
     /// Put a failed job back in the queue (with a fresh attempt count) instead of reporting it.
     pub retry_failed: bool,
@@ -106,18 +118,36 @@ pub struct NewJob {
 #[serde(rename_all = "snake_case", tag = "outcome")]
 pub enum QueueOutcome {
     /// A new job.
-    Queued { id: i64 },
+    Queued {
+        /// The new job's id.
+        id: i64,
+    },
     /// The same job is already queued or running.
-    Pending { id: i64 },
+    Pending {
+        /// That job's id.
+        id: i64,
+    },
     /// Already done with these weights: nothing to do.
-    AlreadyDone { id: i64 },
+    AlreadyDone {
+        /// The done job's id.
+        id: i64,
+    },
     /// It failed (or was cancelled) before and `retry_failed` was not set.
-    PreviouslyFailed { id: i64, error: Option<String> },
+    PreviouslyFailed {
+        /// The failed job's id.
+        id: i64,
+        /// Why its last attempt failed, or that it was cancelled; `None` when none was recorded.
+        error: Option<String>,
+    },
     /// It failed (or was cancelled) before and was queued again (`retry_failed`).
-    Requeued { id: i64 },
+    Requeued {
+        /// The job's id (the same row, queued again).
+        id: i64,
+    },
 }
 
 impl QueueOutcome {
+    /// The id of the job the outcome is about, whichever the outcome.
     pub fn id(&self) -> i64 {
         match *self {
             QueueOutcome::Queued { id }
@@ -129,13 +159,20 @@ impl QueueOutcome {
     }
 }
 
+/// A job as the catalog holds it: what was queued ([`NewJob`]) and how its attempts went.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Job {
+    /// Catalog id, unique across kinds.
     pub id: i64,
+    /// As queued ([`NewJob::kind`]).
     pub kind: String,
+    /// As queued ([`NewJob::subject`]).
     pub subject: String,
+    /// As queued ([`NewJob::fingerprint`]).
     pub fingerprint: String,
+    /// As queued ([`NewJob::payload`]).
     pub payload: Value,
+    /// Where the job is now.
     pub state: JobState,
     /// Claims so far, this one included (an attempt whose process died counts).
     pub attempts: u32,
@@ -145,7 +182,9 @@ pub struct Job {
     pub lease_expires_at_ms: Option<i64>,
     /// Why the last attempt failed (or ended without a result).
     pub error: Option<String>,
+    /// Database-clock epoch ms when it was first queued.
     pub created_at_ms: i64,
+    /// Database-clock epoch ms of its last change (claim, lease renewal, completion, ...).
     pub updated_at_ms: i64,
     /// Database-clock epoch ms of the first claim, `None` before any.
     pub first_attempt_at_ms: Option<i64>,
@@ -203,6 +242,7 @@ const JOB_COLUMNS: &str = "id, kind, subject, fingerprint, payload, state, attem
                            lease_expires_at, error, created_at, updated_at, first_attempt_at, \
                            last_attempt_at, deferrals";
 
+/// What a worker may claim, and for how long.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClaimOptions {
     /// How long the claim holds without renewal.
@@ -237,9 +277,13 @@ impl Default for ClaimOptions {
 /// Jobs per state, for `gigapath status`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobCounts {
+    /// Waiting for a worker.
     pub queued: u64,
+    /// Claimed, stale ones included.
     pub running: u64,
+    /// Finished with a result.
     pub done: u64,
+    /// Gave up (parked ones included).
     pub failed: u64,
     /// Cancelled by an operator.
     #[serde(default)]
@@ -250,6 +294,7 @@ pub struct JobCounts {
 }
 
 impl JobCounts {
+    /// All jobs, whatever their state (`stale` is part of `running`, so not added again).
     pub fn total(&self) -> u64 {
         self.queued + self.running + self.done + self.failed + self.cancelled
     }
@@ -666,6 +711,7 @@ impl Catalog {
         }))
     }
 
+    /// The job with this id, `None` when there is none.
     pub async fn job(&self, job_id: i64) -> Result<Option<Job>> {
         let row: Option<JobRow> = on_db!(self, |pool, d| {
             sqlx::query_as(sqlx::AssertSqlSafe(format!(

@@ -295,6 +295,7 @@ impl Catalog {
         &self.url
     }
 
+    /// Closes the connection pool, waiting for queries in flight; later queries fail.
     pub async fn close(&self) {
         match &self.db {
             Db::Sqlite(pool) => pool.close().await,

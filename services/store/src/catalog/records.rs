@@ -13,6 +13,7 @@ use super::{
 };
 use crate::error::{Result, StoreError};
 
+/// Where a slide is in ingest; stored as [`SlideState::as_str`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SlideState {
@@ -25,12 +26,14 @@ pub enum SlideState {
 }
 
 impl SlideState {
+    /// Every state, in the order of a slide's life.
     pub const ALL: [SlideState; 3] = [
         SlideState::Registered,
         SlideState::Embedded,
         SlideState::Failed,
     ];
 
+    /// The name stored in the catalog and shown to users (`registered`, `embedded`, `failed`).
     pub fn as_str(self) -> &'static str {
         match self {
             SlideState::Registered => "registered",
@@ -59,28 +62,50 @@ impl FromStr for SlideState {
 /// What ingest knows about a slide before embedding it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct NewSlide {
+    /// The slide id (unique in the catalog).
     pub id: String,
+    /// The slide file, as ingest found it.
     pub path: String,
+    /// Cohort (study) the slide belongs to; `None` when not given.
     pub cohort: Option<String>,
+    /// Site (hospital, lab) it comes from; `None` when not given.
     pub site: Option<String>,
+    /// Free-form labels (subtype, ...) for search filters and evaluation; empty when none.
     pub labels: BTreeMap<String, String>,
+    /// Level-0 micrometres per pixel: the file's own, or the ingest override; `None` when
+    /// neither is known.
     pub mpp: Option<f64>,
 }
 
+/// A slide as the catalog holds it: what ingest registered ([`NewSlide`]) and how embedding
+/// went.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SlideRecord {
+    /// As registered ([`NewSlide::id`]).
     pub id: String,
+    /// As registered ([`NewSlide::path`]).
     pub path: String,
+    /// As registered ([`NewSlide::cohort`]).
     pub cohort: Option<String>,
+    /// As registered ([`NewSlide::site`]).
     pub site: Option<String>,
+    /// As registered ([`NewSlide::labels`]).
     pub labels: BTreeMap<String, String>,
+    /// As registered ([`NewSlide::mpp`]).
     pub mpp: Option<f64>,
+    /// Tiles in its latest embedding; `None` before the first.
     pub tile_count: Option<u64>,
+    /// Where the slide is now.
     pub state: SlideState,
+    /// Why the last attempt failed; cleared when an embedding is recorded.
     pub error: Option<String>,
+    /// Guard fingerprint of its stored point; `None` before the first embedding.
     pub fingerprint: Option<String>,
+    /// Per-role weights of that embedding ([`EmbeddedSlide::fingerprints`]); empty before.
     pub fingerprints: BTreeMap<String, String>,
+    /// Epoch ms when it was first registered.
     pub created_at_ms: i64,
+    /// Epoch ms of its last change.
     pub updated_at_ms: i64,
 }
 
@@ -128,7 +153,9 @@ const SLIDE_COLUMNS: &str = "id, path, cohort, site, labels, mpp, tile_count, st
 /// What a worker records once a slide's points are in the vector store.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct EmbeddedSlide {
+    /// The slide.
     pub slide_id: String,
+    /// Tiles that went into the embedding.
     pub tile_count: u64,
     /// Guard fingerprint of the stored point (same string as in the vector store).
     pub fingerprint: String,
@@ -138,22 +165,35 @@ pub struct EmbeddedSlide {
     pub collection: String,
 }
 
+/// A pathology report to register, tied to one slide.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct NewReport {
+    /// The report id (unique in the catalog).
     pub id: String,
+    /// The slide it describes; that slide must be registered.
     pub slide_id: String,
+    /// The report text, as embedded.
     pub text: String,
+    /// Free-form labels, merged over the slide's in training pairs; empty when none.
     pub labels: BTreeMap<String, String>,
 }
 
+/// A report as the catalog holds it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ReportRecord {
+    /// As registered ([`NewReport::id`]).
     pub id: String,
+    /// As registered ([`NewReport::slide_id`]).
     pub slide_id: String,
+    /// As registered ([`NewReport::text`]).
     pub text: String,
+    /// As registered ([`NewReport::labels`]).
     pub labels: BTreeMap<String, String>,
+    /// Fingerprint of the weights its stored embedding was made with; `None` until embedded.
     pub fingerprint: Option<String>,
+    /// Epoch ms when it was first registered.
     pub created_at_ms: i64,
+    /// Epoch ms of its last change.
     pub updated_at_ms: i64,
 }
 
@@ -186,13 +226,19 @@ impl TryFrom<ReportRow> for ReportRecord {
 /// A (slide, report) pair for alignment training, with the slide's tile features on disk.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TrainingPair {
+    /// The slide.
     pub slide_id: String,
+    /// The report that describes it.
     pub report_id: String,
+    /// The report text.
     pub text: String,
+    /// The slide's cohort, if any.
     pub cohort: Option<String>,
+    /// The slide's site, if any.
     pub site: Option<String>,
     /// Slide labels merged with report labels (report wins on a clash).
     pub labels: BTreeMap<String, String>,
+    /// The slide's tile feature file, as recorded (see [`crate::Store::training_pairs`]).
     pub feature_path: String,
 }
 
@@ -208,14 +254,22 @@ struct PairRow {
     feature_path: String,
 }
 
+/// A tile feature file written for one slide and one set of tile weights.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct FeatureFileRecord {
+    /// The slide.
     pub slide_id: String,
+    /// Fingerprint of the tile encoder weights that made the features.
     pub tile_fingerprint: String,
+    /// Where it was written (see [`crate::Store::locate_feature_file`]).
     pub path: String,
+    /// Hex SHA-256 of the file's bytes.
     pub sha256: String,
+    /// File size in bytes.
     pub size_bytes: i64,
+    /// Tiles (rows) in the file.
     pub tile_count: i64,
+    /// Epoch ms when it was recorded; 0 in records serialized before the field existed.
     #[serde(default)]
     pub created_at: i64,
 }
@@ -223,11 +277,13 @@ pub struct FeatureFileRecord {
 /// Weights that produced stored embeddings.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelRecord {
+    /// The weights' fingerprint, as stored with the points they made.
     pub fingerprint: String,
     /// `tile`, `slide`, `text`, `alignment` or `bundle` (a combination, see `details`).
     pub role: String,
     /// Path or description of the weights.
     pub source: String,
+    /// Role-specific facts as a JSON object (architecture, dims, a bundle's parts, ...).
     pub details: Value,
 }
 
@@ -239,16 +295,22 @@ struct ModelRow {
     details: String,
 }
 
+/// Where a training run is; stored as [`RunStatus::as_str`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RunStatus {
+    /// Training, or killed while training (resumable).
     Running,
+    /// Trained every epoch; its checkpoint is final.
     Done,
+    /// Ended with an error (see [`TrainingRun::error`]).
     Failed,
+    /// Ended early on purpose, without an error.
     Stopped,
 }
 
 impl RunStatus {
+    /// The name stored in the catalog and shown to users (`running`, `done`, ...).
     pub fn as_str(self) -> &'static str {
         match self {
             RunStatus::Running => "running",
@@ -274,16 +336,26 @@ impl FromStr for RunStatus {
     }
 }
 
+/// A training run of the alignment model, as the catalog holds it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TrainingRun {
+    /// The run id (also its folder name under `<data dir>/alignment`).
     pub id: String,
+    /// The run's configuration as JSON, as it was started.
     pub config: Value,
+    /// Where the run is.
     pub status: RunStatus,
+    /// Run-level metrics as a JSON object (losses, evaluation); `{}` before the first epoch.
     pub metrics: Value,
+    /// Folder of its newest checkpoint; `None` before the first.
     pub checkpoint: Option<String>,
+    /// Fingerprint of that checkpoint's weights; `None` before the first.
     pub fingerprint: Option<String>,
+    /// Why it failed; `None` unless it did.
     pub error: Option<String>,
+    /// Epoch ms when it was first started.
     pub created_at_ms: i64,
+    /// Epoch ms of its last change.
     pub updated_at_ms: i64,
 }
 
@@ -359,6 +431,7 @@ impl Catalog {
         Ok(())
     }
 
+    /// The slide with this id, `None` when there is none.
     pub async fn slide(&self, id: &str) -> Result<Option<SlideRecord>> {
         let row: Option<SlideRow> = on_db!(self, |pool, d| {
             sqlx::query_as(sqlx::AssertSqlSafe(format!(
@@ -466,6 +539,7 @@ impl Catalog {
         Ok(())
     }
 
+    /// The report with this id, `None` when there is none.
     pub async fn report(&self, id: &str) -> Result<Option<ReportRecord>> {
         let row: Option<ReportRow> = on_db!(self, |pool, d| {
             sqlx::query_as(
@@ -587,6 +661,8 @@ impl Catalog {
         Ok(())
     }
 
+    /// The feature file recorded for `slide_id` with tile weights `tile_fingerprint`, `None` when
+    /// there is none.
     pub async fn feature_file(
         &self,
         slide_id: &str,
@@ -640,6 +716,7 @@ impl Catalog {
         Ok(())
     }
 
+    /// Every recorded set of weights, oldest first.
     pub async fn models(&self) -> Result<Vec<ModelRecord>> {
         let rows: Vec<ModelRow> = on_db!(self, |pool, d| {
             sqlx::query_as(
@@ -750,6 +827,7 @@ impl Catalog {
         Ok(())
     }
 
+    /// The training run with this id, `None` when there is none.
     pub async fn run(&self, id: &str) -> Result<Option<TrainingRun>> {
         let row: Option<RunRow> = on_db!(self, |pool, d| {
             sqlx::query_as(

@@ -9,6 +9,7 @@ use crate::error::{Result, StoreError};
 /// What [`Catalog::reset_slide`] should clear besides the slide's own rows.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SlideReset<'a> {
+    /// The slide to reset.
     pub slide_id: &'a str,
     /// Job kind of the slide's embedding jobs (their `subject` is the slide id).
     pub job_kind: &'a str,
@@ -26,7 +27,10 @@ pub enum ResetOutcome {
     /// No such slide.
     Unknown,
     /// A worker holds a live lease on one of its jobs: nothing was changed.
-    Busy { job_id: i64 },
+    Busy {
+        /// That job.
+        job_id: i64,
+    },
     /// The slide is `registered` again with no embedding, no jobs and no feature-file rows.
     Reset {
         /// Paths of the feature-file rows removed (the caller deletes the files).

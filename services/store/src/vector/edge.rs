@@ -132,6 +132,7 @@ impl EmbeddedStore {
         })
     }
 
+    /// The folder it was opened at (`<data dir>/vectors` when opened from a config).
     pub fn root(&self) -> &Path {
         &self.inner.root
     }

@@ -52,9 +52,11 @@ pub const FINGERPRINT_KEY: &str = "fingerprint";
 /// Layout of one collection: named vectors (cosine distance) and keyword-indexed payload keys.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CollectionSpec {
+    /// The collection's name (`slides`, `reports`, `tiles`).
     pub name: String,
     /// Payload key holding the caller's string id (`slide_id`, `report_id`).
     pub id_key: String,
+    /// Its named vectors; a point carries any non-empty subset of them.
     pub vectors: Vec<VectorSpec>,
     /// Payload keys with a keyword index (what users filter on). Dotted paths reach into maps.
     pub keyword_indexes: Vec<String>,
@@ -63,9 +65,12 @@ pub struct CollectionSpec {
     pub quantization: Quantization,
 }
 
+/// One named vector of a collection.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VectorSpec {
+    /// The vector's name ([`JOINT`], [`SLIDE`], [`TEXT`], [`TILE`]).
     pub name: String,
+    /// Its dimensions.
     pub dim: usize,
 }
 
@@ -144,6 +149,7 @@ impl CollectionSpec {
         vec![Self::slides(dims), Self::reports(dims)]
     }
 
+    /// Dimensions of the vector `name`, `None` when the collection has no such vector.
     pub fn vector_dim(&self, name: &str) -> Option<usize> {
         self.vectors.iter().find(|v| v.name == name).map(|v| v.dim)
     }
@@ -197,9 +203,13 @@ pub fn tile_id(slide_id: &str, gx: u32, gy: u32) -> String {
 /// normalise on insert).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Point {
+    /// The caller's string id (slide, report or tile id); the backend derives the point id from it.
     pub id: String,
+    /// Guard fingerprint of the weights that made the vectors.
     pub fingerprint: String,
+    /// Named vectors, a non-empty subset of the collection's.
     pub vectors: BTreeMap<String, Vec<f32>>,
+    /// Filterable and returned data; see the typed builders ([`SlidePoint`], ...).
     pub payload: Map<String, Value>,
 }
 
@@ -207,16 +217,21 @@ pub struct Point {
 /// values (a field holding an array matches when any element does).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PayloadFilter {
+    /// Conditions that must all hold; empty matches every point.
     pub must: Vec<KeywordMatch>,
 }
 
+/// One filter condition: the keyword field `key` equals one of `any_of`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeywordMatch {
+    /// Payload key; dotted paths reach into maps (`labels.subtype`).
     pub key: String,
+    /// Accepted values; at least one.
     pub any_of: Vec<String>,
 }
 
 impl PayloadFilter {
+    /// The filter that matches every point.
     pub fn none() -> Self {
         PayloadFilter::default()
     }
@@ -243,6 +258,7 @@ impl PayloadFilter {
         self
     }
 
+    /// No conditions: matches every point.
     pub fn is_empty(&self) -> bool {
         self.must.is_empty()
     }
@@ -268,20 +284,28 @@ impl PayloadFilter {
 /// Top-k nearest neighbours of `query` by the named `vector`, among points matching `filter`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SearchRequest {
+    /// Collection to search.
     pub collection: String,
+    /// Named vector to compare `query` with.
     pub vector: String,
+    /// The query embedding; its length must be the vector's dimensions.
     pub query: Vec<f32>,
+    /// How many hits (or groups) to return, at most [`MAX_K`].
     pub k: usize,
+    /// Only points matching this; [`PayloadFilter::none`] for all.
     pub filter: PayloadFilter,
     /// Fingerprint of the weights that embedded `query`; must equal the stored points'.
     pub fingerprint: String,
 }
 
+/// One search result.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SearchHit {
+    /// The point's string id ([`Point::id`]).
     pub id: String,
     /// Cosine similarity.
     pub score: f32,
+    /// The point's payload, id key and fingerprint included.
     pub payload: Map<String, Value>,
 }
 
@@ -290,6 +314,7 @@ pub struct SearchHit {
 pub struct SearchGroup {
     /// The grouping key's value (e.g. a slide id).
     pub key: String,
+    /// Its best hits, best first.
     pub hits: Vec<SearchHit>,
 }
 
@@ -300,6 +325,7 @@ pub struct CollectionStats {
     pub points: u64,
     /// Vectors covered by an HNSW index; the rest are searched exhaustively.
     pub indexed_vectors: u64,
+    /// Storage segments the collection is split into.
     pub segments: u64,
 }
 
@@ -609,12 +635,17 @@ pub(crate) fn identity_from_payload(
 /// Typed builder for a `slides` point (the payload DESIGN.md fixes).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct SlidePoint {
+    /// The slide id (the point's id).
     pub slide_id: String,
+    /// The slide's cohort, if any (filterable as `cohort`).
     pub cohort: Option<String>,
+    /// The slide's site, if any (filterable as `site`).
     pub site: Option<String>,
     /// Known labels (e.g. `subtype`), filterable as `labels.<key>`.
     pub labels: BTreeMap<String, String>,
+    /// Level-0 micrometres per pixel of the slide, when known.
     pub mpp: Option<f64>,
+    /// Tiles that went into the embedding.
     pub tile_count: u64,
     /// Per-role weight fingerprints (`tile`, `slide`, `text`, `alignment`), informational.
     pub fingerprints: BTreeMap<String, String>,
@@ -622,10 +653,12 @@ pub struct SlidePoint {
     pub fingerprint: String,
     /// Aligned embedding; `None` until an alignment checkpoint exists.
     pub joint: Option<Vec<f32>>,
+    /// Raw slide-encoder output.
     pub slide: Vec<f32>,
 }
 
 impl SlidePoint {
+    /// The point to upsert into `slides`: payload as DESIGN.md fixes it, `joint` only when present.
     pub fn into_point(self) -> Point {
         let mut payload = Map::new();
         let opt = |v: Option<String>| v.map(Value::String).unwrap_or(Value::Null);
@@ -661,11 +694,15 @@ fn named<const N: usize>(vectors: [(&str, Option<Vec<f32>>); N]) -> BTreeMap<Str
 /// Typed builder for a `reports` point.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ReportPoint {
+    /// The report id (the point's id).
     pub report_id: String,
+    /// The slide the report describes.
     pub slide_id: String,
+    /// The report text, returned with hits.
     pub text: String,
     /// Labels carried by the report row (e.g. `subtype`, `site`), filterable as `labels.<key>`.
     pub labels: BTreeMap<String, String>,
+    /// The guard fingerprint (see [`combined_fingerprint`]).
     pub fingerprint: String,
     /// Aligned embedding; `None` until an alignment checkpoint exists.
     pub joint: Option<Vec<f32>>,
@@ -674,6 +711,8 @@ pub struct ReportPoint {
 }
 
 impl ReportPoint {
+    /// The point to upsert into `reports`: payload `slide_id`, `text`, `labels`; `joint` only when
+    /// present.
     pub fn into_point(self) -> Point {
         let mut payload = Map::new();
         payload.insert("slide_id".into(), Value::String(self.slide_id));
@@ -691,14 +730,20 @@ impl ReportPoint {
 /// Typed builder for a `tiles` point.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct TilePoint {
+    /// The slide the tile was cut from.
     pub slide_id: String,
-    /// Grid cell of the tile.
+    /// Grid column of the tile (with `gy`, the cell).
     pub gx: u32,
+    /// Grid row of the tile (with `gx`, the cell).
     pub gy: u32,
     /// Level-0 box of the tile: x, y, width, height in pixels.
+    /// Left edge, level-0 pixels.
     pub x: i64,
+    /// Top edge, level-0 pixels.
     pub y: i64,
+    /// Width, level-0 pixels.
     pub w: u32,
+    /// Height, level-0 pixels.
     pub h: u32,
     /// Tissue fraction of the tile (from the tiling), when known.
     pub tissue: Option<f32>,
@@ -706,10 +751,13 @@ pub struct TilePoint {
     pub labels: BTreeMap<String, String>,
     /// The tile encoder's fingerprint.
     pub fingerprint: String,
+    /// The tile encoder's output.
     pub tile: Vec<f32>,
 }
 
 impl TilePoint {
+    /// The point to upsert into `tiles`, with id [`tile_id`] and payload `slide_id`, `gx`,
+    /// `gy`, `box`, `tissue`, `labels`.
     pub fn into_point(self) -> Point {
         let mut payload = Map::new();
         payload.insert("slide_id".into(), Value::String(self.slide_id.clone()));
