@@ -41,8 +41,11 @@ const BLUR_PATCH_PX: u32 = 128;
 pub struct ArtifactOptions {
     /// Master switch (`tiling.artifacts`); the rules below only run when it is on.
     pub enabled: bool,
+    /// Remove marker ink (blue, green, black).
     pub pen: bool,
+    /// Remove small dark flecks (debris).
     pub debris: bool,
+    /// Drop out-of-focus tiles.
     pub blur: bool,
     /// Variance of the Laplacian under which a tile is out of focus.
     pub blur_threshold: f64,
@@ -75,12 +78,16 @@ impl ArtifactOptions {
 #[serde(rename_all = "kebab-case")]
 #[repr(u8)]
 pub enum ArtifactKind {
+    /// Marker ink.
     Pen = 1,
+    /// A dark fleck smaller than a tile.
     Debris = 2,
+    /// A kept tile too blurred to embed.
     OutOfFocus = 3,
 }
 
 impl ArtifactKind {
+    /// Every kind, in code order.
     pub const ALL: [ArtifactKind; 3] = [
         ArtifactKind::Pen,
         ArtifactKind::Debris,
@@ -109,12 +116,16 @@ impl ArtifactKind {
 /// Per view pixel: 0, or the [`ArtifactKind`] code it was excluded as.
 #[derive(Debug, Clone)]
 pub struct ArtifactMap {
+    /// Width in view pixels.
     pub width: u32,
+    /// Height in view pixels.
     pub height: u32,
+    /// Row-major codes, `width * height`.
     pub data: Vec<u8>,
 }
 
 impl ArtifactMap {
+    /// A map of `width x height` view pixels with nothing excluded.
     pub fn empty(width: u32, height: u32) -> ArtifactMap {
         ArtifactMap {
             width,
@@ -132,8 +143,9 @@ impl ArtifactMap {
 /// What the artifact rules removed, for the summary.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct ArtifactSummary {
-    /// Share of the slide's area labelled pen / debris.
+    /// Share of the slide's area labelled pen, in [0, 1].
     pub pen_area_fraction: f64,
+    /// Share of the slide's area labelled debris, in [0, 1].
     pub debris_area_fraction: f64,
     /// Tiles dropped as out of focus.
     pub out_of_focus_tiles: usize,

@@ -47,8 +47,11 @@ impl std::fmt::Display for MppSource {
 /// Level-0 microns per pixel.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Mpp {
+    /// Micrometres per pixel across.
     pub x: f64,
+    /// Micrometres per pixel down.
     pub y: f64,
+    /// Where the values came from.
     pub source: MppSource,
 }
 

@@ -21,21 +21,35 @@ use crate::tiles::SkippedTile;
 /// The one-line JSON summary `gigapath tile` prints, also saved as `summary.json`.
 #[derive(Debug, Clone, Serialize)]
 pub struct TileSummary {
+    /// The slide file.
     pub slide: PathBuf,
+    /// OpenSlide's format name ([`crate::slide::SlideInfo::vendor`]).
     pub vendor: String,
+    /// Tiles kept.
     pub tiles: usize,
-    /// True level-0 mpp and where it came from.
+    /// True level-0 mpp (mean of x and y).
     pub mpp: f64,
+    /// Where `mpp` came from.
     pub mpp_source: MppSource,
+    /// The nominal level-0 mpp it was snapped to (equal to `mpp` when unsnapped).
     pub nominal_mpp: f64,
+    /// Tile side at level 0, in level-0 pixels.
     pub level0_tile_px: u32,
+    /// True micrometres per pixel of the 256 px tiles the encoder sees.
     pub tile_mpp: f64,
+    /// Pyramid level the tiles are read from.
     pub read_level: usize,
+    /// Tile side read at that level, in its pixels.
     pub read_px: u32,
+    /// Whether read tiles are resized to 256 px.
     pub resampled: bool,
+    /// Whole tiles across.
     pub grid_width: u32,
+    /// Whole tiles down.
     pub grid_height: u32,
+    /// The segmentation method (`otsu`, `saturation`).
     pub tissue_method: String,
+    /// The tissue fraction a tile had to exceed to be kept.
     pub tissue_threshold: f64,
     /// Share of the slide's area the mask calls tissue.
     pub tissue_area_fraction: f64,
@@ -45,6 +59,7 @@ pub struct TileSummary {
     /// The corrected mask the tiles were kept by, when one was given.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mask_geojson: Option<PathBuf>,
+    /// The folder the files were written to.
     pub output: PathBuf,
 }
 

@@ -39,7 +39,9 @@ pub enum TextureKind {
     /// Marker ink over whatever is below (glass or tissue): it multiplies the light through,
     /// as ink on a coverslip does.
     BlueInk,
+    /// Green marker ink, as `BlueInk`.
     GreenInk,
+    /// Black marker ink, as `BlueInk`.
     BlackInk,
     /// Opaque dark brown-black dirt.
     Debris,
@@ -186,24 +188,39 @@ fn mirror(c: i64, n: usize) -> usize {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Shape {
+    /// An axis-aligned ellipse.
     Ellipse {
+        /// Centre x, microns.
         cx: f64,
+        /// Centre y, microns.
         cy: f64,
+        /// Half-width, microns.
         rx: f64,
+        /// Half-height, microns.
         ry: f64,
     },
+    /// An axis-aligned rectangle.
     Rect {
+        /// Left edge, microns.
         x: f64,
+        /// Top edge, microns.
         y: f64,
+        /// Width, microns.
         w: f64,
+        /// Height, microns.
         h: f64,
     },
     /// An ellipse rotated by `angle` radians (papillary fronds, septa).
     Rotated {
+        /// Centre x, microns.
         cx: f64,
+        /// Centre y, microns.
         cy: f64,
+        /// Semi-axis along the rotated x axis, microns.
         rx: f64,
+        /// Semi-axis along the rotated y axis, microns.
         ry: f64,
+        /// Rotation in radians, clockwise on screen (y points down).
         angle: f64,
     },
 }
@@ -221,6 +238,7 @@ impl Shape {
         }
     }
 
+    /// Whether the point (`x`, `y`), in microns, is inside the shape.
     pub fn contains(&self, x: f64, y: f64) -> bool {
         match *self {
             Shape::Ellipse { cx, cy, rx, ry } => {
@@ -247,7 +265,9 @@ impl Shape {
 /// A piece of tissue: a shape filled with a texture, optionally restained.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TissueRegion {
+    /// Where the region is.
     pub shape: Shape,
+    /// What fills it.
     pub texture: TextureKind,
     /// Per-channel optical-density gains (R, G, B): `I' = 255 (I/255)^g`. 1.0 keeps the colour;
     /// above 1 darkens that channel as a stronger stain would.
@@ -262,6 +282,7 @@ fn unit_gain() -> [f32; 3] {
 /// What a synthetic slide shows, in microns. Later regions paint over earlier ones.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Scene {
+    /// The regions, painted in order.
     pub regions: Vec<TissueRegion>,
     /// Glass colour; a little deterministic noise is added so that it looks scanned.
     pub background: [u8; 3],
@@ -550,7 +571,10 @@ fn glass_noise(x: f64, y: f64) -> i32 {
 pub enum Metadata {
     /// Aperio ImageDescription with `AppMag` and `MPP`: OpenSlide reports vendor `aperio`,
     /// objective power and mpp.
-    Aperio { app_mag: u32 },
+    Aperio {
+        /// The `AppMag` objective power written (20, 40).
+        app_mag: u32,
+    },
     /// A generic TIFF with `XResolution`/`YResolution` in pixels per centimetre: OpenSlide 3.4
     /// reports vendor `generic-tiff` and no mpp.
     TiffResolution,
@@ -560,20 +584,26 @@ pub enum Metadata {
     /// `sub_ifds`: the reduced levels hang off level 0 as SubIFDs (the OME 6 layout; OpenSlide
     /// 3.4 sees level 0 only); otherwise they follow it in the main IFD chain (a flat pyramid,
     /// which OpenSlide 3.4 reads as levels).
-    Ome { sub_ifds: bool },
+    Ome {
+        /// Reduced levels as SubIFDs of level 0 (see above).
+        sub_ifds: bool,
+    },
 }
 
 /// The pyramid and encoding of a synthetic slide.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SlideSpec {
-    /// Level-0 size in pixels.
+    /// Level-0 width in pixels.
     pub width: u64,
+    /// Level-0 height in pixels.
     pub height: u64,
     /// Level-0 microns per pixel.
     pub mpp: f64,
     /// Downsample of each pyramid level; the first must be 1.
     pub downsamples: Vec<u32>,
+    /// How the resolution is recorded.
     pub metadata: Metadata,
+    /// JPEG quality of the tiles, 1-100.
     pub jpeg_quality: u8,
 }
 

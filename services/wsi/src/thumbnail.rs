@@ -16,12 +16,16 @@ const STRIP_PX: u64 = 16 << 20;
 /// Packed RGB image.
 #[derive(Debug, Clone)]
 pub struct RgbImage {
+    /// Width in pixels.
     pub width: u32,
+    /// Height in pixels.
     pub height: u32,
+    /// Row-major RGB, 3 bytes a pixel, `width * height * 3`.
     pub pixels: Vec<u8>,
 }
 
 impl RgbImage {
+    /// The RGB of pixel (`x`, `y`); panics outside the image.
     pub fn pixel(&self, x: u32, y: u32) -> [u8; 3] {
         let i = (y as usize * self.width as usize + x as usize) * 3;
         [self.pixels[i], self.pixels[i + 1], self.pixels[i + 2]]

@@ -38,9 +38,11 @@ pub enum BatchFormat {
 /// Reader settings.
 #[derive(Debug, Clone)]
 pub struct StreamConfig {
+    /// Tiles per batch (the last one may hold fewer).
     pub batch_size: usize,
     /// Reader threads (0 = all cores).
     pub threads: usize,
+    /// What a batch's pixels look like.
     pub format: BatchFormat,
     /// Batches that may exist at once (0 = twice the threads).
     pub window: usize,
@@ -64,7 +66,9 @@ impl Default for StreamConfig {
 /// A batch's pixels.
 #[derive(Debug)]
 pub enum BatchData {
+    /// [`BatchFormat::Normalized`]: `[n, 3, 224, 224]` f32, row-major.
     Normalized(Vec<f32>),
+    /// [`BatchFormat::Rgb`]: `[n, 256, 256, 3]` u8, row-major.
     Rgb(Vec<u8>),
 }
 
@@ -73,14 +77,18 @@ pub enum BatchData {
 pub struct SkippedTile {
     /// Index in the kept tiles.
     pub index: usize,
+    /// The read error, as text.
     pub error: String,
 }
 
 /// Consecutive kept tiles `start .. start + len`; `data` holds those not in `skipped`, in order.
 #[derive(Debug)]
 pub struct TileBatch {
+    /// Index of the first tile of the range, in the kept tiles.
     pub start: usize,
+    /// Tiles in the range, skipped ones included.
     pub len: usize,
+    /// Pixels of the tiles read, `n` = `len` minus the skipped.
     pub data: BatchData,
     /// Tiles of the range that could not be read (ascending); empty on a healthy slide.
     pub skipped: Vec<SkippedTile>,

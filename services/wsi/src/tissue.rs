@@ -26,7 +26,9 @@ pub const MIN_OTSU_CONTRAST: f64 = 15.0;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TissueMethod {
+    /// Otsu's threshold on the luminance, as the Prov-GigaPath reference.
     Otsu,
+    /// CLAM-like: HSV saturation with blur, close and clean-up.
     Saturation,
 }
 
@@ -55,6 +57,7 @@ impl std::fmt::Display for TissueMethod {
 /// Segmentation settings, in mask pixels.
 #[derive(Debug, Clone, Serialize)]
 pub struct SegmentParams {
+    /// How tissue is told from glass.
     pub method: TissueMethod,
     /// Saturation (0-255, OpenCV's HSV scale) above which a pixel is tissue (CLAM: 8).
     pub saturation_threshold: u8,
@@ -89,14 +92,18 @@ impl SegmentParams {
 /// A binary tissue mask over the downsampled view (1 = tissue).
 #[derive(Debug, Clone)]
 pub struct TissueMask {
+    /// Width in mask (view) pixels.
     pub width: u32,
+    /// Height in mask (view) pixels.
     pub height: u32,
+    /// Row-major, `width * height`: 1 tissue, 0 glass.
     pub data: Vec<u8>,
     /// The Otsu luminance threshold, when that method ran.
     pub otsu_threshold: Option<u8>,
 }
 
 impl TissueMask {
+    /// Whether mask pixel (`x`, `y`) is tissue; panics outside the mask.
     pub fn get(&self, x: u32, y: u32) -> bool {
         self.data[y as usize * self.width as usize + x as usize] != 0
     }

@@ -12,8 +12,9 @@ use crate::grid::TILE_PX;
 
 /// Side of the encoder input.
 pub const CROP_PX: u32 = 224;
-/// ImageNet channel means and standard deviations (timm / torchvision).
+/// ImageNet channel means (timm / torchvision), on the [0, 1] scale.
 pub const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+/// ImageNet channel standard deviations (timm / torchvision), on the [0, 1] scale.
 pub const STD: [f32; 3] = [0.229, 0.224, 0.225];
 /// f32 values per normalised tile: 3 x 224 x 224.
 pub const NORMALIZED_LEN: usize = 3 * (CROP_PX * CROP_PX) as usize;
