@@ -26,10 +26,18 @@ pub use crate::subtypes::Subtype;
 /// Errors of the generator.
 #[derive(Debug, thiserror::Error)]
 pub enum SynthError {
+    /// Writing a slide failed.
     #[error(transparent)]
     Slide(#[from] WsiError),
+    /// Writing a report, label or manifest file (or its folder) failed.
     #[error("{}: {msg}", path.display())]
-    Io { path: PathBuf, msg: String },
+    Io {
+        /// The file or folder.
+        path: PathBuf,
+        /// The operating system's error.
+        msg: String,
+    },
+    /// A [`CohortSpec`] that cannot be generated.
     #[error("invalid cohort spec: {0}")]
     Invalid(String),
 }
@@ -44,9 +52,13 @@ fn io(path: &Path, e: impl std::fmt::Display) -> SynthError {
 /// What to generate.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CohortSpec {
+    /// Cohort name, written as every report's `cohort`.
     pub name: String,
+    /// Subtypes to generate; at least one.
     pub subtypes: Vec<Subtype>,
+    /// Slides of each subtype; at least one.
     pub slides_per_subtype: usize,
+    /// Seed of everything drawn: the same spec gives the same bytes.
     pub seed: u64,
     /// Mean side of a slide, microns (each slide varies by +-15%).
     pub slide_um: f64,
@@ -73,36 +85,52 @@ impl Default for CohortSpec {
 /// One generated slide.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CohortSlide {
+    /// `SYN-0001`, ...
     pub slide_id: String,
+    /// `P0001`, ...; shared by a patient's slides.
     pub patient_id: String,
+    /// What the slide shows.
     pub subtype: Subtype,
     /// Relative to the cohort folder.
     pub path: String,
+    /// Level-0 micrometres per pixel (0.2527 at 40x, 0.499 at 20x).
     pub mpp: f64,
+    /// Level-0 width in pixels.
     pub width: u64,
+    /// Level-0 height in pixels.
     pub height: u64,
 }
 
 /// One report, as written to `reports.jsonl`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CohortReport {
+    /// `R-<slide_id>`.
     pub report_id: String,
+    /// The slide it describes.
     pub slide_id: String,
+    /// The slide's patient.
     pub patient_id: String,
+    /// The report, from the subtype's templates.
     pub report_text: String,
+    /// The slide's subtype label (`CCRCC`, ...): the ground truth.
     pub subtype: String,
+    /// Organ: always `kidney`.
     pub site: String,
+    /// The cohort's name ([`CohortSpec::name`]).
     pub cohort: String,
 }
 
 /// A generated cohort, as recorded in `manifest.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Cohort {
+    /// What was asked for.
     pub spec: CohortSpec,
+    /// The slides generated, in id order.
     pub slides: Vec<CohortSlide>,
 }
 
 impl Cohort {
+    /// Where `slide` is when the cohort folder is `dir`.
     pub fn slide_path(&self, dir: &Path, slide: &CohortSlide) -> PathBuf {
         dir.join(&slide.path)
     }

@@ -17,15 +17,19 @@ use crate::rng::Rng;
 /// A synthetic subtype.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Subtype {
+    /// Clear-cell RCC-like: pale nests in a fine stroma network.
     #[serde(rename = "CCRCC")]
     Ccrcc,
+    /// Papillary RCC-like: dark crowded fronds on pale stroma.
     #[serde(rename = "PRCC")]
     Prcc,
+    /// Chromophobe RCC-like: solid pink sheets crossed by thin septa.
     #[serde(rename = "CHRCC")]
     Chrcc,
 }
 
 impl Subtype {
+    /// Every subtype.
     pub const ALL: [Subtype; 3] = [Subtype::Ccrcc, Subtype::Prcc, Subtype::Chrcc];
 
     /// The label, as in `prompts/subtype-rcc.toml`.
@@ -37,6 +41,7 @@ impl Subtype {
         }
     }
 
+    /// The subtype of a label, ignoring case; `None` for any other label.
     pub fn from_label(label: &str) -> Option<Subtype> {
         Subtype::ALL
             .into_iter()
