@@ -20,6 +20,7 @@ use crate::prompts::{prompts, GenePrompts, MutationSet, SubtypeSet};
 /// Texts in, one vector per text out (any norm: they are normalised here). Errors are reported
 /// as [`ZeroShotError::Embed`].
 pub trait Embed {
+    /// One vector per text of `texts`, in order; an `Err` is the embedder's message.
     fn embed(&mut self, texts: &[String]) -> std::result::Result<Vec<Vec<f32>>, String>;
 }
 
@@ -178,7 +179,9 @@ pub fn softmax(values: &[f32], scale: f32) -> Vec<f32> {
 /// The embedding of each class of a task, unit norm.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClassEmbeddings {
+    /// Class labels, in class order.
     pub labels: Vec<String>,
+    /// One unit-norm vector per class, in class order.
     pub vectors: Vec<Vec<f32>>,
     /// Prompts averaged per class (names x templates).
     pub prompts_per_class: Vec<usize>,
@@ -246,9 +249,13 @@ impl ClassEmbeddings {
 /// One zero-shot answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Prediction {
+    /// The predicted class's label.
     pub label: String,
+    /// The predicted class's index in the labels.
     pub index: usize,
+    /// Softmax of the scaled cosines, one per class, summing to 1.
     pub probabilities: Vec<f32>,
+    /// Cosine of the embedding with each class, in [-1, 1].
     pub cosines: Vec<f32>,
 }
 
@@ -288,8 +295,11 @@ impl SubtypeSet {
 /// The two embeddings of one gene.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GeneEmbeddings {
+    /// The gene's name (`EGFR`, ...).
     pub gene: String,
+    /// Unit-norm embedding of its mutated phrasings.
     pub mutated: Vec<f32>,
+    /// Unit-norm embedding of its wild-type phrasings.
     pub wild_type: Vec<f32>,
 }
 

@@ -7,17 +7,30 @@ use std::path::PathBuf;
 pub enum ZeroShotError {
     /// A prompt file could not be read.
     #[error("{}: {msg}", path.display())]
-    Io { path: PathBuf, msg: String },
+    Io {
+        /// The file or folder.
+        path: PathBuf,
+        /// The operating system's error.
+        msg: String,
+    },
     /// A prompt file is malformed or inconsistent; `key` is the offending key path.
     #[error("{}: {key}: {msg}", file.display())]
     Prompt {
+        /// The prompt file.
         file: PathBuf,
+        /// The key path (`classes[2].names`, `templates[0]`).
         key: String,
+        /// What is wrong there.
         msg: String,
     },
     /// No prompt set of that name (the message lists the known ones).
     #[error("unknown prompt set `{name}` (known: {known})")]
-    UnknownSet { name: String, known: String },
+    UnknownSet {
+        /// The name asked for.
+        name: String,
+        /// The known sets' names, comma-separated.
+        known: String,
+    },
     /// Inputs that do not fit (empty, mismatched dims, non-finite values, ...).
     #[error("{0}")]
     Input(String),

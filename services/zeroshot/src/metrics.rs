@@ -131,13 +131,17 @@ pub fn recall_at_k(similarity: &[Vec<f32>], relevant: &[Vec<usize>], k: usize) -
 /// Everything a zero-shot classification run reports.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClassificationReport {
+    /// Class labels, in the order of every per-class list and of the confusion matrix.
     pub labels: Vec<String>,
     /// Samples scored.
     pub n: usize,
     /// Samples per true class.
     pub support: Vec<u64>,
+    /// Share of samples predicted right, in [0, 1].
     pub accuracy: f64,
+    /// Mean recall over the classes present ([`balanced_accuracy`]).
     pub balanced_accuracy: f64,
+    /// F1 per class weighted by support ([`weighted_f1`]).
     pub weighted_f1: f64,
     /// `None` when no class has both positives and negatives.
     pub macro_auroc: Option<f64>,

@@ -18,6 +18,7 @@ pub struct RobustnessConfig {
     pub sets: usize,
     /// At most this many templates per sampled set (MI-Zero: 16, its pool size).
     pub max_templates: usize,
+    /// Seed of the sampling: the same seed gives the same sets.
     pub seed: u64,
 }
 
@@ -34,21 +35,30 @@ impl Default for RobustnessConfig {
 /// One sampled prompt set: one name per class (in class order) and its templates.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SampledPromptSet {
+    /// One class name per class, in class order.
     pub names: Vec<String>,
+    /// The sampled templates, distinct.
     pub templates: Vec<String>,
 }
 
 /// Balanced accuracy over the sampled prompt sets.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RobustnessReport {
+    /// Sets sampled and scored.
     pub sets: usize,
+    /// Median balanced accuracy.
     pub median: f64,
-    /// First and third quartile (linear interpolation, as numpy's default).
+    /// First quartile (linear interpolation, as numpy's default).
     pub q1: f64,
+    /// Third quartile.
     pub q3: f64,
+    /// Lowest balanced accuracy.
     pub min: f64,
+    /// Highest balanced accuracy.
     pub max: f64,
+    /// Mean balanced accuracy.
     pub mean: f64,
+    /// Population standard deviation of the balanced accuracies.
     pub std: f64,
     /// One balanced accuracy per sampled set, in sampling order.
     pub balanced_accuracies: Vec<f64>,
