@@ -45,7 +45,11 @@ impl Default for Limits {
 pub enum DiscoverError {
     /// A folder or file (maybe reached through a symbolic link) resolves outside the roots.
     #[error("slide path `{}` is outside the configured slide roots", path.display())]
-    OutsideRoots { path: PathBuf },
+    OutsideRoots {
+        /// The path as given or found (before resolving).
+        path: PathBuf,
+    },
+    /// Anything else (an unreadable folder, too many entries, ...).
     #[error(transparent)]
     Other(#[from] PipelineError),
 }

@@ -83,8 +83,11 @@ pub fn text_fingerprints(cfg: &ModelsConfig) -> Result<BTreeMap<String, String>>
 
 /// An alignment checkpoint (`models.alignment`), with its fingerprint.
 pub struct AlignmentModel {
+    /// The loaded projection heads (and any fine-tuned layers).
     pub alignment: Alignment,
+    /// The checkpoint folder.
     pub dir: PathBuf,
+    /// Fingerprint of the checkpoint's weights.
     pub fingerprint: String,
 }
 
@@ -125,8 +128,11 @@ impl AlignmentModel {
 
 /// Tile + slide encoder: pixels to tile features to a slide embedding.
 pub struct SlideModels {
+    /// The tile encoder.
     pub tile: TileEncoder,
+    /// The slide encoder.
     pub slide: SlideEncoder,
+    /// Which output of the slide encoder is the slide embedding (`models.slide_pool`).
     pub pool: SlidePool,
     /// Per role: `tile`, `slide`.
     pub fingerprints: BTreeMap<String, String>,
@@ -134,6 +140,8 @@ pub struct SlideModels {
 }
 
 impl SlideModels {
+    /// Loads both encoders on the configured device and checks that they fit each other and the
+    /// pipeline's 224 px crops.
     pub fn load(cfg: &ModelsConfig) -> Result<SlideModels> {
         let precision = Precision::parse(&cfg.device, &cfg.dtype)?;
         let tile_dir = tile_dir(cfg)?;
@@ -170,10 +178,12 @@ impl SlideModels {
         })
     }
 
+    /// Width D of the tile features.
     pub fn tile_dim(&self) -> usize {
         self.tile.embed_dim()
     }
 
+    /// Width of the slide embedding.
     pub fn slide_dim(&self) -> usize {
         self.slide.config().embed_dim
     }
@@ -223,13 +233,18 @@ impl SlideModels {
 
 /// The text encoder with its pooling.
 pub struct TextModel {
+    /// The text encoder.
     pub encoder: TextEncoder,
+    /// How token states become one vector (`models.text_pool`).
     pub pool: TextPool,
+    /// Whether embeddings are L2-normalised (`models.text_normalize`).
     pub normalize: bool,
+    /// Fingerprint of the encoder's weights.
     pub fingerprint: String,
 }
 
 impl TextModel {
+    /// Loads the configured text encoder on the configured device.
     pub fn load(cfg: &ModelsConfig) -> Result<TextModel> {
         let precision = Precision::parse(&cfg.device, &cfg.dtype)?;
         let dir = text_dir(cfg)?;
@@ -251,6 +266,7 @@ impl TextModel {
         })
     }
 
+    /// Width of the text embedding.
     pub fn dim(&self) -> usize {
         self.encoder.hidden_size()
     }

@@ -30,7 +30,9 @@ const END_BYTES: u64 = 1 << 20;
 /// agree; `mtime_ns` only spares re-hashing an unchanged file at its known path.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContentId {
+    /// File size in bytes.
     pub size: u64,
+    /// Modification time, nanoseconds since the Unix epoch.
     pub mtime_ns: i64,
     /// SHA-256 of the size (8 bytes, little-endian), the first MiB and the last MiB.
     pub sha256: String,
@@ -88,15 +90,22 @@ pub enum Known {
     /// The same content (maybe at another path).
     Same,
     /// Another file's content is known under this id.
-    Different { known_path: String },
+    Different {
+        /// The path recorded for the id.
+        known_path: String,
+    },
 }
 
 /// A slide file found for ingest, with its identity.
 #[derive(Debug, Clone)]
 pub struct Source {
+    /// The slide id the file gets ([`crate::discover::slide_id`]).
     pub id: String,
+    /// The file.
     pub path: PathBuf,
+    /// Its content identity.
     pub content: ContentId,
+    /// How it relates to what the catalog knows under `id`.
     pub known: Known,
 }
 
@@ -237,9 +246,15 @@ pub enum Forgotten {
     /// No such slide.
     Unknown,
     /// A worker is embedding it now: nothing was changed.
-    Busy { job_id: i64 },
+    Busy {
+        /// That job.
+        job_id: i64,
+    },
     /// Its embedding is gone; `reports` report points were removed with it.
-    Done { reports: usize },
+    Done {
+        /// Report points removed (0 unless asked to remove them).
+        reports: usize,
+    },
 }
 
 /// Removes everything embedding slide `id` produced, so that catalog, jobs, points and files

@@ -51,10 +51,15 @@ pub struct IngestRequest {
 /// What a stretch of work did.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct RunSummary {
+    /// Slides embedded.
     pub slides_ok: u64,
+    /// Slides that failed (see `failures`).
     pub slides_failed: u64,
+    /// Tiles embedded, over all slides.
     pub tiles: u64,
+    /// Wall-clock seconds of the stretch.
     pub seconds: f64,
+    /// Where the time went, summed over the slides.
     pub timings: Timings,
     /// (slide id, reason) of every failure.
     pub failures: Vec<(String, String)>,
@@ -63,14 +68,18 @@ pub struct RunSummary {
 /// Reports ingested and rejected.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ReportsSummary {
+    /// Reports registered.
     pub ok: u64,
+    /// Rows rejected, with their line and reason.
     pub errors: Vec<RowError>,
 }
 
 /// What `ingest` did.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct IngestSummary {
+    /// Slide files found under the inputs.
     pub slides_found: u64,
+    /// Slides queued for embedding.
     pub queued: u64,
     /// Already embedded with these weights: skipped.
     pub already_done: u64,
@@ -78,7 +87,9 @@ pub struct IngestSummary {
     pub previously_failed: u64,
     /// Ids re-embedded from a different file (`replace`).
     pub replaced: Vec<String>,
+    /// What embedding the queued slides did.
     pub run: RunSummary,
+    /// What reading the reports file did.
     pub reports: ReportsSummary,
 }
 

@@ -29,7 +29,9 @@ impl Progress for Quiet {}
 
 /// The opened store and lazily loaded encoders.
 pub struct Pipeline {
+    /// The configuration it was opened with.
     pub config: Config,
+    /// The opened catalog and vector store.
     pub store: Store,
     /// Shared with [`Pipeline::with_models`] copies: the store's clients live on it.
     pub(crate) rt: Arc<tokio::runtime::Runtime>,

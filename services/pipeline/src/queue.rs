@@ -117,6 +117,7 @@ pub async fn register_slide(
 /// admits one process; the catalog admits many).
 pub struct JobQueue {
     rt: tokio::runtime::Runtime,
+    /// The catalog holding the jobs.
     pub catalog: Catalog,
 }
 

@@ -42,7 +42,9 @@ impl Drop for AbortOnDrop {
 /// What an `embed_slide` job carries (its payload in the catalog).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SlideJob {
+    /// The slide id.
     pub slide_id: String,
+    /// The slide file.
     pub path: PathBuf,
     /// Level-0 um/px for a slide that records none.
     #[serde(default)]
@@ -67,6 +69,7 @@ pub struct Timings {
 }
 
 impl Timings {
+    /// Adds `o` to these, field by field.
     pub fn add(&mut self, o: &Timings) {
         self.tiling_s += o.tiling_s;
         self.read_wait_s += o.read_wait_s;
@@ -80,10 +83,13 @@ impl Timings {
 /// What embedding a slide produced.
 #[derive(Debug, Clone)]
 pub struct SlideResult {
+    /// Tiles embedded.
     pub tile_count: u64,
     /// Guard fingerprint of the stored point.
     pub fingerprint: String,
+    /// Per-role weights (`tile`, `slide`, `alignment`).
     pub fingerprints: BTreeMap<String, String>,
+    /// Where the time went.
     pub timings: Timings,
     /// Whether the feature file was reused from an earlier, interrupted run.
     pub reused_features: bool,

@@ -10,14 +10,20 @@ use serde::Serialize;
 use crate::error::Result;
 use crate::pipeline::Pipeline;
 
+/// What `gigapath status` (and `GET /v1/status`) shows.
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
+    /// The data dir, as configured.
     pub data_dir: String,
+    /// `embedded` or `qdrant`.
     pub vector_backend: &'static str,
+    /// `sqlite` or `postgres`.
     pub catalog_backend: &'static str,
     /// Slides per state (`registered`, `embedded`, `failed`).
     pub slides: BTreeMap<String, u64>,
+    /// Jobs per state.
     pub jobs: JobCounts,
+    /// Reports registered.
     pub reports: u64,
     /// Points per collection.
     pub points: BTreeMap<String, u64>,
@@ -26,6 +32,7 @@ pub struct Status {
 }
 
 impl Status {
+    /// The human-readable form, one line per kind.
     pub fn to_text(&self) -> String {
         let mut s = format!(
             "data dir: {} (vectors: {}, catalog: {})\n",
@@ -66,6 +73,7 @@ impl Status {
 }
 
 impl Pipeline {
+    /// The counts of this pipeline's store ([`status`]).
     pub fn status(&self) -> Result<Status> {
         self.block_on(status(&self.store))
     }

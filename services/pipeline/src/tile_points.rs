@@ -52,18 +52,25 @@ pub fn tile_dim_from_config(dir: &Path) -> Result<usize> {
 /// One tile: grid cell, level-0 origin, tissue fraction.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct TileRow {
+    /// Grid column.
     pub gx: u32,
+    /// Grid row.
     pub gy: u32,
+    /// Level-0 x of the tile's top-left pixel.
     pub x: i64,
+    /// Level-0 y of the tile's top-left pixel.
     pub y: i64,
+    /// Tissue fraction of the tile, when the tiling is known.
     pub tissue: Option<f32>,
 }
 
 /// What goes into a slide's tile points besides the rows.
 pub struct SlideTiles<'a> {
+    /// The slide.
     pub slide_id: &'a str,
     /// The tile encoder's fingerprint (the guard of the `tiles` collection).
     pub fingerprint: &'a str,
+    /// The slide's labels, copied to every tile point.
     pub labels: BTreeMap<String, String>,
     /// Level-0 side of a tile in pixels.
     pub tile_px: u32,
