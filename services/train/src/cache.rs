@@ -66,10 +66,12 @@ impl PrefixCache {
         format!("text.{}", hex(&Sha256::digest(text.as_bytes()), 16))
     }
 
+    /// The entry `key`, `None` when it is not cached.
     pub fn get(&self, key: &str) -> Option<&Tensor> {
         self.entries.get(key)
     }
 
+    /// Adds or replaces entry `key`; written by the next [`PrefixCache::save`].
     pub fn insert(&mut self, key: String, value: Tensor) {
         self.entries.insert(key, value);
         self.dirty = true;

@@ -24,14 +24,19 @@ use crate::optim::AdamW;
 pub const LATEST: &str = "latest";
 /// The run config inside a checkpoint and in the run folder.
 pub const RUN_CONFIG: &str = "run.toml";
+/// The run's train / validation split ([`Split`]) inside a checkpoint.
 pub const SPLIT: &str = "split.json";
+/// Base and alignment weight fingerprints (role -> fingerprint) inside a checkpoint.
 pub const FINGERPRINTS: &str = "fingerprints.json";
+/// AdamW's moment estimates inside a checkpoint.
 pub const OPTIMIZER: &str = "optimizer.safetensors";
+/// The [`TrainerState`] inside a checkpoint.
 pub const STATE: &str = "trainer_state.json";
 
 /// Where a run stopped, for an exact resume.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainerState {
+    /// The run.
     pub run_id: String,
     /// Optimizer steps done.
     pub step: u64,
@@ -49,11 +54,17 @@ pub struct TrainerState {
 
 /// Everything one checkpoint holds.
 pub struct CheckpointContents<'a> {
+    /// The alignment model's architecture.
     pub alignment: &'a AlignmentConfig,
+    /// Its trainable weights.
     pub varmap: &'a VarMap,
+    /// The optimizer, for its moment estimates.
     pub optimizer: &'a AdamW,
+    /// Where the run is.
     pub state: &'a TrainerState,
+    /// The run config, as TOML.
     pub run_toml: &'a str,
+    /// The train / validation split.
     pub split: &'a Split,
     /// Base weights (`tile`, `slide`, `text`).
     pub base_fingerprints: &'a BTreeMap<String, String>,

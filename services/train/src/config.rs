@@ -17,11 +17,17 @@ use crate::error::{Result, TrainError};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct RunConfig {
+    /// `[run]`: identity and seed.
     pub run: RunSection,
+    /// `[data]`: the train / validation split.
     pub data: DataSection,
+    /// `[model]`: the alignment model.
     pub model: ModelSection,
+    /// `[optim]`: optimizer, schedule, batches.
     pub optim: OptimSection,
+    /// `[checkpoint]`: how often and how many checkpoints are kept.
     pub checkpoint: CheckpointSection,
+    /// `[eval]`: validation during the run.
     pub eval: EvalSection,
 }
 
@@ -69,6 +75,7 @@ pub struct ModelSection {
     pub joint_dim: usize,
     /// `linear` (no bias, MI-Zero) or `mlp` (linear-GELU-linear, BiomedCLIP).
     pub slide_head: String,
+    /// `linear` or `mlp`, as `slide_head`.
     pub text_head: String,
     /// Hidden width of `mlp` heads.
     pub mlp_hidden: usize,
@@ -117,8 +124,11 @@ pub struct OptimSection {
     pub encoder_lr: f64,
     /// AdamW decoupled weight decay (not applied to biases, norms or the logit scale).
     pub weight_decay: f64,
+    /// AdamW's first-moment decay.
     pub beta1: f64,
+    /// AdamW's second-moment decay.
     pub beta2: f64,
+    /// AdamW's denominator epsilon.
     pub eps: f64,
     /// Linear warmup from 0 over this many steps, then cosine decay.
     pub warmup_steps: u64,

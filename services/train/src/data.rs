@@ -22,9 +22,11 @@ pub struct Split {
     pub by: String,
     /// The label the split was stratified on, if any.
     pub stratified_by: Option<String>,
+    /// The seed it was drawn with.
     pub seed: u64,
     /// Slide ids, sorted.
     pub train: Vec<String>,
+    /// Held-out slide ids, sorted.
     pub validation: Vec<String>,
 }
 

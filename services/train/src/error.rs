@@ -7,7 +7,12 @@ use std::path::PathBuf;
 pub enum TrainError {
     /// A run config value is out of range or inconsistent; `key` is its TOML path.
     #[error("run config {key}: {msg}")]
-    Config { key: String, msg: String },
+    Config {
+        /// The key's TOML path (`optim.lr`).
+        key: String,
+        /// What is wrong with the value.
+        msg: String,
+    },
     /// The data cannot support the request (no pairs, too few, no labels, ...).
     #[error("{0}")]
     Data(String),
@@ -16,15 +21,30 @@ pub enum TrainError {
     Mismatch(String),
     /// A checkpoint folder is missing, incomplete or inconsistent.
     #[error("checkpoint {}: {msg}", path.display())]
-    Checkpoint { path: PathBuf, msg: String },
+    Checkpoint {
+        /// The checkpoint folder.
+        path: PathBuf,
+        /// What is wrong with it.
+        msg: String,
+    },
+    /// An I/O error on a run's own files (metrics, cache, curve).
     #[error("{}: {msg}", path.display())]
-    Io { path: PathBuf, msg: String },
+    Io {
+        /// The file or folder.
+        path: PathBuf,
+        /// The operating system's error.
+        msg: String,
+    },
+    /// Loading or running a model failed.
     #[error(transparent)]
     Model(#[from] gigapath_models::Error),
+    /// The catalog, the vector store or a feature file failed.
     #[error(transparent)]
     Store(#[from] gigapath_store::StoreError),
+    /// Opening the pipeline or its encoders failed.
     #[error(transparent)]
     Pipeline(#[from] gigapath_pipeline::PipelineError),
+    /// Loading or scoring prompt sets failed.
     #[error(transparent)]
     ZeroShot(#[from] gigapath_zeroshot::ZeroShotError),
 }

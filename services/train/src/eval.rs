@@ -40,12 +40,15 @@ pub enum EvalSplit {
 pub struct EvalRequest {
     /// An alignment checkpoint folder.
     pub checkpoint: PathBuf,
+    /// The prompts folder.
     pub prompts_dir: PathBuf,
     /// A subtype prompt set; `None`: the set whose class labels match the most slides.
     pub prompt_set: Option<String>,
     /// The slide label zero-shot predictions are scored against.
     pub label: String,
+    /// Which slides to evaluate.
     pub split: EvalSplit,
+    /// How the MI-Zero prompt sets are sampled.
     pub robustness: RobustnessConfig,
     /// Softmax over raw cosines (TITAN) instead of the trained logit scale.
     pub no_temperature: bool,
@@ -54,9 +57,13 @@ pub struct EvalRequest {
 /// Retrieval between the evaluated slides and their reports.
 #[derive(Debug, Clone, Serialize)]
 pub struct RetrievalReport {
+    /// (slide, report) pairs ranked.
     pub pairs: usize,
+    /// Distinct slides among them.
     pub slides: usize,
+    /// Recall of a slide's own reports among all reports.
     pub slide_to_report: Recall,
+    /// Recall of a report's slide among all slides.
     pub report_to_slide: Recall,
     /// Recall@k of a random ranking of report -> slide (k / slides).
     pub report_to_slide_chance: Recall,
@@ -65,30 +72,46 @@ pub struct RetrievalReport {
 /// Zero-shot classification of the evaluated slides.
 #[derive(Debug, Clone, Serialize)]
 pub struct ZeroShotSection {
+    /// The subtype prompt set used.
     pub prompt_set: String,
+    /// The slide label scored against.
     pub label: String,
     /// `logit_scale` (softmax(scale x cosine)) or `none` (softmax(cosine), TITAN).
     pub temperature: String,
+    /// The checkpoint's trained `exp(logit_scale)` (used unless `temperature` is `none`).
     pub logit_scale: f32,
+    /// Prompts embedded, over all classes.
     pub prompts: usize,
     /// Slides without the label, or with a value that is not a class of the set.
     pub skipped_slides: usize,
+    /// Accuracy, balanced accuracy, F1, AUROC and confusion of the scored slides.
     pub report: ClassificationReport,
 }
 
 /// Everything `gigapath eval` prints.
 #[derive(Debug, Clone, Serialize)]
 pub struct EvalReport {
+    /// The checkpoint folder.
     pub checkpoint: PathBuf,
+    /// Its weights' fingerprint.
     pub fingerprint: String,
+    /// The run that wrote it.
     pub run_id: String,
+    /// The optimizer step it was written at.
     pub step: u64,
+    /// Which slides were evaluated.
     pub split: EvalSplit,
+    /// Slides evaluated.
     pub slides: usize,
+    /// Reports (pairs) evaluated.
     pub reports: usize,
+    /// Cross-modal retrieval; `None` with fewer than two slides.
     pub retrieval: Option<RetrievalReport>,
+    /// Zero-shot classification; `None` when no slide has a label of the set.
     pub zero_shot: Option<ZeroShotSection>,
+    /// Balanced accuracy over sampled prompt sets; `None` when zero-shot is.
     pub robustness: Option<RobustnessReport>,
+    /// Wall-clock seconds of the evaluation.
     pub seconds: f64,
 }
 

@@ -29,16 +29,21 @@ const BATCH: usize = 32;
 /// What a re-embedding did.
 #[derive(Debug, Clone, Serialize)]
 pub struct ReembedSummary {
+    /// The alignment checkpoint folder used.
     pub alignment: PathBuf,
+    /// Its weights' fingerprint.
     pub alignment_fingerprint: String,
     /// Guard fingerprint of the `slides` points now.
     pub slide_fingerprint: String,
     /// Guard fingerprint of the `reports` points now.
     pub report_fingerprint: String,
+    /// Slide points re-embedded.
     pub slides: u64,
+    /// Report points re-embedded.
     pub reports: u64,
     /// Whether slide-encoder layers were fine-tuned (the `slide` vectors changed).
     pub slide_vectors_changed: bool,
+    /// Wall-clock seconds.
     pub seconds: f64,
 }
 

@@ -15,8 +15,11 @@ pub const METRICS_FILE: &str = "metrics.jsonl";
 /// Recall@1/5/10 in one retrieval direction.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Recall {
+    /// Share of queries whose match ranks first, in [0, 1].
     pub r1: f64,
+    /// Share whose match is in the top 5.
     pub r5: f64,
+    /// Share whose match is in the top 10.
     pub r10: f64,
 }
 
@@ -25,8 +28,11 @@ pub struct Recall {
 pub struct ValMetrics {
     /// CLIP loss over the validation pairs (in batches of `optim.batch_size`).
     pub loss: f64,
+    /// Validation pairs.
     pub pairs: usize,
+    /// Slide -> report retrieval.
     pub slide_to_report: Recall,
+    /// Report -> slide retrieval.
     pub report_to_slide: Recall,
 }
 
@@ -35,10 +41,13 @@ pub struct ValMetrics {
 pub struct StepRecord {
     /// 1-based: the step just finished.
     pub step: u64,
+    /// Epoch of the step's first micro-batch (0-based).
     pub epoch: u64,
     /// Mean CLIP loss of the step's micro-batches.
     pub loss: f64,
+    /// Learning rate of the heads at the step.
     pub lr: f64,
+    /// Learning rate of fine-tuned encoder layers at the step.
     pub encoder_lr: f64,
     /// `exp(logit_scale)` after the step.
     pub logit_scale: f64,
@@ -46,6 +55,7 @@ pub struct StepRecord {
     pub grad_norm: f64,
     /// Seconds since this process started training.
     pub elapsed_s: f64,
+    /// Validation metrics, on steps where validation ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub val: Option<ValMetrics>,
 }

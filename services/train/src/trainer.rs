@@ -45,6 +45,7 @@ pub const CACHE_DIR: &str = "cache";
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct TrainRequest {
+    /// The run config.
     pub config: RunConfig,
     /// Stop right after this step as a kill would (no final checkpoint, the run stays
     /// `running`): for resume tests.
@@ -68,7 +69,9 @@ impl TrainProgress for Silent {}
 /// What a run did.
 #[derive(Debug, Clone, Serialize)]
 pub struct RunOutcome {
+    /// The run's id.
     pub run_id: String,
+    /// Its folder (`<data dir>/alignment/<run id>`).
     pub run_dir: PathBuf,
     /// The newest checkpoint (`None` if stopped before the first).
     pub checkpoint: Option<PathBuf>,
@@ -76,16 +79,21 @@ pub struct RunOutcome {
     pub checkpoint_fingerprint: Option<String>,
     /// Steps done.
     pub step: u64,
+    /// Steps the run is configured for (`optim.steps`).
     pub total_steps: u64,
     /// The step a resumed run started from.
     pub resumed_from: Option<u64>,
     /// Whether the run reached `optim.steps`.
     pub completed: bool,
+    /// Pairs trained on.
     pub train_pairs: usize,
+    /// Pairs held out.
     pub validation_pairs: usize,
     /// Trainable scalars.
     pub parameters: usize,
+    /// The last step's record; `None` before the first step.
     pub last: Option<StepRecord>,
+    /// The latest validation metrics; `None` when validation has not run yet.
     pub validation: Option<ValMetrics>,
     /// Seconds to compute the frozen parts.
     pub cache_seconds: f64,
