@@ -23,29 +23,45 @@ use serde_json::{Map, Value};
 /// What a question can fail with. Bad input names the problem; store failures pass through.
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {
+    /// The query slide has no point in the `slides` collection.
     #[error("slide `{0}` is not stored (ingest it first)")]
     UnknownSlide(String),
+    /// The query slide's point lacks the vector asked for.
     #[error("slide `{slide}` has no `{space}` vector{hint}")]
     NoVector {
+        /// The query slide.
         slide: String,
+        /// The space asked for.
         space: Space,
+        /// What to do about it, with a leading space; empty when there is no advice.
         hint: &'static str,
     },
+    /// The query slide has no points in the `tiles` collection.
     #[error(
         "slide `{0}` has no tile points (ingest with [ingest] index_tiles = true, or run \
          `gigapath index tiles --slide {0}`)"
     )]
     NoTiles(String),
+    /// A query box (as given) that is malformed or out of range, and why.
     #[error("box {0}: {1}")]
     BadBox(String, String),
+    /// The query box covers no tile point of the slide.
     #[error("no tissue tile of slide `{slide}` inside box {region}")]
-    EmptyBox { slide: String, region: String },
+    EmptyBox {
+        /// The query slide.
+        slide: String,
+        /// The box, as `x,y,w,h`.
+        region: String,
+    },
+    /// Another bad argument (`k` out of range, an unknown space).
     #[error("{0}")]
     Invalid(String),
+    /// The vector store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
 }
 
+/// Result with the crate's [`QueryError`].
 pub type Result<T> = std::result::Result<T, QueryError>;
 
 /// Which slide vector a slide question compares.
@@ -93,21 +109,29 @@ pub const MAX_RESULTS: usize = 1000;
 /// Slide -> slides.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SimilarSlidesRequest {
+    /// The query slide (stored).
     pub slide_id: String,
+    /// Which of its vectors to compare.
     pub space: Space,
+    /// Slides to return, 1 to [`MAX_RESULTS`].
     pub k: usize,
+    /// Only slides matching this; [`PayloadFilter::none`] for all.
     pub filter: PayloadFilter,
     /// Also leave out slides of the query slide's patient (`labels.patient_id`, else
     /// `labels.patient`).
     pub exclude_patient: bool,
 }
 
+/// One similar slide.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SimilarSlide {
+    /// The slide.
     pub slide_id: String,
     /// Cosine similarity to the query slide.
     pub score: f32,
+    /// Its labels; empty when it has none.
     pub labels: BTreeMap<String, String>,
+    /// Its cohort, if any.
     pub cohort: Option<String>,
 }
 
@@ -188,9 +212,13 @@ pub async fn similar_slides(
 /// A level-0 rectangle in pixels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Level0Box {
+    /// Left edge.
     pub x: i64,
+    /// Top edge.
     pub y: i64,
+    /// Width.
     pub w: i64,
+    /// Height.
     pub h: i64,
 }
 
@@ -243,7 +271,9 @@ impl Level0Box {
 /// Region -> regions.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SimilarRegionsRequest {
+    /// The query slide (with tile points).
     pub slide_id: String,
+    /// The query box on it.
     pub region: Level0Box,
     /// Slides to return.
     pub k_groups: usize,
@@ -254,19 +284,25 @@ pub struct SimilarRegionsRequest {
 /// One region hit: a tile of a stored slide.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Region {
+    /// The tile's level-0 box (`box` in JSON).
     #[serde(rename = "box")]
     pub region: Level0Box,
+    /// Cosine similarity to the query's mean tile vector.
     pub score: f32,
+    /// Tissue fraction of the tile, when its tiling recorded one.
     pub tissue: Option<f64>,
 }
 
 /// The regions of one slide, best first.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RegionGroup {
+    /// The slide.
     pub slide_id: String,
     /// The best region's score.
     pub score: f32,
+    /// Its labels; empty when it has none.
     pub labels: BTreeMap<String, String>,
+    /// Its best regions, best first.
     pub regions: Vec<Region>,
 }
 
