@@ -1,4 +1,4 @@
-//! With the `cuda` feature: compiles src/cuda/kernels.cu to PTX with nvcc (`$CUDA_HOME/bin/nvcc`,
+//! With the `cuda` feature: compiles src/kernels/cuda/kernels.cu to PTX with nvcc (`$CUDA_HOME/bin/nvcc`,
 //! else `nvcc` on PATH) for compute capability `max(CUDA_COMPUTE_CAP, 80)`; the kernels need
 //! sm_80 tensor-core instructions and are skipped at run time on older GPUs. Without the feature
 //! it does nothing, so the default build needs no CUDA toolkit.
@@ -8,7 +8,7 @@ use std::process::Command;
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-changed=src/cuda/kernels.cu");
+    println!("cargo:rerun-if-changed=src/kernels/cuda/kernels.cu");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
@@ -31,7 +31,7 @@ fn main() {
             "-std=c++17",
             &format!("-arch=compute_{cap}"),
         ])
-        .arg("src/cuda/kernels.cu")
+        .arg("src/kernels/cuda/kernels.cu")
         .arg("-o")
         .arg(&out)
         .status()
@@ -41,5 +41,8 @@ fn main() {
                 nvcc.display()
             )
         });
-    assert!(status.success(), "nvcc failed on src/cuda/kernels.cu");
+    assert!(
+        status.success(),
+        "nvcc failed on src/kernels/cuda/kernels.cu"
+    );
 }

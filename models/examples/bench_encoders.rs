@@ -11,7 +11,7 @@
 //! ```
 //! `slide-ops` times the parts of one slide-encoder layer at N tiles (CUDA half precision: each
 //! dilated-attention branch alone, the whole dilated attention, the projections, the FFN).
-//! `kernels` checks each fused CUDA kernel of `gigapath_models::cuda_ops` (flash attention, the
+//! `kernels` checks each fused CUDA kernel of `gigapath_models::kernels::cuda` (flash attention, the
 //! dilated attention through it, LayerNorm, SwiGLU, cuBLASLt linear with bias and residual)
 //! against the plain candle ops in f32 on the same inputs, at `--dtype` (bf16 / f16), and fails
 //! above 2e-2 relative error.
@@ -216,8 +216,9 @@ fn time<T>(iters: usize, mut f: impl FnMut() -> candle_core::Result<T>) -> anyho
 /// One tile-encoder block, op by op, through the same functions the model uses.
 fn ops(args: &[String]) -> anyhow::Result<()> {
     use candle_core::Module;
+    use gigapath_models::kernels::{scaled_residual, swiglu_packed};
+    use gigapath_models::nn::LayerNorm;
     use gigapath_models::nn::Linear; // the layer the models use (one flattened product)
-    use gigapath_models::nn::{scaled_residual, swiglu_packed, LayerNorm};
     use gigapath_models::tile_encoder::attention_from_qkv;
     let get = |name: &str, default: usize| arg(args, name).map_or(default, |s| s.parse().unwrap());
     let (b, d, heads, hidden) = (
@@ -386,12 +387,13 @@ fn parity(args: &[String]) -> anyhow::Result<()> {
 fn kernels(args: &[String]) -> anyhow::Result<()> {
     use candle_core::Module;
     use gigapath_models::dilated_attention::DilatedAttention;
-    use gigapath_models::nn::{swiglu_packed, LayerNorm, Linear};
+    use gigapath_models::kernels::swiglu_packed;
+    use gigapath_models::nn::{LayerNorm, Linear};
     use gigapath_models::tile_encoder::attention_from_qkv;
     let precision = precision(args)?;
     let (dev, dtype) = (precision.device.clone(), precision.dtype);
     anyhow::ensure!(
-        gigapath_models::cuda_ops::available(&dev, dtype),
+        gigapath_models::kernels::cuda::available(&dev, dtype),
         "the fused kernels do not run on {dev:?} / {dtype:?} (need CUDA, bf16 or f16, sm_80+)"
     );
     // Half-precision input and its exact f32 copy.
@@ -533,7 +535,7 @@ fn slide_ops(args: &[String]) -> anyhow::Result<()> {
         rows.push((
             format!("branch ({segment_length}, {ratio}) fused, mix included"),
             time(iters, || {
-                gigapath_models::cuda_ops::dilated_attention(&q, &k, &v, &one, scale)
+                gigapath_models::kernels::cuda::dilated_attention(&q, &k, &v, &one, scale)
                     .map(|y| y.expect("fused path"))
             })?,
         ));

@@ -12,7 +12,7 @@
 //!
 //! Everything a gradient flows through is built from differentiable candle ops: the LayerNorms
 //! and softmaxes of the tails switch to their basic-op paths when a weight is a `Var` (see
-//! [`crate::nn`]), the dilated attention to `forward_ops`, and the loss's log-softmax is written
+//! [`crate::kernels`]), the dilated attention to `forward_ops`, and the loss's log-softmax is written
 //! out here (candle 0.11's fused `layer_norm`, `softmax_last_dim`, `rms_norm` and `sdpa` record no
 //! backward op).
 //!

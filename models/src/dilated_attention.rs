@@ -15,93 +15,14 @@
 //! small attentions run in chunks of bounded size, and one scatter; nothing ever holds more than
 //! one chunk of attention scores, so memory is linear in L.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
-use rayon::prelude::*;
+use candle_core::{DType, Result, Tensor};
 use std::sync::{Arc, Mutex};
 
-use crate::nn::needs_grad;
-
-/// The lse the reference writes where a head did not cover a position.
-pub const UNCOVERED_LSE: f32 = -1e8;
+use crate::kernels::{self, attention_with_lse};
+pub use crate::kernels::{Branch, BranchLayout, UNCOVERED_LSE};
 
 /// Default bound on attention scores held at once (elements): 16 Mi, 64 MiB in f32.
 pub const DEFAULT_CHUNK_SCORES: usize = 1 << 24;
-
-/// One branch of dilated attention.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Branch {
-    /// Segment length S.
-    pub segment_length: usize,
-    /// Dilation ratio r.
-    pub ratio: usize,
-}
-
-/// Where a branch's attention problems read from and write to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BranchLayout {
-    /// Independent attention problems: segments x heads, ordered (segment, head).
-    pub problems: usize,
-    /// Tokens per problem, zero padding included.
-    pub tokens: usize,
-    /// Row of the flattened `[L * H]` grid (`position * H + head`) for token t of problem i at
-    /// `rows[i * tokens + t]`; `L * H` (the zero sink row) for padding.
-    pub rows: Vec<u32>,
-}
-
-impl Branch {
-    /// Segment length actually used, `min(S, L)`, and the number of segments.
-    pub fn segments(&self, seq_len: usize) -> (usize, usize) {
-        let s = self.segment_length.min(seq_len).max(1);
-        (s, seq_len.div_ceil(s))
-    }
-
-    /// Errors where the reference would silently misplace tokens: several segments whose length
-    /// is not a multiple of r (its scatter-back then drifts by the intra-segment padding).
-    pub fn check_len(&self, seq_len: usize) -> std::result::Result<(), String> {
-        let (s, n) = self.segments(seq_len);
-        if n > 1 && s % self.ratio != 0 {
-            return Err(format!(
-                "sequence length {seq_len} needs {n} segments of {s} tokens in the dilated \
-                 attention branch (segment {}, ratio {}); the reference implementation is not \
-                 defined there (segment length not a multiple of the ratio). Use at most {} tiles",
-                self.segment_length,
-                self.ratio,
-                self.segment_length - 1
-            ));
-        }
-        Ok(())
-    }
-
-    /// The gather / scatter map of this branch for `seq_len` tokens and `num_heads` heads.
-    pub fn layout(&self, seq_len: usize, num_heads: usize) -> Result<BranchLayout> {
-        self.check_len(seq_len).map_err(candle_core::Error::msg)?;
-        let r = self.ratio;
-        let (s, n) = self.segments(seq_len);
-        let tokens = s.div_ceil(r);
-        // The reference pads heads to a multiple of r too, then drops the padded heads.
-        let group = num_heads.div_ceil(r);
-        let sink = (seq_len * num_heads) as u32;
-        let mut rows = Vec::with_capacity(n * num_heads * tokens);
-        for seg in 0..n {
-            for h in 0..num_heads {
-                let j = h / group;
-                rows.extend((0..tokens).map(|t| {
-                    let pos = seg * s + j + r * t;
-                    if pos < seq_len {
-                        (pos * num_heads + h) as u32
-                    } else {
-                        sink
-                    }
-                }));
-            }
-        }
-        Ok(BranchLayout {
-            problems: n * num_heads,
-            tokens,
-            rows,
-        })
-    }
-}
 
 /// A branch's [`BranchLayout`] on a device: the gather map, its inverse over the `[L * H]` grid.
 #[derive(Debug)]
@@ -174,33 +95,16 @@ impl DilatedAttention {
 
     /// `q`, `k`, `v` [L, H, Dh] -> attention output [L, H, Dh].
     ///
-    /// f32 on CPU without gradient runs the fused kernel of `cpu_attention`, half
-    /// precision on CUDA [`crate::cuda_ops::dilated_attention`]; otherwise the same math in candle
-    /// ops ([`DilatedAttention::forward_ops`]).
+    /// One fused kernel where [`kernels::dilated_attention`] has one (f32 CPU inference, half
+    /// precision on CUDA); otherwise the same math in candle ops ([`DilatedAttention::forward_ops`]).
     pub fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        let (l, h, _) = q.dims3()?;
+        let (_, h, _) = q.dims3()?;
         if h != self.num_heads {
             candle_core::bail!("dilated attention: {h} heads, expected {}", self.num_heads)
         }
-        let fused = [q, k, v]
-            .iter()
-            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && !needs_grad(t));
-        if fused {
-            self.check_len(l).map_err(candle_core::Error::msg)?;
-            let op = crate::cpu_attention::DilatedAttentionCpu {
-                branches: self.branches.clone(),
-                scale: self.scale as f32,
-            };
-            return q
-                .contiguous()?
-                .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op);
-        }
-        if crate::cuda_ops::applies(q) {
-            self.check_len(l).map_err(candle_core::Error::msg)?;
-            let scale = self.scale as f32;
-            if let Some(y) = crate::cuda_ops::dilated_attention(q, k, v, &self.branches, scale)? {
-                return Ok(y);
-            }
+        let scale = self.scale as f32;
+        if let Some(y) = kernels::dilated_attention(q, k, v, &self.branches, scale)? {
+            return Ok(y);
         }
         self.forward_ops(q, k, v)
     }
@@ -351,119 +255,11 @@ impl DilatedAttention {
     }
 }
 
-/// Plain unmasked attention that also returns the natural-log log-sum-exp of the scaled logits,
-/// the quantity flash-attn returns and the branch mix needs.
-///
-/// `q` [B, M, Dh], `k`, `v` [B, N, Dh] -> (`out` [B, M, Dh], `lse` [B, M] in f32).
-pub fn attention_with_lse(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    scale: f64,
-) -> Result<(Tensor, Tensor)> {
-    let scores = q.matmul(&k.t()?)?;
-    let (p, lse) = softmax_with_lse(&scores, scale)?;
-    Ok((p.to_dtype(v.dtype())?.matmul(v)?, lse))
-}
-
-/// `softmax(scale * x)` over the last dimension and its log-sum-exp (f32), for attention scores.
-///
-/// On CPU without gradient this is one fused pass; otherwise (CUDA, training) basic ops in f32.
-pub fn softmax_with_lse(scores: &Tensor, scale: f64) -> Result<(Tensor, Tensor)> {
-    if scores.device().is_cpu() && scores.dtype() == DType::F32 && !needs_grad(scores) {
-        let n = scores.dim(D::Minus1)?;
-        let packed = scores.contiguous()?.apply_op1_no_bwd(&SoftmaxWithLse {
-            scale: scale as f32,
-        })?;
-        let p = packed.narrow(D::Minus1, 0, n)?;
-        let lse = packed.narrow(D::Minus1, n, 1)?.squeeze(D::Minus1)?;
-        return Ok((p, lse));
-    }
-    if !needs_grad(scores) {
-        return softmax_with_lse_fused(scores, scale);
-    }
-    let x = (scores.to_dtype(DType::F32)? * scale)?;
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    let sum = e.sum_keepdim(D::Minus1)?;
-    let p = e.broadcast_div(&sum)?;
-    let lse = (max + sum.log()?)?.squeeze(D::Minus1)?;
-    Ok((p, lse))
-}
-
-/// Inference off the CPU kernel (CUDA, f64, half precision): candle's fused softmax, and the lse
-/// from the two row maxima, `lse = max(x) - ln(max(p))` (the largest probability is `1 / sum`, so
-/// this is `max + ln(sum(exp(x - max)))` without another pass over `exp`). Five kernels instead of
-/// nine; the fused softmax has no backward, so training never comes here.
-pub fn softmax_with_lse_fused(scores: &Tensor, scale: f64) -> Result<(Tensor, Tensor)> {
-    let x = scores.to_dtype(DType::F32)?.affine(scale, 0.0)?;
-    let p = candle_nn::ops::softmax_last_dim(&x)?;
-    let max_x = x.max_keepdim(D::Minus1)?;
-    let max_p = p.max_keepdim(D::Minus1)?;
-    let lse = (max_x - max_p.log()?)?.squeeze(D::Minus1)?;
-    Ok((p, lse))
-}
-
-/// CPU kernel: rows of `x` -> rows of `[softmax(scale * x), lse]` (one extra trailing column), so
-/// probabilities and lse come out of one pass without a second output tensor.
-struct SoftmaxWithLse {
-    scale: f32,
-}
-
-impl CustomOp1 for SoftmaxWithLse {
-    fn name(&self) -> &'static str {
-        "softmax-with-lse"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(src) = storage else {
-            candle_core::bail!("softmax-with-lse: only f32 on CPU")
-        };
-        let Some((o1, o2)) = layout.contiguous_offsets() else {
-            candle_core::bail!("softmax-with-lse: input must be contiguous")
-        };
-        let src = &src[o1..o2];
-        let mut dims = layout.dims().to_vec();
-        let n = *dims.last().unwrap_or(&0);
-        if n == 0 {
-            candle_core::bail!("softmax-with-lse: empty last dimension")
-        }
-        let mut dst = vec![0f32; src.len() / n * (n + 1)];
-        let scale = self.scale;
-        src.par_chunks(n)
-            .zip(dst.par_chunks_mut(n + 1))
-            .with_min_len(16)
-            .for_each(|(x, out)| {
-                let (p, lse) = out.split_at_mut(n);
-                lse[0] = softmax_row(x, scale, p);
-            });
-        *dims.last_mut().unwrap() = n + 1;
-        Ok((CpuStorage::F32(dst), Shape::from(dims)))
-    }
-}
-
-/// One row: writes `softmax(scale * x)` to `p`, returns `ln(sum(exp(scale * x)))`.
-fn softmax_row(x: &[f32], scale: f32, p: &mut [f32]) -> f32 {
-    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * scale;
-    // Eight partial sums: vectorisable and more accurate than one running sum.
-    let mut acc = [0f32; 8];
-    for (xs, ps) in x.chunks(8).zip(p.chunks_mut(8)) {
-        for (i, (&v, q)) in xs.iter().zip(ps.iter_mut()).enumerate() {
-            let e = (v * scale - max).exp();
-            *q = e;
-            acc[i] += e;
-        }
-    }
-    let sum: f32 = acc.iter().sum();
-    let inv = 1.0 / sum;
-    p.iter_mut().for_each(|q| *q *= inv);
-    max + sum.ln()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use crate::kernels::{softmax_with_lse, softmax_with_lse_fused};
+    use candle_core::{Device, D};
 
     /// The spec's algorithm written out literally in f64 loops: pad, segment, dilate, attend,
     /// scatter with -1e8, combine. Independent of the gather/scatter map above.

@@ -9,17 +9,18 @@
 //! - [`tile_transform`]: u8 RGB tiles to the normalised `pixel_values` the tile encoder expects.
 //! - [`slide_encoder`]: [`SlideEncoder`], the LongNet ViT over tile features and grid positions.
 //! - [`dilated_attention`]: LongNet's dilated attention, segment by segment.
+//! - [`nn`]: the shared layers (`Linear`, `LayerNorm`); [`kernels`]: the ops under every model and
+//!   the one rule that picks a fused CPU, fused CUDA or differentiable implementation.
 //! - [`text_encoder`]: [`TextEncoder`], a BERT-family model with its tokenizer and pooling.
 //! - [`init`]: small seeded random model folders for tests and the demo.
 //! - [`device`]: `cpu` / `cuda:N` and `f32` / `bf16` / `f16` as strings from the command line.
 
 pub mod align;
-mod cpu_attention;
-pub mod cuda_ops;
 pub mod device;
 pub mod dilated_attention;
 mod error;
 pub mod init;
+pub mod kernels;
 pub mod nn;
 pub mod slide_encoder;
 pub mod text_encoder;

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::device::Precision;
 use crate::dilated_attention::DilatedAttention;
+use crate::kernels::needs_grad;
 use crate::nn::{linear, LayerNorm};
 use crate::weights::{find_file, read_json, var_builder};
 
@@ -243,7 +244,7 @@ pub fn grid_cells(
     if !coords_px.len().is_multiple_of(2) {
         return Err(crate::Error::input("coords must hold (x, y) pairs"));
     }
-    if !(tile_size > 0.0) {
+    if tile_size.is_nan() || tile_size <= 0.0 {
         return Err(crate::Error::input(format!(
             "tile size {tile_size} must be positive"
         )));
@@ -338,10 +339,13 @@ impl SelfAttention {
             linear(d, d, vb.pp("k_proj"))?,
             linear(d, d, vb.pp("v_proj"))?,
         );
-        let frozen = [&q, &k, &v].iter().all(|p| {
-            !crate::nn::needs_grad(p.weight()) && p.bias().is_none_or(|b| !crate::nn::needs_grad(b))
-        });
-        let projections = match (crate::cuda_ops::available(vb.device(), vb.dtype()), frozen) {
+        let frozen = [&q, &k, &v]
+            .iter()
+            .all(|p| !needs_grad(p.weight()) && p.bias().is_none_or(|b| !needs_grad(b)));
+        let projections = match (
+            crate::kernels::cuda::available(vb.device(), vb.dtype()),
+            frozen,
+        ) {
             (true, true) => {
                 let weight = Tensor::cat(&[q.weight(), k.weight(), v.weight()], 0)?;
                 let bias = match (q.bias(), k.bias(), v.bias()) {

@@ -7,7 +7,7 @@
 //! L2-normalised. Inputs are truncated to the model's maximum length (512 at most).
 //!
 //! The model is written here rather than taken from `candle_transformers::models::bert` so its
-//! LayerNorms and softmax keep a gradient path ([`crate::nn`]): the top layers are fine-tuned for
+//! LayerNorms and softmax keep a gradient path ([`crate::kernels`]): the top layers are fine-tuned for
 //! the CLIP alignment.
 
 use std::path::Path;
@@ -20,7 +20,8 @@ use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
 use crate::device::Precision;
-use crate::nn::{linear, softmax_last_dim, LayerNorm};
+use crate::kernels::softmax_last_dim;
+use crate::nn::{linear, LayerNorm};
 use crate::weights::{find_file, read_json, var_builder};
 use crate::Error;
 

@@ -14,10 +14,9 @@ use candle_nn::VarBuilder;
 use crate::nn::Linear;
 use serde::Deserialize;
 
-use crate::cpu_attention::FusedQkvAttention;
-use crate::cuda_ops;
 use crate::device::Precision;
-use crate::nn::{linear, needs_grad, scaled_residual, softmax_last_dim, swiglu_packed, LayerNorm};
+use crate::kernels::{self, scaled_residual, softmax_last_dim, swiglu_packed};
+use crate::nn::{linear, LayerNorm};
 use crate::weights::{find_file, read_json, var_builder};
 
 /// The only architecture this module implements; others have a GELU MLP or register tokens.
@@ -340,38 +339,14 @@ fn scaled_linear(
 /// Multi-head self-attention core from timm's fused projection: `qkv` [B, N, 3D] (rows
 /// `[q; k; v]`, heads contiguous) -> [B, N, D] with heads merged, scale `(D/H)^-0.5`.
 ///
-/// f32 on CPU without gradient uses the fused kernel of `cpu_attention`.
+/// One fused kernel where [`kernels::qkv_attention`] has one (f32 CPU inference, half precision
+/// on CUDA); otherwise candle ops.
 pub fn attention_from_qkv(qkv: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, n, three_d) = qkv.dims3()?;
     let d = three_d / 3;
     let scale = ((d / heads) as f64).powf(-0.5);
-    if qkv.device().is_cpu() && qkv.dtype() == DType::F32 && !needs_grad(qkv) {
-        let op = FusedQkvAttention {
-            heads,
-            scale: scale as f32,
-        };
-        return qkv.contiguous()?.apply_op1_no_bwd(&op);
-    }
-    if cuda_ops::applies(qkv) {
-        // The flash kernel reads q, k and v in place from the packed rows.
-        let qkv = qkv.contiguous()?;
-        let part = |offset: usize| cuda_ops::Strided {
-            tensor: &qkv,
-            offset,
-            batch: n * three_d,
-            head: d / heads,
-            token: three_d,
-        };
-        let shape = cuda_ops::AttentionShape {
-            batch: b,
-            heads,
-            tokens: n,
-            head_dim: d / heads,
-            scale: scale as f32,
-        };
-        if let Some(out) = cuda_ops::flash_attention(part(0), part(d), part(2 * d), shape)? {
-            return out.reshape((b, n, d));
-        }
+    if let Some(out) = kernels::qkv_attention(qkv, heads, scale as f32)? {
+        return Ok(out);
     }
     // [B, N, 3D] -> [3, B, H, N, D/H]
     let qkv = qkv
@@ -408,7 +383,7 @@ impl SwiGluPacked {
         let hidden = cfg.mlp_hidden();
         let packed = linear(d, hidden, vb.pp("fc1"))?;
         // Packed where one pass gates it: our CPU kernel, or the CUDA kernel in half precision.
-        let fc1 = if vb.device().is_cpu() || cuda_ops::available(vb.device(), vb.dtype()) {
+        let fc1 = if vb.device().is_cpu() || kernels::cuda::available(vb.device(), vb.dtype()) {
             Fc1::Packed(packed)
         } else {
             let half = hidden / 2;
@@ -474,7 +449,7 @@ impl Block {
             }
         };
         let (ls1, ls2) = (layer_scale("ls1")?, layer_scale("ls2")?);
-        let fused_residual = cuda_ops::available(vb.device(), vb.dtype());
+        let fused_residual = kernels::cuda::available(vb.device(), vb.dtype());
         let (fold1, fold2) = match fused_residual {
             true => (ls1.as_ref(), ls2.as_ref()),
             false => (None, None),

@@ -1,16 +1,19 @@
-//! Fused attention kernels for inference on CPU.
+//! Fused CPU kernels for f32 inference ([`super::Path::Cpu`]), as candle custom ops.
 //!
 //! candle runs attention as separate ops: head-split copies, a batched matmul that parallelises
 //! inside each small (197 x 197) product, a scalar-`exp` softmax, another matmul, a merge copy, and
 //! for the slide encoder a gather and a scatter per branch. Profiling showed those steps (plus the
-//! page faults of their large temporaries) at 3-4x PyTorch's fused SDPA. These kernels compute the
-//! same math in one pass per (problem, query block): the products go straight to the `gemm` crate
-//! (candle's own CPU matmul) on strided views of q / k / v, the softmax uses a vectorised `exp`,
-//! results are written in place, and threads work on different heads and blocks. No tensor larger
-//! than a block of scores is ever allocated.
+//! page faults of their large temporaries) at 3-4x PyTorch's fused SDPA. The attention kernels here
+//! compute the same math in one pass per (problem, query block): the products go straight to the
+//! `gemm` crate (candle's own CPU matmul) on strided views of q / k / v, the softmax uses the
+//! vectorised `exp` of [`super::simd`], results are written in place, and threads work on different
+//! heads and blocks. No tensor larger than a block of scores is ever allocated.
 //!
-//! Used only for f32 on CPU without gradient tracking; everything else (CUDA, training) takes the
-//! composed-op path, which the tests check against the same references.
+//! The LayerNorm is our own two-pass one: candle's computes the variance as `E[x^2] - E[x]^2` in
+//! f32, which loses about three digits once a channel's mean is large against its spread (1e-3
+//! absolute error at mean 50, std 1), as residual streams allow.
+//!
+//! None of these ops records a backward op; [`super::dispatch`] sends training elsewhere.
 
 use std::cell::RefCell;
 
@@ -18,7 +21,19 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape};
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
-use crate::dilated_attention::{Branch, UNCOVERED_LSE};
+use super::branch::{Branch, UNCOVERED_LSE};
+use super::simd;
+
+/// The f32 values of a contiguous CPU tensor, or an error naming the kernel and operand.
+fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{what}: this CPU kernel takes f32")
+    };
+    match layout.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{what}: this CPU kernel takes contiguous input"),
+    }
+}
 
 /// Query rows per task: small enough to spread a head over threads, large enough for `gemm`.
 const QUERY_BLOCK: usize = 128;
@@ -41,7 +56,9 @@ thread_local! {
 /// A raw pointer that may cross threads: every task writes a disjoint set of rows.
 #[derive(Clone, Copy)]
 struct SharedMut(*mut f32);
+// Safety: the pointer is only dereferenced by tasks that write disjoint rows (see the users).
 unsafe impl Send for SharedMut {}
+// Safety: as for `Send`: no two tasks touch the same element.
 unsafe impl Sync for SharedMut {}
 
 impl SharedMut {
@@ -85,191 +102,66 @@ unsafe fn attend_block(
     scores.resize(nq * m, 0.0);
     let s = p.stride as isize;
     // scores = scale * Q K^T: [nq, m]; K^T is K read column-wise (no transpose copy).
-    gemm(
-        nq,
-        m,
-        dh,
-        scores.as_mut_ptr(),
-        1,
-        m as isize,
-        false,
-        q.add(p.q + q0 * p.stride),
-        1,
-        s,
-        k.add(p.k),
-        s,
-        1,
-        0.0,
-        scale,
-        false,
-        false,
-        false,
-        Parallelism::None,
-    );
+    // Safety: the caller guarantees the problem's rows lie inside q / k; `scores` holds nq x m.
+    unsafe {
+        gemm(
+            nq,
+            m,
+            dh,
+            scores.as_mut_ptr(),
+            1,
+            m as isize,
+            false,
+            q.add(p.q + q0 * p.stride),
+            1,
+            s,
+            k.add(p.k),
+            s,
+            1,
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        )
+    };
     for (row, l) in scores.chunks_exact_mut(m).zip(lse.iter_mut()) {
-        *l = softmax_in_place(row, p.zero_keys);
+        *l = simd::softmax_in_place(row, p.zero_keys);
     }
     // out = P V: [nq, dh]
-    gemm(
-        nq,
-        dh,
-        m,
-        out.as_mut_ptr(),
-        1,
-        dh as isize,
-        false,
-        scores.as_ptr(),
-        1,
-        m as isize,
-        v.add(p.v),
-        1,
-        s,
-        0.0,
-        1.0,
-        false,
-        false,
-        false,
-        Parallelism::None,
-    );
-}
-
-/// `row <- softmax(row)` over the row plus `zero_keys` implicit zero logits; returns the lse.
-fn softmax_in_place(row: &mut [f32], zero_keys: usize) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // Safety: the features were just detected.
-        return unsafe { softmax_in_place_avx2(row, zero_keys) };
-    }
-    softmax_in_place_portable(row, zero_keys)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn softmax_in_place_avx2(row: &mut [f32], zero_keys: usize) -> f32 {
-    softmax_in_place_portable(row, zero_keys)
-}
-
-#[inline(always)]
-fn softmax_in_place_portable(row: &mut [f32], zero_keys: usize) -> f32 {
-    let mut lanes = [f32::NEG_INFINITY; 8];
-    let mut chunks = row.chunks_exact(8);
-    for c in &mut chunks {
-        for (m, &x) in lanes.iter_mut().zip(c) {
-            *m = if x > *m { x } else { *m };
-        }
-    }
-    let mut max = chunks
-        .remainder()
-        .iter()
-        .chain(&lanes)
-        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
-    if zero_keys > 0 && max < 0.0 {
-        max = 0.0;
-    }
-    let sum = exp_sub_sum_portable(row, max) + zero_keys as f32 * (-max).exp();
-    let inv = 1.0 / sum;
-    row.iter_mut().for_each(|x| *x *= inv);
-    max + sum.ln()
-}
-
-/// `xs[i] <- exp(xs[i] - max)`, returning the sum; AVX2 + FMA when the CPU has them.
-#[cfg(test)]
-fn exp_sub_sum(xs: &mut [f32], max: f32) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // Safety: the features were just detected.
-        return unsafe { exp_sub_sum_avx2(xs, max) };
-    }
-    exp_sub_sum_portable(xs, max)
-}
-
-#[cfg(all(test, target_arch = "x86_64"))]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn exp_sub_sum_avx2(xs: &mut [f32], max: f32) -> f32 {
-    exp_sub_sum_portable(xs, max)
-}
-
-/// `xs[i] <- exp(xs[i] - max)`, returning the sum (eight partial sums: vectorisable, and more
-/// accurate than one running sum).
-#[inline(always)]
-fn exp_sub_sum_portable(xs: &mut [f32], max: f32) -> f32 {
-    let mut acc = [0f32; 8];
-    let mut chunks = xs.chunks_exact_mut(8);
-    for c in &mut chunks {
-        for (a, x) in acc.iter_mut().zip(c.iter_mut()) {
-            *x = exp_approx(*x - max);
-            *a += *x;
-        }
-    }
-    let mut sum: f32 = acc.iter().sum();
-    for x in chunks.into_remainder() {
-        *x = exp_approx(*x - max);
-        sum += *x;
-    }
-    sum
-}
-
-/// `y[i] <- silu(gate[i]) * value[i]` with the vectorised `exp` (timm's packed SwiGLU gate).
-pub(crate) fn silu_mul(gate: &[f32], value: &[f32], y: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // Safety: the features were just detected.
-        return unsafe { silu_mul_avx2(gate, value, y) };
-    }
-    silu_mul_portable(gate, value, y)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn silu_mul_avx2(gate: &[f32], value: &[f32], y: &mut [f32]) {
-    silu_mul_portable(gate, value, y)
-}
-
-#[inline(always)]
-fn silu_mul_portable(gate: &[f32], value: &[f32], y: &mut [f32]) {
-    for ((y, &g), &v) in y.iter_mut().zip(gate).zip(value) {
-        *y = g / (1.0 + exp_approx(-g)) * v;
-    }
-}
-
-/// `exp(x)` to ~1 ulp without a libm call, so loops over it vectorise (Cephes `expf`: `2^n e^r`
-/// with `|r| <= ln2 / 2` and a degree-6 polynomial). Inputs below -87.3 give ~1e-38, not 0.
-#[inline(always)]
-pub(crate) fn exp_approx(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // Adding 1.5 * 2^23 rounds to an integer held in the low mantissa bits.
-    const ROUND: f32 = 12_582_912.0;
-    let x = x.clamp(-87.336_55, 88.376_26);
-    let t = x * LOG2E + ROUND;
-    let n = t - ROUND;
-    let r = x - n * LN2_HI - n * LN2_LO;
-    let mut p = 1.987_569_1e-4f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 5e-1;
-    let y = p * r * r + r + 1.0;
-    let n_int = (t.to_bits() as i32).wrapping_sub(0x4B40_0000);
-    y * f32::from_bits(((n_int + 127) as u32) << 23)
-}
-
-fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(data) = storage else {
-        candle_core::bail!("{what}: the CPU attention kernel takes f32")
+    // Safety: the problem's rows lie inside v; `out` holds nq x dh (the caller sizes it).
+    unsafe {
+        gemm(
+            nq,
+            dh,
+            m,
+            out.as_mut_ptr(),
+            1,
+            dh as isize,
+            false,
+            scores.as_ptr(),
+            1,
+            m as isize,
+            v.add(p.v),
+            1,
+            s,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        )
     };
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("{what}: the CPU attention kernel takes contiguous input"),
-    }
 }
 
 /// Multi-head self-attention from a fused qkv projection: [B, N, 3 * H * Dh] (rows `[q; k; v]`,
 /// heads contiguous, as timm stores `qkv`) -> [B, N, H * Dh] with heads merged.
 pub(crate) struct FusedQkvAttention {
+    /// Attention heads H.
     pub heads: usize,
+    /// Softmax scale, `Dh^-0.5`.
     pub scale: f32,
 }
 
@@ -339,7 +231,9 @@ impl CustomOp1 for FusedQkvAttention {
 /// branches that do not cover the position are added back (they carry lse -1e8 and output 0, and
 /// only matter when every lse there is -1e8).
 pub(crate) struct DilatedAttentionCpu {
+    /// The branches, mixed by their lses.
     pub branches: Vec<Branch>,
+    /// Softmax scale, `Dh^-0.5`.
     pub scale: f32,
 }
 
@@ -480,42 +374,169 @@ unsafe fn mix_in(
     lse: f32,
     o: &[f32],
 ) {
-    let (max, weight) = (max.get().add(idx), weight.get().add(idx));
+    // Safety: the caller guarantees `idx` is in range of the [L * H] grid (and of its [L * H,
+    // dh] accumulator) and that no other thread touches this (position, head).
+    let (max, weight, acc) = unsafe {
+        (
+            &mut *max.get().add(idx),
+            &mut *weight.get().add(idx),
+            std::slice::from_raw_parts_mut(acc.get().add(idx * dh), dh),
+        )
+    };
     let m_old = *max;
     let m_new = m_old.max(lse);
     let a = (m_old - m_new).exp(); // 0 for the first branch (m_old = -inf)
     let c = (lse - m_new).exp();
     *max = m_new;
     *weight = *weight * a + c;
-    let acc = std::slice::from_raw_parts_mut(acc.get().add(idx * dh), dh);
     for (x, &y) in acc.iter_mut().zip(o) {
         *x = *x * a + c * y;
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// CPU LayerNorm over the last dimension, rows in parallel: mean, then the variance of the
+/// centred values (f32, eight partial sums per pass).
+pub(crate) struct TwoPassLayerNorm {
+    /// Added to the variance.
+    pub eps: f64,
+}
 
-    #[test]
-    fn exp_approx_is_within_two_ulp_of_libm() {
-        let mut worst = 0f32;
-        let mut x = -87.0f32;
-        while x < 88.0 {
-            let (a, b) = (exp_approx(x), x.exp());
-            worst = worst.max(((a - b) / b).abs());
-            x += 0.001_3;
-        }
-        assert!(worst < 2.5e-7, "max relative error {worst:e}");
-        assert_eq!(exp_approx(0.0), 1.0);
-        assert!(exp_approx(-1e8) < 1e-37);
+impl CustomOp3 for TwoPassLayerNorm {
+    fn name(&self) -> &'static str {
+        "layer-norm-two-pass"
     }
 
-    #[test]
-    fn exp_sub_sum_matches_the_scalar_loop() {
-        let mut xs: Vec<f32> = (0..1003).map(|i| (i as f32 * 0.37).sin() * 20.0).collect();
-        let expected: f64 = xs.iter().map(|&x| ((x - 20.0) as f64).exp()).sum();
-        let sum = exp_sub_sum(&mut xs, 20.0);
-        assert!(((sum as f64 - expected) / expected).abs() < 1e-6);
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, bias) = (
+            contiguous_f32(xs, xl, "layer-norm")?,
+            contiguous_f32(ws, wl, "layer-norm")?,
+            contiguous_f32(bs, bl, "layer-norm")?,
+        );
+        let n = w.len();
+        if n == 0 || xl.dims().last() != Some(&n) || bias.len() != n {
+            candle_core::bail!(
+                "layer-norm: input {:?}, weight {n}, bias {}",
+                xl.dims(),
+                bias.len()
+            )
+        }
+        let eps = self.eps as f32;
+        let mut out = vec![0f32; x.len()];
+        x.par_chunks(n)
+            .zip(out.par_chunks_mut(n))
+            .with_min_len(8)
+            .for_each(|(row, y)| simd::layer_norm_row(row, w, bias, eps, y));
+        Ok((CpuStorage::F32(out), xl.shape().clone()))
+    }
+}
+
+/// `x + y * gamma`, `gamma` over the last dimension, one pass.
+pub(crate) struct ScaledResidual;
+
+impl CustomOp3 for ScaledResidual {
+    fn name(&self) -> &'static str {
+        "scaled-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ys: &CpuStorage,
+        yl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, y, g) = (
+            contiguous_f32(xs, xl, "scaled-residual")?,
+            contiguous_f32(ys, yl, "scaled-residual")?,
+            contiguous_f32(gs, gl, "scaled-residual")?,
+        );
+        let mut out = x.to_vec();
+        out.par_chunks_mut(g.len())
+            .zip(y.par_chunks(g.len()))
+            .with_min_len(8)
+            .for_each(|(o, y)| {
+                for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
+                    *o += y * g;
+                }
+            });
+        Ok((CpuStorage::F32(out), xl.shape().clone()))
+    }
+}
+
+/// timm's packed SwiGLU gate `silu(h[..., :n]) * h[..., n:]`, one vectorised pass.
+pub(crate) struct SwiGluPacked;
+
+impl CustomOp1 for SwiGluPacked {
+    fn name(&self) -> &'static str {
+        "swiglu-packed"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(storage, layout, "swiglu")?;
+        let mut dims = layout.dims().to_vec();
+        let width = dims.last().copied().unwrap_or(0);
+        if width == 0 || width % 2 != 0 {
+            candle_core::bail!("swiglu: last dimension {width} must be even")
+        }
+        let half = width / 2;
+        let mut out = vec![0f32; x.len() / 2];
+        x.par_chunks(width)
+            .zip(out.par_chunks_mut(half))
+            .with_min_len(8)
+            .for_each(|(row, y)| {
+                let (gate, value) = row.split_at(half);
+                simd::silu_mul(gate, value, y);
+            });
+        *dims.last_mut().unwrap() = half;
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
+
+/// CPU kernel: rows of `x` -> rows of `[softmax(scale * x), lse]` (one extra trailing column), so
+/// probabilities and lse come out of one pass without a second output tensor.
+pub(crate) struct SoftmaxWithLse {
+    /// Applied to the scores before the softmax.
+    pub scale: f32,
+}
+
+impl CustomOp1 for SoftmaxWithLse {
+    fn name(&self) -> &'static str {
+        "softmax-with-lse"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(src) = storage else {
+            candle_core::bail!("softmax-with-lse: only f32 on CPU")
+        };
+        let Some((o1, o2)) = layout.contiguous_offsets() else {
+            candle_core::bail!("softmax-with-lse: input must be contiguous")
+        };
+        let src = &src[o1..o2];
+        let mut dims = layout.dims().to_vec();
+        let n = *dims.last().unwrap_or(&0);
+        if n == 0 {
+            candle_core::bail!("softmax-with-lse: empty last dimension")
+        }
+        let mut dst = vec![0f32; src.len() / n * (n + 1)];
+        let scale = self.scale;
+        src.par_chunks(n)
+            .zip(dst.par_chunks_mut(n + 1))
+            .with_min_len(16)
+            .for_each(|(x, out)| {
+                let (p, lse) = out.split_at_mut(n);
+                lse[0] = simd::softmax_row(x, scale, p);
+            });
+        *dims.last_mut().unwrap() = n + 1;
+        Ok((CpuStorage::F32(dst), Shape::from(dims)))
     }
 }

@@ -1,5 +1,5 @@
 // gigapath's own CUDA kernels for half-precision inference (bf16 / f16, sm_80 and newer), compiled
-// to PTX by models/build.rs when the `cuda` feature is on and loaded by src/cuda_ops.rs.
+// to PTX by models/build.rs when the `cuda` feature is on and loaded by src/kernels/cuda/imp.rs.
 //
 //   flash_fwd_*      attention forward with the log-sum-exp, FlashAttention-2 style: one pass over
 //                    the keys with an online softmax, scores never leave registers. Tensor cores
