@@ -163,10 +163,8 @@ impl LoopDisk {
         let file = std::fs::File::create(&filler).unwrap();
         let len = available.saturating_sub(leave) as libc::off_t;
         // SAFETY: a valid open file descriptor; the range is within off_t.
-        assert_eq!(
-            unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) },
-            0
-        );
+        let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) };
+        assert_eq!(rc, 0);
         filler
     }
 }

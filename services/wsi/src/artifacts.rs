@@ -382,8 +382,8 @@ const GLASS_GREY: f64 = 215.0;
 const MIN_TISSUE_SHARE: f64 = 0.5;
 
 /// Variance of the 4-neighbour Laplacian of the grey levels of a `side` x `side` RGB patch,
-/// over its tissue pixels (grey under [`GLASS_GREY`]): glass is flat whatever the focus.
-/// `None` when under [`MIN_TISSUE_SHARE`] of the patch is tissue.
+/// over its tissue pixels (grey under `GLASS_GREY`): glass is flat whatever the focus.
+/// `None` when under `MIN_TISSUE_SHARE` of the patch is tissue.
 pub fn laplacian_variance(rgb: &[u8], side: usize) -> Option<f64> {
     let grey: Vec<f64> = rgb
         .chunks_exact(3)

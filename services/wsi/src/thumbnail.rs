@@ -35,7 +35,7 @@ impl RgbImage {
 /// Reads the slide at level-0 `downsample` (>= 1): output pixel (i, j) is the mean of the
 /// source pixels whose level-0 footprint falls in [i*ds, (i+1)*ds) x [j*ds, (j+1)*ds).
 /// The size is `ceil(W0 / ds) x ceil(H0 / ds)`, refused above `max_px` pixels before anything
-/// is allocated; source pixels are read in blocks of at most about [`STRIP_PX`] whatever the
+/// is allocated; source pixels are read in blocks of at most about `STRIP_PX` whatever the
 /// slide's width.
 pub fn read_downsampled(slide: &Slide, downsample: f64, max_px: u64) -> Result<RgbImage> {
     let (w0, h0) = slide.level0_size();
