@@ -85,6 +85,10 @@ enum Command {
     /// ingested before.
     #[command(subcommand)]
     Index(cmd::index::IndexCommand),
+    /// Few-shot and supervised heads on the stored embeddings: train, evaluate, list and apply
+    /// named heads; compare them with zero-shot for one label.
+    #[command(subcommand)]
+    Probe(cmd::probe::ProbeCommand),
 }
 
 fn main() -> ExitCode {
@@ -127,6 +131,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Demo(a) => cmd::demo::run(a),
         Command::Search(c) => cmd::search::run(c),
         Command::Index(c) => cmd::index::run(c),
+        Command::Probe(c) => cmd::probe::run(c),
     }
 }
 

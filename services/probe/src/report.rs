@@ -78,12 +78,12 @@ impl Comparison {
             1.0 / self.classes.len() as f64
         ));
         s.push_str(&format!(
-            "{:<44} {:>22} {:>22} {:>22}\n",
+            "{:<56} {:>22} {:>22} {:>22}\n",
             "method", "balanced accuracy", "weighted F1", "macro AUROC"
         ));
         let row = |s: &mut String, name: &str, sc: &Scores| {
             s.push_str(&format!(
-                "{:<44} {:>22} {:>22} {:>22}\n",
+                "{:<56} {:>22} {:>22} {:>22}\n",
                 name,
                 sc.balanced_accuracy.to_string(),
                 sc.weighted_f1.to_string(),
@@ -101,7 +101,7 @@ impl Comparison {
                 ),
                 &z.scores,
             ),
-            (None, Some(note)) => s.push_str(&format!("{:<44} {note}\n", "zero-shot")),
+            (None, Some(note)) => s.push_str(&format!("{:<56} {note}\n", "zero-shot")),
             (None, None) => {}
         }
         for p in &self.few_shot {
@@ -115,9 +115,9 @@ impl Comparison {
                 p.k
             );
             match &p.skipped {
-                Some(why) => s.push_str(&format!("{name:<44} skipped: {why}\n")),
+                Some(why) => s.push_str(&format!("{name:<56} skipped: {why}\n")),
                 None => s.push_str(&format!(
-                    "{:<44} {:>22} {:>22} {:>22}\n",
+                    "{:<56} {:>22} {:>22} {:>22}\n",
                     format!("{name} ({} draws)", p.draws),
                     format!("{:.3} [{:.3}, {:.3}]", p.mean, p.low, p.high),
                     format!("sd {:.3}", p.std),
@@ -135,7 +135,7 @@ impl Comparison {
             );
             if !r.lambdas.is_empty() {
                 s.push_str(&format!(
-                    "{:<44} penalty chosen per fold: {}\n",
+                    "{:<56} penalty chosen per fold: {}\n",
                     "",
                     r.lambdas
                         .iter()

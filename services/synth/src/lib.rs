@@ -66,6 +66,12 @@ pub struct CohortSpec {
     pub fraction_40x: f64,
     /// Share of patients with a second slide (same subtype): splits must go by patient.
     pub second_slide_fraction: f64,
+    /// How close the subtypes look, 0 (as designed) to 1: stain gains drawn towards one common
+    /// balance and a larger per-slide stain jitter, so colour separates them less and
+    /// architecture must (the "harder" cohort of the probe comparisons). 0 gives the same bytes
+    /// as before the option existed.
+    #[serde(default)]
+    pub closeness: f64,
 }
 
 impl Default for CohortSpec {
@@ -78,6 +84,7 @@ impl Default for CohortSpec {
             slide_um: 1024.0,
             fraction_40x: 0.1,
             second_slide_fraction: 0.2,
+            closeness: 0.0,
         }
     }
 }
@@ -147,6 +154,12 @@ pub fn plan(spec: &CohortSpec) -> Result<(Vec<CohortSlide>, Vec<CohortReport>), 
         return Err(SynthError::Invalid(format!(
             "slide side {} um not in [300, 20000]",
             spec.slide_um
+        )));
+    }
+    if !(0.0..=1.0).contains(&spec.closeness) {
+        return Err(SynthError::Invalid(format!(
+            "closeness {} not in [0, 1]",
+            spec.closeness
         )));
     }
     let mut rng = Rng::new(spec.seed);
@@ -222,7 +235,7 @@ pub fn generate(
             let mut rng = Rng::derive(spec.seed, k as u64);
             let w_um = s.width as f64 * s.mpp;
             let h_um = s.height as f64 * s.mpp;
-            let scene = subtypes::scene(s.subtype, &mut rng, w_um, h_um);
+            let scene = subtypes::scene_with(s.subtype, &mut rng, w_um, h_um, spec.closeness);
             let slide_spec = SlideSpec {
                 width: s.width,
                 height: s.height,

@@ -69,9 +69,23 @@ fn region(shape: Shape, texture: TextureKind, od_gain: [f32; 3]) -> TissueRegion
 
 /// The scene of one slide of `subtype`, `w_um` x `h_um` microns.
 pub fn scene(subtype: Subtype, rng: &mut Rng, w_um: f64, h_um: f64) -> Scene {
+    scene_with(subtype, rng, w_um, h_um, 0.0)
+}
+
+/// The stain balance every subtype's gains move towards as `closeness` goes to 1.
+const COMMON_GAIN: [f32; 3] = [0.8, 1.0, 0.85];
+
+/// [`scene`] with subtypes `closeness` (0-1) alike: each stain gain is moved that far towards
+/// [`COMMON_GAIN`] and the slide-wide jitter grows from 8% to 20%. The same random draws in the
+/// same order, so `closeness` 0 is exactly [`scene`].
+pub fn scene_with(subtype: Subtype, rng: &mut Rng, w_um: f64, h_um: f64, closeness: f64) -> Scene {
+    let c = closeness.clamp(0.0, 1.0) as f32;
     // One slide-wide stain jitter (scanner and staining batch), applied to every gain.
-    let batch = jitter(rng, [1.0; 3], 0.08);
-    let stain = |g: [f32; 3]| [g[0] * batch[0], g[1] * batch[1], g[2] * batch[2]];
+    let batch = jitter(rng, [1.0; 3], 0.08 + 0.12 * c as f64);
+    let stain = |g: [f32; 3]| {
+        let m = |i: usize| g[i] * (1.0 - c) + COMMON_GAIN[i] * c;
+        [m(0) * batch[0], m(1) * batch[1], m(2) * batch[2]]
+    };
     let mut regions = Vec::new();
     let fragments = 1 + rng.below(2);
     for _ in 0..fragments {

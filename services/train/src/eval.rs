@@ -86,6 +86,15 @@ pub struct ZeroShotSection {
     pub skipped_slides: usize,
     /// Accuracy, balanced accuracy, F1, AUROC and confusion of the scored slides.
     pub report: ClassificationReport,
+    /// The scored slides (for callers that add intervals or compare with other heads).
+    #[serde(skip)]
+    pub slide_ids: Vec<String>,
+    /// Their true class indices, in the set's label order.
+    #[serde(skip)]
+    pub truth: Vec<usize>,
+    /// Their class probabilities.
+    #[serde(skip)]
+    pub probabilities: Vec<Vec<f32>>,
 }
 
 /// Everything `gigapath eval` prints.
@@ -232,9 +241,11 @@ pub fn evaluate(
             .map_err(|e| e.to_string())
     };
     let mut scored: Vec<(Vec<f32>, usize)> = Vec::new();
+    let mut scored_ids: Vec<String> = Vec::new();
     for (id, joint) in &slide_joint {
         if let Some(class) = labels.get(id.as_str()).and_then(|l| set.class_index(l)) {
             scored.push((joint.clone(), class));
+            scored_ids.push(id.clone());
         }
     }
     let (zero_shot, robust) = if scored.is_empty() {
@@ -272,6 +283,9 @@ pub fn evaluate(
                 prompts: classes.prompts_per_class.iter().sum(),
                 skipped_slides: slide_joint.len() - scored.len(),
                 report,
+                slide_ids: scored_ids,
+                truth,
+                probabilities,
             }),
             Some(robust),
         )

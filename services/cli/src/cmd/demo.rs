@@ -37,6 +37,10 @@ pub struct DemoArgs {
     /// Slides per subtype in the synthetic cohort (3 renal subtypes).
     #[arg(long, default_value_t = 40)]
     pub slides_per_subtype: usize,
+    /// How alike the subtypes look, 0 to 1 (`gigapath synth cohort --closeness`): a harder
+    /// cohort for comparing zero-shot with few-shot and supervised heads.
+    #[arg(long, default_value_t = 0.0)]
+    pub closeness: f64,
 }
 
 pub fn run(args: DemoArgs) -> Result<()> {
@@ -63,6 +67,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         eprintln!("  already there");
     } else {
         let n = args.slides_per_subtype.to_string();
+        let closeness = args.closeness.to_string();
         crate::run_argv(&[
             "synth",
             "cohort",
@@ -70,6 +75,8 @@ pub fn run(args: DemoArgs) -> Result<()> {
             &d("cohort"),
             "--slides-per-subtype",
             &n,
+            "--closeness",
+            &closeness,
         ])?;
     }
 

@@ -7,6 +7,7 @@ pub mod index;
 pub mod ingest;
 pub mod jobs;
 pub mod models;
+pub mod probe;
 pub mod search;
 pub mod serve;
 pub mod slide;

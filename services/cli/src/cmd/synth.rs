@@ -38,6 +38,10 @@ pub struct CohortArgs {
     /// Share of slides scanned at 40x (0.2527 um/px); the rest are 20x.
     #[arg(long, default_value_t = 0.1)]
     pub fraction_40x: f64,
+    /// How alike the subtypes look, 0 (as designed) to 1 (stain balance shared, larger stain
+    /// jitter: architecture must tell them apart). The harder cohort of the probe comparisons.
+    #[arg(long, default_value_t = 0.0)]
+    pub closeness: f64,
 }
 
 pub fn run(cmd: SynthCommand) -> Result<()> {
@@ -65,6 +69,7 @@ fn cohort(args: CohortArgs) -> Result<()> {
         seed: args.seed,
         slide_um: args.slide_um,
         fraction_40x: args.fraction_40x,
+        closeness: args.closeness,
         ..CohortSpec::default()
     };
     let bar = crate::progress::bar(0, "synth slides");
