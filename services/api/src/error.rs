@@ -25,7 +25,12 @@ pub enum ApiError {
     NotFound(String),
     /// A known route asked with a method it does not serve (405, with `Allow`).
     #[error("{message}")]
-    MethodNotAllowed { message: String, allow: String },
+    MethodNotAllowed {
+        /// What was asked, for people.
+        message: String,
+        /// The methods the route serves, comma-separated (the `Allow` header).
+        allow: String,
+    },
     /// The store holds embeddings that do not match the loaded models, or the service lacks
     /// what the request needs (e.g. an alignment checkpoint) (409).
     #[error("{0}")]
@@ -53,9 +58,11 @@ pub const RETRY_AFTER_SECONDS: u64 = 1;
 /// The error body.
 #[derive(Serialize, ToSchema)]
 pub struct ErrorBody {
+    /// What went wrong.
     pub error: ErrorDetail,
 }
 
+/// The `error` object of an error body.
 #[derive(Serialize, ToSchema)]
 pub struct ErrorDetail {
     /// Stable machine-readable code, e.g. `bad_request`, `not_found`, `fingerprint_mismatch`.
@@ -180,6 +187,7 @@ impl From<actix_web::error::BlockingError> for ApiError {
     }
 }
 
+/// Result with the service's [`ApiError`].
 pub type ApiResult<T> = Result<T, ApiError>;
 
 #[cfg(test)]

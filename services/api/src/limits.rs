@@ -58,6 +58,7 @@ pub struct InFlight {
 }
 
 impl InFlight {
+    /// A counter at 0 that refuses requests beyond `max` in flight.
     pub fn new(max: usize) -> Arc<InFlight> {
         Arc::new(InFlight {
             now: AtomicUsize::new(0),

@@ -23,7 +23,9 @@ struct Histogram {
 pub struct Metrics {
     requests: Mutex<BTreeMap<(String, u16), u64>>,
     latency: Mutex<BTreeMap<String, std::sync::Arc<Histogram>>>,
+    /// Slides the service's own worker embedded since start.
     pub slides_embedded_by_worker: AtomicU64,
+    /// Slides the service's own worker failed on since start.
     pub slides_failed_by_worker: AtomicU64,
 }
 

@@ -39,6 +39,7 @@ pub struct Fingerprints {
 /// The models one request works with: encoders and alignment (a [`Pipeline`] over the shared
 /// store), their guard fingerprints, and what was embedded with them.
 pub struct Heads {
+    /// The pipeline with these heads' models (sharing the service's store).
     pub pipeline: Arc<Pipeline>,
     fingerprints: OnceLock<Fingerprints>,
     /// Class / gene embeddings per prompt set: computed once per (set, heads).
@@ -93,18 +94,23 @@ tokio::task_local! {
     static PINNED: Arc<Heads>;
 }
 
+/// What every handler shares: configuration, the opened store, models, metrics, prompts.
 pub struct AppState {
+    /// The configuration the service started with.
     pub config: Config,
     /// The pipeline opened at start: the store, its runtime, the data dir. Models come from
     /// [`AppState::heads`].
     pub pipeline: Arc<Pipeline>,
+    /// The Prometheus registry.
     pub metrics: Arc<Metrics>,
+    /// The prompt sets, loaded at start.
     pub prompts: PromptLibrary,
     heads: RwLock<Arc<Heads>>,
     watch: Mutex<Watch>,
 }
 
 impl AppState {
+    /// State over an opened `pipeline`; the heads start from its models.
     pub fn new(
         config: Config,
         pipeline: Arc<Pipeline>,
@@ -346,6 +352,7 @@ impl AppState {
     }
 }
 
+/// The alignment checkpoint of `p`; 409 naming `what` needs it when none is configured.
 pub fn alignment<'a>(
     p: &'a Pipeline,
     what: &str,
@@ -357,6 +364,8 @@ pub fn alignment<'a>(
     })
 }
 
+/// Joint-space embeddings of `texts` through `p`'s text encoder and alignment (409 without an
+/// alignment, as [`alignment`]).
 pub fn joint_texts(p: &Pipeline, texts: &[String], what: &str) -> ApiResult<Vec<Vec<f32>>> {
     let a = alignment(p, what)?;
     let text = p.text_model()?;

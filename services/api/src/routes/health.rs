@@ -8,8 +8,10 @@ use utoipa::ToSchema;
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 
+/// The answer of `GET /healthz`.
 #[derive(Serialize, ToSchema)]
 pub struct Health {
+    /// Always `ok`.
     pub status: &'static str,
 }
 
@@ -20,10 +22,14 @@ pub async fn healthz() -> web::Json<Health> {
     web::Json(Health { status: "ok" })
 }
 
+/// The answer of `GET /readyz` when the store answers.
 #[derive(Serialize, ToSchema)]
 pub struct Ready {
+    /// Always `ready`.
     pub status: &'static str,
+    /// `embedded` or `qdrant`.
     pub vector_backend: &'static str,
+    /// `sqlite` or `postgres`.
     pub catalog_backend: &'static str,
 }
 

@@ -19,7 +19,9 @@ pub const REPORT_ID_PATTERN: &str = r"^[^\x00]+$";
 /// Which kind of id a field holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IdKind {
+    /// A slide id ([`SLIDE_ID_PATTERN`]).
     Slide,
+    /// A report id ([`REPORT_ID_PATTERN`]).
     Report,
 }
 

@@ -17,6 +17,7 @@ pub const MAX_LIST: u32 = 10_000;
 /// One job of the queue.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct JobView {
+    /// The job's id (what retry and cancel take).
     pub id: i64,
     /// `embed_slide` for slide jobs.
     pub kind: String,
@@ -35,9 +36,13 @@ pub struct JobView {
     pub lease_expires_at_ms: Option<i64>,
     /// Why the last attempt failed or ended without a result.
     pub error: Option<String>,
+    /// Epoch ms when it was first queued.
     pub created_at_ms: i64,
+    /// Epoch ms of its last change.
     pub updated_at_ms: i64,
+    /// Epoch ms of its first claim; `null` before any.
     pub first_attempt_at_ms: Option<i64>,
+    /// Epoch ms of its latest claim; `null` before any.
     pub last_attempt_at_ms: Option<i64>,
 }
 
@@ -61,8 +66,10 @@ impl From<Job> for JobView {
     }
 }
 
+/// The answer of `GET /v1/jobs`.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct JobList {
+    /// The jobs in id order (oldest first), at most the `limit` asked for.
     pub jobs: Vec<JobView>,
 }
 
