@@ -19,16 +19,22 @@ use crate::{slide_encoder, tile_encoder, Error, Result};
 /// Sizes of a generated tile encoder (timm ViT, patch 16, 224 px, SwiGLU).
 #[derive(Debug, Clone, Copy)]
 pub struct TileSize {
+    /// Token width (the tile feature width D).
     pub embed_dim: usize,
+    /// Transformer blocks.
     pub depth: usize,
+    /// Attention heads; must divide `embed_dim`.
     pub num_heads: usize,
 }
 
 /// Sizes of a generated LongNet slide encoder (official segment lengths and ratios).
 #[derive(Debug, Clone, Copy)]
 pub struct SlideSize {
+    /// Tile feature width it takes (the tile encoder's `embed_dim`).
     pub in_chans: usize,
+    /// Token width (the slide embedding width).
     pub embed_dim: usize,
+    /// LongNet layers.
     pub depth: usize,
     /// A multiple of 16, so that every dilation ratio splits the heads evenly.
     pub num_heads: usize,
