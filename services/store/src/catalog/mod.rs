@@ -13,9 +13,13 @@
 //!
 //! Not here: vectors (see [`crate::vector`]) and feature-file contents (see [`crate::features`]).
 
+mod feature_files;
 mod jobs;
-mod records;
+mod models;
+mod reports;
+mod runs;
 mod slide_reset;
+mod slides;
 #[cfg(test)]
 mod tests;
 
@@ -31,12 +35,13 @@ use sqlx::sqlite::{
 use crate::config::{redact_url, CatalogUrl, StoreConfig};
 use crate::error::{Result, StoreError};
 
+pub use feature_files::FeatureFileRecord;
 pub use jobs::{kinds, Claim, ClaimOptions, Job, JobCounts, JobState, NewJob, QueueOutcome};
-pub use records::{
-    EmbeddedSlide, FeatureFileRecord, ModelRecord, NewReport, NewSlide, ReportRecord, RunStatus,
-    SlideRecord, SlideState, TrainingPair, TrainingRun,
-};
+pub use models::ModelRecord;
+pub use reports::{NewReport, ReportRecord, TrainingPair};
+pub use runs::{RunStatus, TrainingRun};
 pub use slide_reset::{ResetOutcome, SlideReset};
+pub use slides::{EmbeddedSlide, NewSlide, SlideRecord, SlideState};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Dialect {
@@ -328,6 +333,14 @@ pub(crate) fn to_json(map: &BTreeMap<String, String>) -> String {
 pub(crate) fn from_json_map(text: &str, what: &str) -> Result<BTreeMap<String, String>> {
     serde_json::from_str(text)
         .map_err(|e| StoreError::CorruptRow(format!("{what} is not a JSON object of strings: {e}")))
+}
+
+/// Refuses an empty (or all-blank) required text field, naming it.
+pub(crate) fn require(what: &str, value: &str) -> Result<()> {
+    if value.trim().is_empty() {
+        return Err(StoreError::InvalidRequest(format!("{what} is empty")));
+    }
+    Ok(())
 }
 
 pub(crate) fn duration_ms(d: Duration) -> i64 {
