@@ -7,7 +7,8 @@
 //! unpatched. When the toolchain reaches 1.96, re-check the pitfalls below (0.9 returns a `Result`
 //! from `flush` and renamed several aliases).
 //!
-//! Pitfalls of 0.7.2 this wrapper works around (measured, `shared/notes/qdrant-edge.md`):
+//! Pitfalls of 0.7.2 this wrapper works around (measured; the notes are in the repository at
+//! `docs/qdrant-edge-0.7.2.md`):
 //! - `EdgeShard::flush` `expect`s a `try_lock` on the WAL and a `try_read` on the segment holder,
 //!   so it panics if another thread is inside `update` or an optimizer is swapping segments.
 //!   All writes, flushes and `optimize` of a shard run under that shard's `write_lock`; reads
