@@ -46,6 +46,7 @@ use crate::state::AppState;
         routes::ingest::ingest, routes::ingest::status,
         routes::jobs::list_jobs, routes::jobs::retry_job, routes::jobs::cancel_job,
         routes::zeroshot::prompt_sets, routes::zeroshot::subtype, routes::zeroshot::mutation,
+        routes::classify::classify, routes::classify::probes,
         openapi_json,
     ),
     modifiers(&SecurityAddon)
@@ -132,6 +133,8 @@ pub fn configure(state: web::Data<AppState>) -> impl FnOnce(&mut web::ServiceCon
             .service(routes::zeroshot::prompt_sets)
             .service(routes::zeroshot::subtype)
             .service(routes::zeroshot::mutation)
+            .service(routes::classify::classify)
+            .service(routes::classify::probes)
             .service(index)
             .service(app_js)
             .service(app_css)

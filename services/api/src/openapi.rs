@@ -292,6 +292,13 @@ fn request_constraints(doc: &mut Value, cfg: &ServeConfig) {
         merge(props, json!({"templates": {"type": "null"}}));
     }
 
+    constrain(doc, "ClassifyRequest", "slide_ids", slide_ids.clone());
+    constrain(
+        doc,
+        "ClassifyRequest",
+        "head",
+        json!({"minLength": 1, "maxLength": 64, "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]*$", "example": "rcc-linear"}),
+    );
     constrain(doc, "MutationRequest", "slide_ids", slide_ids.clone());
     constrain(
         doc,

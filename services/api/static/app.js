@@ -61,10 +61,13 @@ async function openSlide(id) {
       <div id="viewer"><img id="overlay" src="/v1/slides/${encodeURIComponent(id)}/overlay.png" alt="tissue overlay of ${esc(id)}"><canvas id="heat"></canvas></div>
       <div class="row"><label>Prompt set <select id="pset">${options}</select></label><button id="zs">Zero-shot subtype</button></div>
       <div id="zeroshot"></div>
+      <div class="row" id="head-row" hidden><label>Trained head <select id="head"></select></label><button id="cl">Classify</button></div>
+      <div id="classify"></div>
       <div class="row"><input id="hq" placeholder="heatmap prompt, e.g. papillary architecture" size="36"><button id="hm">Heatmap</button><span id="hmsg" class="muted"></span></div>`;
     $("#zs").addEventListener("click", () => zeroShot(id));
     $("#hm").addEventListener("click", () => heatmap(id));
     if (sets.length) zeroShot(id);
+    loadHeads(id, s.labels || {});
   } catch (e) {
     box.innerHTML = `<p class="error">${esc(e.message)}</p>`;
   }
@@ -76,13 +79,50 @@ async function zeroShot(id) {
   try {
     const data = await api("POST", "/v1/zero-shot/subtype", {slide_ids: [id], prompt_set: $("#pset").value});
     const r = data.results[0];
-    const rows = Object.entries(r.probabilities).sort((a, b) => b[1] - a[1])
-      .map(([k, p]) => `<tr><td>${esc(k)}</td><td class="bar-cell"><div class="bar" data-width="${(100 * p).toFixed(1)}"></div></td><td class="score">${(100 * p).toFixed(1)}%</td></tr>`).join("");
     out.innerHTML = `<h3 id="zs-title">Zero-shot: <span id="predicted">${esc(r.predicted)}</span></h3>
-      <table class="probs">${rows}</table>
+      ${probsTable(r.probabilities)}
       <p class="muted">${data.ensemble.templates} templates × ${data.ensemble.names_per_class.join("/")} class names, prompt set ${esc(data.ensemble.prompt_set)}</p>`;
-    // Widths through the CSSOM: the Content-Security-Policy refuses inline style attributes.
-    out.querySelectorAll(".bar").forEach((bar) => { bar.style.width = `${bar.dataset.width}%`; });
+    setBarWidths(out);
+  } catch (e) {
+    out.innerHTML = `<p class="error">${esc(e.message)}</p>`;
+  }
+}
+
+// Class probabilities as rows of bars, most probable first.
+function probsTable(probabilities) {
+  const rows = Object.entries(probabilities).sort((a, b) => b[1] - a[1])
+    .map(([k, p]) => `<tr><td>${esc(k)}</td><td class="bar-cell"><div class="bar" data-width="${(100 * p).toFixed(1)}"></div></td><td class="score">${(100 * p).toFixed(1)}%</td></tr>`).join("");
+  return `<table class="probs">${rows}</table>`;
+}
+
+// Widths through the CSSOM: the Content-Security-Policy refuses inline style attributes.
+function setBarWidths(el) {
+  el.querySelectorAll(".bar").forEach((bar) => { bar.style.width = `${bar.dataset.width}%`; });
+}
+
+// Heads trained on labelled slides (gigapath probe train): shown next to zero-shot when any
+// exist; a head predicting one of the slide's labels is preselected.
+async function loadHeads(id, slideLabels) {
+  const heads = (await api("GET", "/v1/probes").catch(() => ({heads: []}))).heads || [];
+  if (!heads.length) return;
+  const fit = heads.find((h) => h.label in slideLabels) || heads[0];
+  $("#head").innerHTML = heads.map((h) => `<option value="${esc(h.name)}"${h === fit ? " selected" : ""}>${esc(h.name)} (${esc(h.kind)}, ${esc(h.label)})</option>`).join("");
+  $("#head-row").hidden = false;
+  $("#cl").addEventListener("click", () => classify(id));
+  classify(id);
+}
+
+async function classify(id) {
+  const out = $("#classify");
+  out.innerHTML = `<p class="muted">Classifying…</p>`;
+  try {
+    const data = await api("POST", "/v1/classify", {head: $("#head").value, slide_ids: [id]});
+    const r = data.results[0], h = data.head;
+    const cv = h.cv_balanced_accuracy ? `, cross-validated balanced accuracy ${h.cv_balanced_accuracy.value.toFixed(3)} [${h.cv_balanced_accuracy.low.toFixed(3)}, ${h.cv_balanced_accuracy.high.toFixed(3)}]` : "";
+    out.innerHTML = `<h3 id="cl-title">Head ${esc(h.name)}: <span id="head-predicted">${esc(r.predicted)}</span></h3>
+      ${probsTable(r.probabilities)}
+      <p class="muted">${esc(h.kind)} on ${esc(h.input)} inputs, label ${esc(h.label)}, trained ${esc(h.created_at)} on ${h.training_slides} slides of ${h.training_patients} patients${cv}; fingerprint ${esc(h.fingerprint)}</p>`;
+    setBarWidths(out);
   } catch (e) {
     out.innerHTML = `<p class="error">${esc(e.message)}</p>`;
   }

@@ -1,5 +1,6 @@
 //! One module per API resource; each handler validates, calls, and maps the result.
 
+pub mod classify;
 pub mod health;
 pub mod ids;
 pub mod ingest;
