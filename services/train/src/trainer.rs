@@ -16,7 +16,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::{Device, Tensor, Var};
+use candle_nn::VarMap;
 use gigapath_models::align::{self, Alignment, AlignmentConfig, SlidePrefix, TextPrefix};
 use gigapath_models::{Precision, SlideEncoder, TextEncoder};
 use gigapath_pipeline::fingerprint::model_fingerprint;
@@ -392,7 +393,9 @@ pub fn train(
         return Err(TrainError::Config {
             key: "model.joint_dim".into(),
             msg: format!(
-                "{} does not fit this data dir, whose vector store holds joint vectors of {store_joint}                  dimensions (fixed when its collections were created): set model.joint_dim =                  {store_joint}, or use a new data dir",
+                "{} does not fit this data dir, whose vector store holds joint vectors of {store_joint} \
+                 dimensions (fixed when its collections were created): set model.joint_dim = \
+                 {store_joint}, or use a new data dir",
                 cfg.model.joint_dim
             ),
         });
@@ -427,6 +430,27 @@ pub fn train(
     result
 }
 
+/// What every part of one run reads: the request, where it lives, its split and base weights.
+struct RunCtx<'a> {
+    pipeline: &'a Pipeline,
+    cfg: &'a RunConfig,
+    run_id: &'a str,
+    run_dir: &'a Path,
+    run_toml: &'a str,
+    bases: &'a Bases,
+}
+
+/// The trainable parts of a run and their optimiser, fresh or restored from a checkpoint.
+struct Trainable {
+    model: Alignment,
+    varmap: VarMap,
+    optimizer: AdamW,
+    /// The `logit_scale` parameter, clamped after every step.
+    logit_scale: Var,
+    /// The step the run starts (or resumes) at.
+    start_step: u64,
+}
+
 fn run(
     pipeline: &Pipeline,
     req: &TrainRequest,
@@ -437,52 +461,17 @@ fn run(
     let cfg = &req.config;
     let run_toml = cfg.to_toml();
     let bases = load_bases(pipeline)?;
-    let align_cfg = alignment_config(cfg, &bases, run_id)?;
-
-    // A run folder that exists must be this run: same config, same base weights.
-    let stored_config = run_dir.join(RUN_CONFIG);
-    if stored_config.is_file() {
-        let before = RunConfig::load(&stored_config)?;
-        if &before != cfg {
-            return Err(TrainError::Mismatch(format!(
-                "run `{run_id}` exists in {} with a different config; give this config another \
-                 run.id (or delete that folder to start over)",
-                run_dir.display()
-            )));
-        }
-    }
-    std::fs::create_dir_all(run_dir).map_err(|e| TrainError::io(run_dir, e))?;
-    checkpoint::tidy(run_dir, cfg.checkpoint.keep_last)?;
-    let resume_from = checkpoint::latest(run_dir)?;
-    if let Some(dir) = &resume_from {
-        let fps = checkpoint::read_fingerprints(dir)?;
-        for (role, fp) in &bases.fingerprints {
-            if fps.get(role).is_some_and(|f| f != fp) {
-                return Err(TrainError::Mismatch(format!(
-                    "run `{run_id}` was trained on {role} weights {} but the data dir's {role} \
-                     encoder is {fp}: resume with the same weights, or start a new run",
-                    fps[role]
-                )));
-            }
-        }
-    }
-
-    let tile_fp = &bases.fingerprints["tile"];
-    let pairs = pipeline.block_on(pipeline.store.training_pairs(tile_fp))?;
-    if pairs.is_empty() {
-        return Err(TrainError::Data(format!(
-            "no training pairs in {}: no report belongs to a slide with tile features from the \
-             configured tile encoder ({tile_fp}); ingest slides with --reports first",
-            pipeline.config.store.data_dir.display()
-        )));
-    }
-    let split = match &resume_from {
-        Some(dir) => checkpoint::read_split(dir)?,
-        None if run_dir.join(checkpoint::SPLIT).is_file() => checkpoint::read_split(run_dir)?,
-        None => data::split(&pairs, &cfg.data, cfg.run.seed)?,
+    let mut align_cfg = alignment_config(cfg, &bases, run_id)?;
+    let ctx = RunCtx {
+        pipeline,
+        cfg,
+        run_id,
+        run_dir,
+        run_toml: &run_toml,
+        bases: &bases,
     };
-    checkpoint::write_json(&run_dir.join(checkpoint::SPLIT), &split)?;
-    checkpoint::write_text(&stored_config, &run_toml)?;
+    let resume_from = open_run_dir(&ctx)?;
+    let (pairs, split) = load_split(&ctx, resume_from.as_deref())?;
     let train_pairs: Vec<&TrainingPair> = pairs
         .iter()
         .filter(|p| split.train.binary_search(&p.slide_id).is_ok())
@@ -506,41 +495,13 @@ fn run(
     );
 
     let device = Precision::parse(&pipeline.config.models.device, "f32")?.device;
-    let (model, mut varmap) = align::init_trainable(
+    let mut t = Trainable::init(
+        &ctx,
         &align_cfg,
-        Some(&bases.slide_dir),
-        Some(&bases.text_dir),
-        cfg.run.seed,
         &device,
+        resume_from.as_deref(),
+        &train_pairs,
     )?;
-    let mut optimizer = AdamW::new(&varmap, &cfg.optim)?;
-    let mut start_step = 0;
-    if let Some(dir) = &resume_from {
-        let state = checkpoint::read_state(dir)?;
-        if state.train_pairs != train_pairs.len() {
-            return Err(TrainError::checkpoint(
-                dir,
-                format!(
-                    "was trained over {} pairs, the catalog now gives {} for its split: the data \
-                     order cannot be reproduced (start a new run)",
-                    state.train_pairs,
-                    train_pairs.len()
-                ),
-            ));
-        }
-        varmap
-            .load(dir.join(align::WEIGHTS_FILE))
-            .map_err(|e| TrainError::checkpoint(dir, format!("{}: {e}", align::WEIGHTS_FILE)))?;
-        optimizer.load_state(
-            &checkpoint::read_optimizer(dir, &device)?,
-            state.optimizer_t,
-        )?;
-        start_step = state.step;
-        tracing::info!(
-            "run {run_id}: resuming from {} (step {start_step})",
-            dir.display()
-        );
-    }
     let catalog = &pipeline.store.catalog;
     let run_json = serde_json::json!({
         "run": toml_to_json(&run_toml),
@@ -556,22 +517,16 @@ fn run(
         .data_dir
         .join(ALIGNMENT_DIR)
         .join(CACHE_DIR);
-    let caches = build_caches(&model, &bases, &pairs, &cache_dir, &device, progress)?;
+    let caches = build_caches(&t.model, &bases, &pairs, &cache_dir, &device, progress)?;
     let cache_seconds = cache_start.elapsed().as_secs_f64();
 
+    let start_step = t.start_step;
     let total = cfg.optim.steps;
     let accum = cfg.optim.grad_accum_steps as u64;
     let order = BatchOrder::new(train_pairs.len(), cfg.optim.batch_size, cfg.run.seed);
     let metrics_path = run_dir.join(METRICS_FILE);
     let mut history = runlog::read(&metrics_path, start_step)?;
     let mut log = MetricsLog::open(&metrics_path, &history)?;
-    let logit_scale = varmap
-        .data()
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get("logit_scale")
-        .cloned()
-        .expect("the alignment has a logit scale");
     let mut outcome = RunOutcome {
         run_id: run_id.to_string(),
         run_dir: run_dir.to_path_buf(),
@@ -586,7 +541,7 @@ fn run(
         completed: start_step >= total,
         train_pairs: train_pairs.len(),
         validation_pairs: val_pairs.len(),
-        parameters: optimizer.parameter_count(),
+        parameters: t.optimizer.parameter_count(),
         last: history.last().cloned(),
         validation: history.iter().rev().find_map(|r| r.val.clone()),
         cache_seconds,
@@ -596,52 +551,31 @@ fn run(
     };
     progress.phase("training", total, start_step);
     let started = Instant::now();
-    let mut align_cfg = align_cfg;
     for step in start_step..total {
         let factor = lr_factor(step, total, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio);
         let (lr, encoder_lr) = (cfg.optim.lr * factor, cfg.optim.encoder_lr * factor);
-        let mut grads: HashMap<String, Tensor> = HashMap::new();
-        let mut loss_sum = 0.0;
-        for a in 0..accum {
-            let batch: Vec<&TrainingPair> = order
-                .batch(step * accum + a)
-                .into_iter()
-                .map(|i| train_pairs[i])
-                .collect();
-            let (s, t) = embed_pairs(&model, &caches, &batch)?;
-            let loss = model.clip_loss(&s, &t)?;
-            loss_sum += loss.to_scalar::<f32>()? as f64;
-            let g = loss.affine(1.0 / accum as f64, 0.0)?.backward()?;
-            for (name, var) in optimizer.vars() {
-                if let Some(g) = g.get(var.as_tensor()) {
-                    let sum = match grads.remove(name) {
-                        Some(prev) => (prev + g)?,
-                        None => g.clone(),
-                    };
-                    grads.insert(name.to_string(), sum);
-                }
-            }
-        }
-        let grad_norm = clip_grad_norm(&mut grads, cfg.optim.grad_clip_norm)?;
-        optimizer.step(&grads, lr, encoder_lr)?;
-        // open_clip clamps the parameter itself after each step, not just its use.
-        let clamped = logit_scale.as_tensor().minimum(cfg.model.max_logit_scale)?;
-        logit_scale.set(&clamped)?;
+        let batches: Vec<Vec<&TrainingPair>> = (0..accum)
+            .map(|a| {
+                let batch = order.batch(step * accum + a).into_iter();
+                batch.map(|i| train_pairs[i]).collect()
+            })
+            .collect();
+        let (loss, grad_norm) = t.step(cfg, &caches, &batches, lr, encoder_lr)?;
         let done = step + 1;
         let val_due =
             done == total || (cfg.eval.every_steps > 0 && done % cfg.eval.every_steps == 0);
         let val = if val_due {
-            validate(&model, &caches, &val_pairs, order.batch_size())?
+            validate(&t.model, &caches, &val_pairs, order.batch_size())?
         } else {
             None
         };
         let record = StepRecord {
             step: done,
             epoch: order.epoch(step * accum),
-            loss: loss_sum / accum as f64,
+            loss,
             lr,
             encoder_lr,
-            logit_scale: model.logit_scale() as f64,
+            logit_scale: t.model.logit_scale() as f64,
             grad_norm,
             elapsed_s: started.elapsed().as_secs_f64(),
             val: val.clone(),
@@ -667,39 +601,11 @@ fn run(
                 step: done,
                 micro_batches: done * accum,
                 epoch: order.epoch(done * accum),
-                optimizer_t: optimizer.t,
+                optimizer_t: t.optimizer.t,
                 seed: cfg.run.seed,
                 train_pairs: train_pairs.len(),
             };
-            let (dir, fingerprint) = checkpoint::write(
-                run_dir,
-                &CheckpointContents {
-                    alignment: &align_cfg,
-                    varmap: &varmap,
-                    optimizer: &optimizer,
-                    state: &state,
-                    run_toml: &run_toml,
-                    split: &split,
-                    base_fingerprints: &bases.fingerprints,
-                },
-            )?;
-            checkpoint::tidy(run_dir, cfg.checkpoint.keep_last)?;
-            write_curve(&run_dir.join(CURVE_FILE), &history)?;
-            let status = if done == total {
-                RunStatus::Done
-            } else {
-                RunStatus::Running
-            };
-            pipeline.block_on(catalog.update_run(
-                run_id,
-                status,
-                &run_metrics(&history, &outcome),
-                Some(&dir.display().to_string()),
-                Some(&fingerprint),
-                None,
-            ))?;
-            outcome.checkpoint = Some(dir);
-            outcome.checkpoint_fingerprint = Some(fingerprint);
+            save_checkpoint(&ctx, &t, &align_cfg, &state, &split, &history, &mut outcome)?;
         }
         if req.stop_after == Some(done) && done < total {
             break;
@@ -728,8 +634,210 @@ fn run(
     outcome.train_seconds = started.elapsed().as_secs_f64();
     outcome.steps_per_second = steps_here as f64 / outcome.train_seconds.max(1e-9);
     outcome.peak_rss_bytes = peak_rss_bytes();
-    let _ = &mut varmap;
     Ok(outcome)
+}
+
+/// Creates the run folder, or checks that an existing one is this run (same config, same base
+/// weights); returns the checkpoint to resume from, if any.
+fn open_run_dir(ctx: &RunCtx<'_>) -> Result<Option<PathBuf>> {
+    let (run_id, run_dir) = (ctx.run_id, ctx.run_dir);
+    let stored_config = run_dir.join(RUN_CONFIG);
+    if stored_config.is_file() {
+        let before = RunConfig::load(&stored_config)?;
+        if &before != ctx.cfg {
+            return Err(TrainError::Mismatch(format!(
+                "run `{run_id}` exists in {} with a different config; give this config another \
+                 run.id (or delete that folder to start over)",
+                run_dir.display()
+            )));
+        }
+    }
+    std::fs::create_dir_all(run_dir).map_err(|e| TrainError::io(run_dir, e))?;
+    checkpoint::tidy(run_dir, ctx.cfg.checkpoint.keep_last)?;
+    let resume_from = checkpoint::latest(run_dir)?;
+    if let Some(dir) = &resume_from {
+        let fps = checkpoint::read_fingerprints(dir)?;
+        for (role, fp) in &ctx.bases.fingerprints {
+            if fps.get(role).is_some_and(|f| f != fp) {
+                return Err(TrainError::Mismatch(format!(
+                    "run `{run_id}` was trained on {role} weights {} but the data dir's {role} \
+                     encoder is {fp}: resume with the same weights, or start a new run",
+                    fps[role]
+                )));
+            }
+        }
+    }
+    Ok(resume_from)
+}
+
+/// The catalog's training pairs for the base tile weights and the run's split: the
+/// checkpoint's when resuming, the run folder's when it has one, else a new one. The split and
+/// the run's config are written to the run folder.
+fn load_split(ctx: &RunCtx<'_>, resume_from: Option<&Path>) -> Result<(Vec<TrainingPair>, Split)> {
+    let pipeline = ctx.pipeline;
+    let tile_fp = &ctx.bases.fingerprints["tile"];
+    let pairs = pipeline.block_on(pipeline.store.training_pairs(tile_fp))?;
+    if pairs.is_empty() {
+        return Err(TrainError::Data(format!(
+            "no training pairs in {}: no report belongs to a slide with tile features from the \
+             configured tile encoder ({tile_fp}); ingest slides with --reports first",
+            pipeline.config.store.data_dir.display()
+        )));
+    }
+    let split = match resume_from {
+        Some(dir) => checkpoint::read_split(dir)?,
+        None if ctx.run_dir.join(checkpoint::SPLIT).is_file() => {
+            checkpoint::read_split(ctx.run_dir)?
+        }
+        None => data::split(&pairs, &ctx.cfg.data, ctx.cfg.run.seed)?,
+    };
+    checkpoint::write_json(&ctx.run_dir.join(checkpoint::SPLIT), &split)?;
+    checkpoint::write_text(&ctx.run_dir.join(RUN_CONFIG), ctx.run_toml)?;
+    Ok((pairs, split))
+}
+
+impl Trainable {
+    /// The alignment model and AdamW, restored from `resume_from` when given (which must have
+    /// been trained over as many pairs as `train_pairs` holds).
+    fn init(
+        ctx: &RunCtx<'_>,
+        align_cfg: &AlignmentConfig,
+        device: &Device,
+        resume_from: Option<&Path>,
+        train_pairs: &[&TrainingPair],
+    ) -> Result<Trainable> {
+        let (model, mut varmap) = align::init_trainable(
+            align_cfg,
+            Some(&ctx.bases.slide_dir),
+            Some(&ctx.bases.text_dir),
+            ctx.cfg.run.seed,
+            device,
+        )?;
+        let mut optimizer = AdamW::new(&varmap, &ctx.cfg.optim)?;
+        let mut start_step = 0;
+        if let Some(dir) = resume_from {
+            let state = checkpoint::read_state(dir)?;
+            if state.train_pairs != train_pairs.len() {
+                return Err(TrainError::checkpoint(
+                    dir,
+                    format!(
+                        "was trained over {} pairs, the catalog now gives {} for its split: the \
+                         data order cannot be reproduced (start a new run)",
+                        state.train_pairs,
+                        train_pairs.len()
+                    ),
+                ));
+            }
+            varmap.load(dir.join(align::WEIGHTS_FILE)).map_err(|e| {
+                TrainError::checkpoint(dir, format!("{}: {e}", align::WEIGHTS_FILE))
+            })?;
+            optimizer.load_state(&checkpoint::read_optimizer(dir, device)?, state.optimizer_t)?;
+            start_step = state.step;
+            tracing::info!(
+                "run {}: resuming from {} (step {start_step})",
+                ctx.run_id,
+                dir.display()
+            );
+        }
+        let logit_scale = varmap
+            .data()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get("logit_scale")
+            .cloned()
+            .expect("the alignment has a logit scale");
+        Ok(Trainable {
+            model,
+            varmap,
+            optimizer,
+            logit_scale,
+            start_step,
+        })
+    }
+
+    /// One optimiser step over `batches` (the step's micro-batches): gradients accumulated,
+    /// clipped, AdamW applied, the logit scale clamped. Returns the mean loss and the gradient
+    /// norm before clipping.
+    fn step(
+        &mut self,
+        cfg: &RunConfig,
+        caches: &Caches,
+        batches: &[Vec<&TrainingPair>],
+        lr: f64,
+        encoder_lr: f64,
+    ) -> Result<(f64, f64)> {
+        let accum = batches.len() as f64;
+        let mut grads: HashMap<String, Tensor> = HashMap::new();
+        let mut loss_sum = 0.0;
+        for batch in batches {
+            let (s, t) = embed_pairs(&self.model, caches, batch)?;
+            let loss = self.model.clip_loss(&s, &t)?;
+            loss_sum += loss.to_scalar::<f32>()? as f64;
+            let g = loss.affine(1.0 / accum, 0.0)?.backward()?;
+            for (name, var) in self.optimizer.vars() {
+                if let Some(g) = g.get(var.as_tensor()) {
+                    let sum = match grads.remove(name) {
+                        Some(prev) => (prev + g)?,
+                        None => g.clone(),
+                    };
+                    grads.insert(name.to_string(), sum);
+                }
+            }
+        }
+        let grad_norm = clip_grad_norm(&mut grads, cfg.optim.grad_clip_norm)?;
+        self.optimizer.step(&grads, lr, encoder_lr)?;
+        // open_clip clamps the parameter itself after each step, not just its use.
+        let clamped = self
+            .logit_scale
+            .as_tensor()
+            .minimum(cfg.model.max_logit_scale)?;
+        self.logit_scale.set(&clamped)?;
+        Ok((loss_sum / accum, grad_norm))
+    }
+}
+
+/// Writes a checkpoint at `state.step`, prunes old ones, redraws the curve and records the
+/// checkpoint (and the run's status) in the catalog and in `outcome`.
+fn save_checkpoint(
+    ctx: &RunCtx<'_>,
+    t: &Trainable,
+    align_cfg: &AlignmentConfig,
+    state: &TrainerState,
+    split: &Split,
+    history: &[StepRecord],
+    outcome: &mut RunOutcome,
+) -> Result<()> {
+    let (dir, fingerprint) = checkpoint::write(
+        ctx.run_dir,
+        &CheckpointContents {
+            alignment: align_cfg,
+            varmap: &t.varmap,
+            optimizer: &t.optimizer,
+            state,
+            run_toml: ctx.run_toml,
+            split,
+            base_fingerprints: &ctx.bases.fingerprints,
+        },
+    )?;
+    checkpoint::tidy(ctx.run_dir, ctx.cfg.checkpoint.keep_last)?;
+    write_curve(&ctx.run_dir.join(CURVE_FILE), history)?;
+    let status = if state.step == ctx.cfg.optim.steps {
+        RunStatus::Done
+    } else {
+        RunStatus::Running
+    };
+    ctx.pipeline
+        .block_on(ctx.pipeline.store.catalog.update_run(
+            ctx.run_id,
+            status,
+            &run_metrics(history, outcome),
+            Some(&dir.display().to_string()),
+            Some(&fingerprint),
+            None,
+        ))?;
+    outcome.checkpoint = Some(dir);
+    outcome.checkpoint_fingerprint = Some(fingerprint);
+    Ok(())
 }
 
 /// Run-level metrics for the catalog.
