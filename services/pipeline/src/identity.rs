@@ -20,8 +20,8 @@ use sha2::{Digest, Sha256};
 
 use crate::discover::check_slide_id;
 use crate::error::{PipelineError, Result};
-use crate::ingest::EMBED_SLIDE;
 use crate::pipeline::Pipeline;
+use gigapath_store::catalog::kinds::EMBED_SLIDE;
 
 /// Bytes hashed at each end of a file.
 const END_BYTES: u64 = 1 << 20;

@@ -16,7 +16,8 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use gigapath_store::catalog::{ClaimOptions, JobState, NewJob, NewReport, QueueOutcome};
+use gigapath_store::catalog::kinds::EMBED_SLIDE;
+use gigapath_store::catalog::{ClaimOptions, JobState, NewReport};
 use gigapath_store::vector::{combined_fingerprint, ReportPoint, REPORTS};
 use gigapath_store::StoreError;
 use serde::Serialize;
@@ -26,11 +27,9 @@ use crate::encoders::{slide_fingerprints, text_fingerprints};
 use crate::error::{PipelineError, Result};
 use crate::identity::{bind_sources, replace_sources};
 use crate::pipeline::{Pipeline, Progress};
+use crate::queue::{queue_jobs, register_slide};
 use crate::reports::{read_reports, ReportRow, RowError};
-use crate::slide_job::{SlideJob, Timings};
-
-/// Job kind of slide embedding.
-pub const EMBED_SLIDE: &str = "embed_slide";
+use crate::slide_job::Timings;
 
 /// What to ingest.
 #[derive(Debug, Clone, Default)]
@@ -147,35 +146,18 @@ impl Pipeline {
             }
         }
         if let Some(fp) = &fingerprint {
-            for (id, path) in &slides {
-                let job = SlideJob {
-                    slide_id: id.clone(),
-                    path: path.clone(),
-                    mpp: req.mpp,
-                };
-                let outcome =
-                    self.block_on(self.store.catalog.queue_job(&NewJob {
-                        kind: EMBED_SLIDE.into(),
-                        subject: id.clone(),
-                        fingerprint: fp.clone(),
-                        payload: serde_json::to_value(&job).map_err(|e| {
-                            PipelineError::Input(format!("{}: {e}", path.display()))
-                        })?,
-                        retry_failed: req.retry_failed,
-                    }))?;
-                match outcome {
-                    QueueOutcome::Queued { .. }
-                    | QueueOutcome::Requeued { .. }
-                    | QueueOutcome::Pending { .. } => summary.queued += 1,
-                    QueueOutcome::AlreadyDone { .. } => summary.already_done += 1,
-                    QueueOutcome::PreviouslyFailed { error, .. } => {
-                        summary.previously_failed += 1;
-                        tracing::warn!(
-                            "{id}: failed before ({}); not retried (pass --retry-failed)",
-                            error.as_deref().unwrap_or("no reason recorded")
-                        );
-                    }
-                }
+            let queued = self.block_on(queue_jobs(
+                &self.store,
+                &slides,
+                fp,
+                req.mpp,
+                req.retry_failed,
+            ))?;
+            summary.queued = queued.queued.len() as u64;
+            summary.already_done = queued.already_done.len() as u64;
+            summary.previously_failed = queued.previously_failed.len() as u64;
+            for (id, error) in &queued.previously_failed {
+                tracing::warn!("{id}: failed before ({error}); not retried (pass --retry-failed)");
             }
         }
         let registered = self.register_reports(rows, &mut row_errors)?;
@@ -194,7 +176,7 @@ impl Pipeline {
         mpp: Option<f64>,
         labels: Option<&BTreeMap<String, String>>,
     ) -> Result<()> {
-        self.block_on(crate::queue::register_slide(
+        self.block_on(register_slide(
             &self.store,
             &self.config,
             id,

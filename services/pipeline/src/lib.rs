@@ -26,7 +26,8 @@ pub mod tile_points;
 
 pub use config::Config;
 pub use error::{PipelineError, Result};
-pub use ingest::{IngestRequest, IngestSummary, RunSummary, EMBED_SLIDE};
+pub use gigapath_store::catalog::kinds::EMBED_SLIDE;
+pub use ingest::{IngestRequest, IngestSummary, RunSummary};
 pub use pipeline::{Pipeline, Progress, Quiet};
 pub use slide_job::{SlideJob, Timings};
 pub use status::Status;

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use gigapath_store::catalog::kinds::EMBED_SLIDE;
 use gigapath_store::catalog::{Catalog, NewJob, NewSlide, QueueOutcome};
 pub use gigapath_store::catalog::{Job, JobState};
 use gigapath_store::config::CATALOG_FILE;
@@ -13,7 +14,6 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::error::{PipelineError, Result};
-use crate::ingest::EMBED_SLIDE;
 use crate::slide_job::SlideJob;
 
 /// What queueing did, slide by slide.
@@ -38,9 +38,24 @@ pub async fn queue_slides(
     mpp: Option<f64>,
     retry_failed: bool,
 ) -> Result<QueueSummary> {
-    let mut summary = QueueSummary::default();
     for (id, path) in slides {
         register_slide(store, config, id, path, mpp, labels.get(id)).await?;
+    }
+    queue_jobs(store, slides, fingerprint, mpp, retry_failed).await
+}
+
+/// Queues one `embed_slide` job per registered slide of `slides` (id -> path) for the weights
+/// `fingerprint`: a slide already embedded with them is left alone, one that failed before is
+/// re-queued only with `retry_failed`.
+pub async fn queue_jobs(
+    store: &Store,
+    slides: &BTreeMap<String, std::path::PathBuf>,
+    fingerprint: &str,
+    mpp: Option<f64>,
+    retry_failed: bool,
+) -> Result<QueueSummary> {
+    let mut summary = QueueSummary::default();
+    for (id, path) in slides {
         let job = SlideJob {
             slide_id: id.clone(),
             path: path.clone(),

@@ -36,10 +36,9 @@ use crate::error::{Result, StoreError};
 
 /// Conventional job kinds (free-form strings; these are the ones the pipeline uses).
 pub mod kinds {
-    /// Tile features + slide embedding of one slide (`subject` = slide id).
-    pub const INGEST_SLIDE: &str = "ingest_slide";
-    /// Text embedding of one report (`subject` = report id).
-    pub const EMBED_REPORT: &str = "embed_report";
+    /// Tile features + slide embedding of one slide (`subject` = slide id, `payload` the
+    /// pipeline's slide job): the one kind ingest queues and workers claim.
+    pub const EMBED_SLIDE: &str = "embed_slide";
 }
 
 /// Where a job is in its life; stored as [`JobState::as_str`].

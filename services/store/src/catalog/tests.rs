@@ -12,6 +12,9 @@ use sqlx::postgres::PgConnectOptions;
 use super::jobs::kinds;
 use super::*;
 
+/// A second job kind, to check that kind filters filter.
+const OTHER_KIND: &str = "embed_report";
+
 type ReopenFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Catalog>>>;
 
 struct TestDb {
@@ -145,7 +148,7 @@ fn embedded(id: &str, fingerprint: &str) -> EmbeddedSlide {
 
 fn new_job(subject: &str, fingerprint: &str) -> NewJob {
     NewJob {
-        kind: kinds::INGEST_SLIDE.into(),
+        kind: kinds::EMBED_SLIDE.into(),
         subject: subject.into(),
         fingerprint: fingerprint.into(),
         payload: json!({ "path": format!("/slides/{subject}.svs") }),
@@ -478,7 +481,7 @@ async fn claims_follow_the_lease_protocol(db: &TestDb) {
     let b = c.queue_job(&new_job("b", "fp")).await.unwrap().id();
     let r = c
         .queue_job(&NewJob {
-            kind: kinds::EMBED_REPORT.into(),
+            kind: OTHER_KIND.into(),
             ..new_job("r", "fp")
         })
         .await
@@ -486,7 +489,7 @@ async fn claims_follow_the_lease_protocol(db: &TestDb) {
         .id();
 
     let only_reports = ClaimOptions {
-        kind: Some(kinds::EMBED_REPORT.into()),
+        kind: Some(OTHER_KIND.into()),
         ..opts(60_000)
     };
     let job = c.claim_job("w1", &only_reports).await.unwrap().unwrap();
@@ -575,12 +578,7 @@ async fn claims_follow_the_lease_protocol(db: &TestDb) {
     let failed = c.list_jobs(Some(JobState::Failed), 10).await.unwrap();
     assert_eq!(failed[0].error.as_deref(), Some("slide has no mpp"));
 
-    assert_eq!(
-        c.retry_failed_jobs(Some(kinds::EMBED_REPORT))
-            .await
-            .unwrap(),
-        0
-    );
+    assert_eq!(c.retry_failed_jobs(Some(OTHER_KIND)).await.unwrap(), 0);
     assert_eq!(c.retry_failed_jobs(None).await.unwrap(), 1);
     let counts = c.job_counts().await.unwrap();
     assert_eq!((counts.queued, counts.failed), (2, 0));
