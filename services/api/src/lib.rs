@@ -46,7 +46,7 @@ use crate::state::AppState;
         routes::ingest::ingest, routes::ingest::status,
         routes::jobs::list_jobs, routes::jobs::retry_job, routes::jobs::cancel_job,
         routes::zeroshot::prompt_sets, routes::zeroshot::subtype, routes::zeroshot::mutation,
-        routes::classify::classify, routes::classify::probes,
+        routes::classify::classify, routes::classify::probes, routes::classify::attention,
         openapi_json,
     ),
     modifiers(&SecurityAddon)
@@ -135,6 +135,7 @@ pub fn configure(state: web::Data<AppState>) -> impl FnOnce(&mut web::ServiceCon
             .service(routes::zeroshot::mutation)
             .service(routes::classify::classify)
             .service(routes::classify::probes)
+            .service(routes::classify::attention)
             .service(index)
             .service(app_js)
             .service(app_css)

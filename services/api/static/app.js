@@ -123,6 +123,12 @@ async function classify(id) {
       ${probsTable(r.probabilities)}
       <p class="muted">${esc(h.kind)} on ${esc(h.input)} inputs, label ${esc(h.label)}, trained ${esc(h.created_at)} on ${h.training_slides} slides of ${h.training_patients} patients${cv}; fingerprint ${esc(h.fingerprint)}</p>`;
     setBarWidths(out);
+    if (h.kind === "abmil") {
+      // Attention MIL: which tiles the prediction rests on, drawn like the prompt heatmap.
+      const map = await api("POST", `/v1/probes/${encodeURIComponent(h.name)}/heatmap`, {slide_id: id});
+      const [lo, hi] = drawHeat(map);
+      $("#hmsg").textContent = `attention of ${h.name} ${lo.toFixed(3)} (blue) … ${hi.toFixed(3)} (red), ${map.tiles.length} tiles`;
+    }
   } catch (e) {
     out.innerHTML = `<p class="error">${esc(e.message)}</p>`;
   }
@@ -135,21 +141,28 @@ async function heatmap(id) {
   msg.textContent = "computing…";
   try {
     const h = await api("POST", `/v1/slides/${encodeURIComponent(id)}/heatmap`, {query: q});
-    const img = $("#overlay"), canvas = $("#heat");
-    canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
-    const ctx = canvas.getContext("2d");
-    ctx.clearRect(0, 0, canvas.width, canvas.height);
-    const sx = canvas.width * h.level0_tile_px / h.level0_width, sy = canvas.height * h.level0_tile_px / h.level0_height;
-    const lo = Math.min(...h.tiles.map((t) => t[2])), hi = Math.max(...h.tiles.map((t) => t[2]));
-    for (const [gx, gy, v] of h.tiles) {
-      const a = hi > lo ? (v - lo) / (hi - lo) : 0.5;
-      ctx.fillStyle = `rgba(${Math.round(255 * a)}, ${Math.round(80 * (1 - a))}, ${Math.round(255 * (1 - a))}, 0.55)`;
-      ctx.fillRect(gx * sx, gy * sy, Math.ceil(sx), Math.ceil(sy));
-    }
+    const [lo, hi] = drawHeat(h);
     msg.textContent = `similarity ${lo.toFixed(3)} (blue) … ${hi.toFixed(3)} (red), ${h.tiles.length} tiles`;
   } catch (e) {
     msg.innerHTML = `<span class="error">${esc(e.message)}</span>`;
   }
+}
+
+// Draws a per-tile map (a prompt heatmap or a head's attention) over the overlay picture, blue
+// (lowest) to red (highest); returns [lowest, highest].
+function drawHeat(h) {
+  const img = $("#overlay"), canvas = $("#heat");
+  canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+  const ctx = canvas.getContext("2d");
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  const sx = canvas.width * h.level0_tile_px / h.level0_width, sy = canvas.height * h.level0_tile_px / h.level0_height;
+  const lo = Math.min(...h.tiles.map((t) => t[2])), hi = Math.max(...h.tiles.map((t) => t[2]));
+  for (const [gx, gy, v] of h.tiles) {
+    const a = hi > lo ? (v - lo) / (hi - lo) : 0.5;
+    ctx.fillStyle = `rgba(${Math.round(255 * a)}, ${Math.round(80 * (1 - a))}, ${Math.round(255 * (1 - a))}, 0.55)`;
+    ctx.fillRect(gx * sx, gy * sy, Math.ceil(sx), Math.ceil(sy));
+  }
+  return [lo, hi];
 }
 
 const params = new URLSearchParams(location.search);

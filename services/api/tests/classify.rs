@@ -144,6 +144,40 @@ fn classify_with_trained_heads_and_refuse_bad_input() {
     assert!((total - 1.0).abs() < 1e-3, "attention sums to {total}");
     assert!(attention.iter().all(|t| t.as_array().unwrap().len() == 3));
 
+    // The same attention through the prompt heatmap's format (what the page draws).
+    let r = post(
+        addr,
+        "/v1/probes/rcc-abmil/heatmap",
+        &json!({"slide_id": "SYN-0001"}),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", text(&r));
+    let map = r.json();
+    assert_eq!(map["slide_id"], "SYN-0001");
+    assert!(map["level0_tile_px"].as_u64().unwrap() > 0);
+    assert!(map["level0_width"].as_u64().unwrap() >= map["level0_tile_px"].as_u64().unwrap());
+    assert_eq!(map["tiles"], res["attention"]);
+    assert_eq!(map["approximate"], false);
+    let r = post(
+        addr,
+        "/v1/probes/rcc-proto/heatmap",
+        &json!({"slide_id": "SYN-0001"}),
+        None,
+    );
+    assert_eq!(r.status, 400, "{}", text(&r));
+    assert!(
+        text(&r).contains("only attention-MIL (abmil) heads weigh tiles"),
+        "{}",
+        text(&r)
+    );
+    let r = post(
+        addr,
+        "/v1/probes/rcc-abmil/heatmap",
+        &json!({"slide_id": "SYN-9999"}),
+        None,
+    );
+    assert_eq!(r.status, 404, "{}", text(&r));
+
     let heads = get(addr, "/v1/probes").json();
     let names: Vec<&str> = heads["heads"]
         .as_array()

@@ -1,5 +1,7 @@
 //! Heads trained on labelled slides (`gigapath probe train`, crate `gigapath-probe`) applied to
-//! stored slides: `POST /v1/classify`, and the heads in the data dir: `GET /v1/probes`.
+//! stored slides: `POST /v1/classify`, the heads in the data dir: `GET /v1/probes`, and an
+//! attention-MIL head's per-tile attention as a heatmap: `POST /v1/probes/{name}/heatmap` (the
+//! prompt heatmap's response, drawn by the same page code).
 //!
 //! A head reads the slide vectors (or, attention MIL, the tile features) its manifest names and
 //! refuses inputs made by other weights (409), so an answer never mixes a head with embeddings
@@ -212,6 +214,77 @@ pub async fn classify(
                 attention: c.attention,
             })
             .collect(),
+    }))
+}
+
+/// The slide an attention map is asked for.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AttentionRequest {
+    /// A stored slide.
+    pub slide_id: String,
+}
+
+/// An attention-MIL head's attention over a slide's tiles (weights sum to 1), in the prompt
+/// heatmap's format: `tiles` holds `[gx, gy, weight]`.
+#[utoipa::path(
+    params(("name" = String, Path, description = "An attention-MIL head of /v1/probes")),
+    request_body = AttentionRequest,
+    responses(
+        (status = 200, body = crate::routes::slides::Heatmap),
+        (status = 400, body = crate::error::ErrorBody),
+        (status = 404, body = crate::error::ErrorBody),
+        (status = 409, body = crate::error::ErrorBody)
+    )
+)]
+#[post("/v1/probes/{name}/heatmap")]
+pub async fn attention(
+    _r: ReadAccess,
+    state: web::Data<AppState>,
+    name: web::Path<String>,
+    req: super::Body<AttentionRequest>,
+) -> ApiResult<web::Json<crate::routes::slides::Heatmap>> {
+    let name = name.into_inner();
+    artefact::check_name(&name).map_err(|e| ApiError::BadRequest(format!("head: {e}")))?;
+    let id = req.into_inner().slide_id;
+    super::ids::check(super::ids::IdKind::Slide, "slide_id", &id)?;
+    let dir = gigapath_probe::probes_dir(&state.config.store.data_dir);
+    let store = state.pipeline.store.clone();
+    let grid_file = state.pipeline.tiles_dir(&id).join("tiles.safetensors");
+    let slide = id.clone();
+    let work = async move {
+        let head = artefact::load(&dir, &name)?;
+        if head.manifest.kind != gigapath_probe::HeadKind::Abmil {
+            return Err(ProbeError::Invalid(format!(
+                "head `{name}` is a {} head on slide vectors: only attention-MIL (abmil) heads weigh tiles",
+                head.manifest.kind
+            )));
+        }
+        let mut answer =
+            gigapath_probe::classify(&store, &head, std::slice::from_ref(&slide)).await?;
+        Ok::<_, ProbeError>(answer.remove(0).attention.unwrap_or_default())
+    };
+    let timeout = Duration::from_secs(state.config.serve.request_timeout_seconds);
+    let tiles = match tokio::time::timeout(timeout, state.pipeline.spawn(work)).await {
+        Ok(joined) => joined?.map_err(probe_error)?,
+        Err(_) => {
+            return Err(ApiError::Unavailable(
+                "the head did not answer within the request timeout".into(),
+            ))
+        }
+    };
+    let grid = web::block(move || gigapath_wsi::gridfile::read_grid(&grid_file))
+        .await?
+        .map_err(|_| {
+            ApiError::NotFound(format!("slide `{id}` has not been tiled (no grid file)"))
+        })?;
+    Ok(web::Json(crate::routes::slides::Heatmap {
+        slide_id: id,
+        level0_width: grid.plan.level0_width,
+        level0_height: grid.plan.level0_height,
+        level0_tile_px: grid.plan.level0_tile_px,
+        tiles,
+        approximate: false,
     }))
 }
 
