@@ -29,6 +29,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Linear, VarBuilder, VarMap};
+use gigapath_rng::SplitMix64;
 use serde::{Deserialize, Serialize};
 
 use crate::slide_encoder::{self, SlideEncoder, SlidePool, SlideTail};
@@ -716,7 +717,7 @@ pub fn init_trainable(
                 // Seeded by name, so a head starts the same whatever else is trainable.
                 let mut rng = SplitMix64::new(seed ^ fnv1a(name.as_bytes()));
                 let values: Vec<f32> = (0..shape.elem_count())
-                    .map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32)
+                    .map(|_| ((rng.f64() * 2.0 - 1.0) * bound) as f32)
                     .collect();
                 Tensor::from_vec(values, shape, device)?
             };
@@ -779,19 +780,3 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
-/// Seeded uniform numbers (SplitMix64): candle's CPU generator cannot be seeded.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    fn uniform(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    }
-}

@@ -12,6 +12,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
+use gigapath_rng::SplitMix64;
 use serde_json::json;
 
 use crate::{slide_encoder, tile_encoder, Error, Result};
@@ -191,31 +192,12 @@ fn fill(varmap: &VarMap, seed: u64) -> Result<()> {
             } else {
                 0.02
             };
-            let mut rng = SplitMix(seed ^ (k as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let mut rng = SplitMix64::new(seed ^ (k as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
             (0..n).map(|_| (rng.normal() * std) as f32).collect()
         };
         var.set(&Tensor::from_vec(values, shape, &Device::Cpu)?)?;
     }
     Ok(())
-}
-
-/// Seeded normal numbers (SplitMix64 + Box-Muller): candle's CPU generator cannot be seeded.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn uniform(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    fn normal(&mut self) -> f64 {
-        let u1 = self.uniform().max(1e-300);
-        let u2 = self.uniform();
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-    }
 }
 
 #[cfg(test)]
