@@ -55,6 +55,7 @@ pub struct Lt {
 
 // Safety: the handle and descriptors are only used under the `plans` lock.
 unsafe impl Send for Lt {}
+// Safety: as for `Send`: every use of the handle holds the `plans` lock.
 unsafe impl Sync for Lt {}
 
 /// Workspace NVIDIA recommends for Hopper (and more than enough before it).

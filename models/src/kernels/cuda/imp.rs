@@ -324,89 +324,116 @@ fn dilated_typed<T: CudaDType + DeviceRepr>(
     let (l, heads, dh) = q.dims3()?;
     let dtype = q.dtype();
     let grid = l * heads;
+    let rows = [q.stride()[0], k.stride()[0], v.stride()[0]];
+    let attend = |views: (&CudaView<'_, T>, &CudaView<'_, T>, &CudaView<'_, T>),
+                  dev: &CudaDevice| {
+        let mut outs = Vec::with_capacity(branches.len());
+        let mut lses = Vec::with_capacity(branches.len());
+        for branch in branches {
+            let (args, segments) = branch_args(branch, l, heads, dh, rows, scale);
+            // Safety: rows a branch does not cover stay unwritten; their lse stays 0, which the
+            // mix reads as "not covered" and skips.
+            let out = unsafe { dev.alloc::<T>(grid * dh)? };
+            let lse = dev.alloc_zeros::<f32>(grid)?;
+            launch_flash(dev, dtype, dh, segments, views, &out, Some(&lse), args)?;
+            outs.push(out);
+            lses.push(lse);
+        }
+        let y = mix_branches::<T>(dev, dtype, &outs, &lses, grid, dh)?;
+        Ok(wrap(y, dev, (l, heads, dh)))
+    };
     with_view::<T, _>(q, 0, |qv, dev| {
         with_view::<T, _>(k, 0, |kv, _| {
-            with_view::<T, _>(v, 0, |vv, _| {
-                let mut outs = Vec::with_capacity(branches.len());
-                let mut lses = Vec::with_capacity(branches.len());
-                for branch in branches {
-                    let r = branch.ratio;
-                    let (s, segments) = branch.segments(l);
-                    // [L, H, Dh] rows: position p, head h at p * row + h * Dh; the problem
-                    // (segment b, head h) reads positions b * s + h / group + r * t.
-                    let dense = |row: usize| Geom {
-                        b: (s * row) as i64,
-                        h: dh as i64,
-                        g: row as i64,
-                        t: (r * row) as i64,
-                    };
-                    let args = FlashArgs {
-                        q: dense(q.stride()[0]),
-                        k: dense(k.stride()[0]),
-                        v: dense(v.stride()[0]),
-                        o: dense(heads * dh),
-                        lse: Geom {
-                            b: (s * heads) as i64,
-                            h: 1,
-                            g: heads as i64,
-                            t: (r * heads) as i64,
-                        },
-                        pos_b: s as i64,
-                        pos_t: r as i64,
-                        seq_len: l as i64,
-                        n: s.div_ceil(r) as i32,
-                        heads: heads as i32,
-                        // The reference pads heads to a multiple of r: groups of ceil(H / r).
-                        group: heads.div_ceil(r) as i32,
-                        scale,
-                    };
-                    // Safety: rows a branch does not cover stay unwritten; their lse stays 0,
-                    // which the mix reads as "not covered" and skips.
-                    let out = unsafe { dev.alloc::<T>(grid * dh)? };
-                    let lse = dev.alloc_zeros::<f32>(grid)?;
-                    let views = (&qv, &kv, &vv);
-                    launch_flash(dev, dtype, dh, segments, views, &out, Some(&lse), args)?;
-                    outs.push(out);
-                    lses.push(lse);
-                }
-                let func = dev.get_or_load_custom_func(
-                    &format!("dilated_mix_{}", suffix(dtype)),
-                    MODULE,
-                    PTX,
-                )?;
-                // Safety: the kernel writes every element.
-                let y = unsafe { dev.alloc::<T>(grid * dh)? };
-                let (nb, rows, dim) = (branches.len() as i32, grid as i64, dh as i32);
-                let null: u64 = 0;
-                let mut b = func.builder();
-                for i in 0..8 {
-                    match outs.get(i) {
-                        Some(o) => b.arg(o),
-                        None => b.arg(&null),
-                    };
-                }
-                for i in 0..8 {
-                    match lses.get(i) {
-                        Some(x) => b.arg(x),
-                        None => b.arg(&null),
-                    };
-                }
-                b.arg(&nb);
-                b.arg(&y);
-                b.arg(&rows);
-                b.arg(&dim);
-                let chunks = grid * dh / 8;
-                let cfg = LaunchConfig {
-                    grid_dim: (chunks.div_ceil(256).min(1 << 20) as u32, 1, 1),
-                    block_dim: (256, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                // Safety: every branch buffer holds grid x dh elements.
-                unsafe { b.launch(cfg) }.w()?;
-                Ok(wrap(y, dev, (l, heads, dh)))
-            })
+            with_view::<T, _>(v, 0, |vv, _| attend((&qv, &kv, &vv), dev))
         })
     })
+}
+
+/// The flash launch of one branch over `[L, H, Dh]` q / k / v whose position rows are
+/// `rows[i]` elements apart (dense outputs and lses `[L, H]`), and its number of segments.
+fn branch_args(
+    branch: &Branch,
+    l: usize,
+    heads: usize,
+    dh: usize,
+    rows: [usize; 3],
+    scale: f32,
+) -> (FlashArgs, usize) {
+    let r = branch.ratio;
+    let (s, segments) = branch.segments(l);
+    // [L, H, Dh] rows: position p, head h at p * row + h * Dh; the problem (segment b, head h)
+    // reads positions b * s + h / group + r * t.
+    let dense = |row: usize| Geom {
+        b: (s * row) as i64,
+        h: dh as i64,
+        g: row as i64,
+        t: (r * row) as i64,
+    };
+    let args = FlashArgs {
+        q: dense(rows[0]),
+        k: dense(rows[1]),
+        v: dense(rows[2]),
+        o: dense(heads * dh),
+        lse: Geom {
+            b: (s * heads) as i64,
+            h: 1,
+            g: heads as i64,
+            t: (r * heads) as i64,
+        },
+        pos_b: s as i64,
+        pos_t: r as i64,
+        seq_len: l as i64,
+        n: s.div_ceil(r) as i32,
+        heads: heads as i32,
+        // The reference pads heads to a multiple of r: groups of ceil(H / r).
+        group: heads.div_ceil(r) as i32,
+        scale,
+    };
+    (args, segments)
+}
+
+/// The branch mix kernel: per (position, head) the branch outputs weighted by the softmax of
+/// their lses (at most 8 branches, each `grid x dh` outputs and `grid` lses).
+fn mix_branches<T: CudaDType + DeviceRepr>(
+    dev: &CudaDevice,
+    dtype: DType,
+    outs: &[CudaSlice<T>],
+    lses: &[CudaSlice<f32>],
+    grid: usize,
+    dh: usize,
+) -> Result<CudaSlice<T>> {
+    let func =
+        dev.get_or_load_custom_func(&format!("dilated_mix_{}", suffix(dtype)), MODULE, PTX)?;
+    // Safety: the kernel writes every element.
+    let y = unsafe { dev.alloc::<T>(grid * dh)? };
+    let (nb, rows, dim) = (outs.len() as i32, grid as i64, dh as i32);
+    let null: u64 = 0;
+    let mut b = func.builder();
+    for i in 0..8 {
+        match outs.get(i) {
+            Some(o) => b.arg(o),
+            None => b.arg(&null),
+        };
+    }
+    for i in 0..8 {
+        match lses.get(i) {
+            Some(x) => b.arg(x),
+            None => b.arg(&null),
+        };
+    }
+    b.arg(&nb);
+    b.arg(&y);
+    b.arg(&rows);
+    b.arg(&dim);
+    let chunks = grid * dh / 8;
+    let cfg = LaunchConfig {
+        grid_dim: (chunks.div_ceil(256).min(1 << 20) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // Safety: every branch buffer holds grid x dh elements.
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(y)
 }
 
 pub fn linear(
