@@ -12,7 +12,7 @@ use crate::heads::HeadKind;
 pub struct ZeroShotRow {
     /// The prompt set used.
     pub prompt_set: String,
-    /// Which slides it was scored on (`validation`: the alignment's held-out slides; `all`).
+    /// Which slides it was scored on: `held-out` (the alignment's validation slides) or `all`.
     pub split: String,
     /// Scores with bootstrap intervals.
     pub scores: Scores,
@@ -96,7 +96,7 @@ impl Comparison {
             (Some(z), _) => row(
                 &mut s,
                 &format!(
-                    "zero-shot `{}` ({} slides, {})",
+                    "zero-shot `{}` ({} {} slides)",
                     z.prompt_set, z.scores.report.n, z.split
                 ),
                 &z.scores,

@@ -601,8 +601,8 @@ fn zero_shot(
     Ok(ZeroShotRow {
         prompt_set: z.prompt_set,
         split: match args.split {
-            SplitArg::Validation => "alignment's held-out slides".into(),
-            SplitArg::All => "all slides with reports".into(),
+            SplitArg::Validation => "held-out".into(),
+            SplitArg::All => "all".into(),
         },
         scores,
     })
