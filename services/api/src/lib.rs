@@ -200,7 +200,9 @@ async fn observe(
 
 /// A running service.
 pub struct Service {
+    /// The address it listens on (the real port when `bind` asked for port 0).
     pub addr: SocketAddr,
+    /// The shared state its handlers see.
     pub state: web::Data<AppState>,
     handle: ServerHandle,
     server: Option<std::thread::JoinHandle<std::io::Result<()>>>,

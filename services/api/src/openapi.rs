@@ -19,10 +19,13 @@ use gigapath_pipeline::config::ServeConfig;
 use serde_json::{json, Map, Value};
 use utoipa::OpenApi;
 
-/// Inline zero-shot limits: at most 10 classes x 8 names x 24 templates = 1920 prompts (the
-/// handler also refuses more than 2000). 24 templates fit the MI-Zero 16 + H&E 8.
+/// Most classes of an inline prompt set. The inline zero-shot limits together: at most 10
+/// classes x 8 names x 24 templates = 1920 prompts (the handler also refuses more than 2000).
+/// 24 templates fit the MI-Zero 16 + H&E 8.
 pub const MAX_INLINE_CLASSES: usize = 10;
+/// Most names of one inline class (see [`MAX_INLINE_CLASSES`]).
 pub const MAX_INLINE_NAMES: usize = 8;
+/// Most templates of an inline prompt set (see [`MAX_INLINE_CLASSES`]).
 pub const MAX_INLINE_TEMPLATES: usize = 24;
 /// Most genes in one mutation request.
 pub const MAX_GENES: usize = 64;
