@@ -8,7 +8,7 @@
 //! - [`data`]: pairs, the train / validation split by patient or slide, the batch order.
 //! - [`trainer`]: a run - cached frozen parts, AdamW ([`optim`]), validation, checkpoints
 //!   ([`checkpoint`]), per-step metrics ([`runlog`]), the curve ([`plot`]), exact resume.
-//! - [`reembed`]: recompute `joint` (and `slide`) vectors of every stored slide and report
+//! - [`reembed`](mod@reembed): recompute `joint` (and `slide`) vectors of every stored slide and report
 //!   with a checkpoint, under its fingerprint.
 //! - [`eval`]: cross-modal retrieval, zero-shot classification and MI-Zero robustness.
 //!

@@ -8,7 +8,7 @@
 //!   softmax over raw cosines, mutation probabilities (mutated vs wild-type phrasing).
 //! - [`metrics`]: balanced accuracy, weighted F1, macro one-vs-rest AUROC, confusion matrix,
 //!   recall@k.
-//! - [`robustness`]: MI-Zero's protocol, 50 sampled prompt sets, median and spread.
+//! - [`robustness`](mod@robustness): MI-Zero's protocol, 50 sampled prompt sets, median and spread.
 //!
 //! Not for: running a text encoder. Callers pass an [`Embed`] function (texts -> joint-space
 //! vectors), so this crate has no model, tensor library or I/O beyond reading prompt files.
