@@ -132,9 +132,9 @@ impl Default for AbmilConfig {
 /// A trained (or freshly initialised) gated-attention MIL model.
 #[derive(Debug, Clone)]
 pub struct Abmil {
-    /// Tensors by name: `fc.weight` [hidden, dim], `fc.bias`, `attention_v.*`,
-    /// `attention_u.*` [attention, hidden], `attention_w.*` [1, attention], `classifier.*`
-    /// [classes, hidden], and the input standardisation `input.mean` / `input.std` [dim].
+    /// Tensors by name: `fc.weight` `[hidden, dim]`, `fc.bias`, `attention_v.*`,
+    /// `attention_u.*` `[attention, hidden]`, `attention_w.*` `[1, attention]`, `classifier.*`
+    /// `[classes, hidden]`, and the input standardisation `input.mean` / `input.std` `[dim]`.
     pub tensors: HashMap<String, Tensor>,
 }
 

@@ -95,15 +95,22 @@ pub enum ProbeError {
     /// Tensor math failed.
     #[error("tensor: {0}")]
     Tensor(#[from] candle_core::Error),
-    /// The optimiser shared with alignment training failed.
+    /// The optimiser shared with alignment training failed (boxed: the training errors are
+    /// large and rare).
     #[error(transparent)]
-    Optim(#[from] gigapath_train::TrainError),
+    Optim(Box<gigapath_train::TrainError>),
     /// The catalog or vector store failed.
     #[error(transparent)]
     Store(#[from] gigapath_store::StoreError),
     /// A metric was asked of inconsistent predictions.
     #[error(transparent)]
     Metrics(#[from] gigapath_zeroshot::ZeroShotError),
+}
+
+impl From<gigapath_train::TrainError> for ProbeError {
+    fn from(e: gigapath_train::TrainError) -> Self {
+        ProbeError::Optim(Box::new(e))
+    }
 }
 
 impl ProbeError {

@@ -196,8 +196,12 @@ mod tests {
 
     /// Mean RGB of a rendered scene's tissue pixels.
     fn tissue_mean(s: Subtype, seed: u64) -> [f64; 3] {
+        tissue_mean_at(s, seed, 0.0)
+    }
+
+    fn tissue_mean_at(s: Subtype, seed: u64, closeness: f64) -> [f64; 3] {
         let mut rng = Rng::new(seed);
-        let scene = scene(s, &mut rng, 800.0, 800.0);
+        let scene = scene_with(s, &mut rng, 800.0, 800.0, closeness);
         let px = scene.render(0.0, 0.0, 4.0, 200, 200);
         let mut acc = [0f64; 3];
         let mut n = 0.0;
@@ -222,5 +226,25 @@ mod tests {
         assert!(lum(cc) > lum(p) && lum(cc) > lum(ch), "{cc:?} {p:?} {ch:?}");
         assert!(ch[0] - ch[1] > cc[0] - cc[1], "{cc:?} {ch:?}");
         assert_eq!(Subtype::from_label("prcc"), Some(Subtype::Prcc));
+    }
+
+    #[test]
+    fn closeness_draws_the_subtypes_colours_together() {
+        // 0 is the designed scene, draw for draw.
+        let a = scene(Subtype::Prcc, &mut Rng::new(3), 800.0, 800.0);
+        let b = scene_with(Subtype::Prcc, &mut Rng::new(3), 800.0, 800.0, 0.0);
+        assert_eq!(
+            a.render(0.0, 0.0, 4.0, 100, 100),
+            b.render(0.0, 0.0, 4.0, 100, 100)
+        );
+        let gap = |c: f64| {
+            let (x, y) = (
+                tissue_mean_at(Subtype::Ccrcc, 1, c),
+                tissue_mean_at(Subtype::Chrcc, 1, c),
+            );
+            (0..3).map(|i| (x[i] - y[i]).powi(2)).sum::<f64>().sqrt()
+        };
+        let (apart, close) = (gap(0.0), gap(0.9));
+        assert!(close < 0.5 * apart, "colour gap {apart:.1} -> {close:.1}");
     }
 }
