@@ -17,6 +17,7 @@ pub mod config;
 pub mod disk;
 pub mod error;
 pub mod features;
+pub mod time;
 pub mod vector;
 
 pub use catalog::Catalog;

@@ -154,6 +154,21 @@ fn probe_error(e: ProbeError) -> ApiError {
     }
 }
 
+/// Runs a head's work (file reads, store calls, model math) on the pipeline's runtime within
+/// the request timeout, its errors mapped once.
+async fn run_head<T: Send + 'static>(
+    state: &AppState,
+    work: impl std::future::Future<Output = Result<T, ProbeError>> + Send + 'static,
+) -> ApiResult<T> {
+    let timeout = Duration::from_secs(state.config.serve.request_timeout_seconds);
+    match tokio::time::timeout(timeout, state.pipeline.spawn(work)).await {
+        Ok(joined) => joined?.map_err(probe_error),
+        Err(_) => Err(ApiError::Unavailable(
+            "the head did not answer within the request timeout".into(),
+        )),
+    }
+}
+
 /// Class probabilities of stored slides from a trained head, with the head's provenance.
 #[utoipa::path(
     request_body = ClassifyRequest,
@@ -192,16 +207,7 @@ pub async fn classify(
         let results = gigapath_probe::classify(&store, &head, &req.slide_ids).await?;
         Ok::<_, ProbeError>((head.manifest, results))
     };
-    let timeout = Duration::from_secs(cfg.request_timeout_seconds);
-    let (manifest, results) = match tokio::time::timeout(timeout, state.pipeline.spawn(work)).await
-    {
-        Ok(joined) => joined?.map_err(probe_error)?,
-        Err(_) => {
-            return Err(ApiError::Unavailable(
-                "the head did not answer within the request timeout".into(),
-            ))
-        }
-    };
+    let (manifest, results) = run_head(&state, work).await?;
     Ok(web::Json(ClassifyResponse {
         head: HeadInfo::from(&manifest),
         results: results
@@ -264,15 +270,7 @@ pub async fn attention(
             gigapath_probe::classify(&store, &head, std::slice::from_ref(&slide)).await?;
         Ok::<_, ProbeError>(answer.remove(0).attention.unwrap_or_default())
     };
-    let timeout = Duration::from_secs(state.config.serve.request_timeout_seconds);
-    let tiles = match tokio::time::timeout(timeout, state.pipeline.spawn(work)).await {
-        Ok(joined) => joined?.map_err(probe_error)?,
-        Err(_) => {
-            return Err(ApiError::Unavailable(
-                "the head did not answer within the request timeout".into(),
-            ))
-        }
-    };
+    let tiles = run_head(&state, work).await?;
     let grid = web::block(move || gigapath_wsi::gridfile::read_grid(&grid_file))
         .await?
         .map_err(|_| {
