@@ -2,10 +2,9 @@
 //! them: Qdrant (one node or a cluster, `../shared/qdrant/start.sh` on a free base port) and a
 //! throwaway PostgreSQL (`scripts/start-test-postgres.sh`, restarted with `pg_ctl` as that script
 //! runs it). Each `start` returns `None` after printing why when the server cannot be had here,
-//! and the test then says SKIPPED and passes. Also: a tiny HTTP client and child cleanup.
+//! and the test then says SKIPPED and passes. Also: an HTTP helper over the service's client, and child cleanup.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -14,8 +13,9 @@ use serde_json::Value;
 
 use super::repo;
 
-/// One HTTP/1.1 exchange on loopback (`Connection: close`): status and JSON body (`Null` when
-/// the body is not JSON). `key` goes in `X-Api-Key`. A refused connection is status 0.
+/// One HTTP/1.1 exchange on loopback (`Connection: close`, through the service's own client,
+/// [`gigapath_api::client`]): status and JSON body (`Null` when the body is not JSON). `key`
+/// goes in `X-Api-Key`. A refused connection is status 0.
 pub fn http(
     base: &str,
     method: &str,
@@ -24,65 +24,31 @@ pub fn http(
     key: Option<&str>,
 ) -> (u16, Value) {
     let addr = base.trim_start_matches("http://").trim_end_matches('/');
-    let Ok(mut stream) = TcpStream::connect(addr) else {
+    let Some(addr) = addr.to_socket_addrs().ok().and_then(|mut a| a.next()) else {
         return (0, Value::Null);
     };
-    stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
     let payload = body.map(|b| b.to_string()).unwrap_or_default();
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
-         Content-Length: {}\r\n",
-        payload.len()
-    );
+    let mut headers = Vec::new();
     if let Some(k) = key {
-        req += &format!("X-Api-Key: {k}\r\n");
+        headers.push(("X-Api-Key", k));
     }
     if body.is_some() {
-        req += "Content-Type: application/json\r\n";
+        headers.push(("Content-Type", "application/json"));
     }
-    req += "\r\n";
-    req += &payload;
-    if stream.write_all(req.as_bytes()).is_err() {
-        return (0, Value::Null);
-    }
-    let mut raw = Vec::new();
-    if stream.read_to_end(&mut raw).is_err() {
-        return (0, Value::Null);
-    }
-    let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
-        return (0, Value::Null);
-    };
-    let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let mut body = raw[split + 4..].to_vec();
-    if head.contains("transfer-encoding: chunked") {
-        body = dechunk(&body);
-    }
-    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
-}
-
-fn dechunk(mut data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let Some(eol) = data.windows(2).position(|w| w == b"\r\n") else {
-            return out;
-        };
-        let size_text = String::from_utf8_lossy(&data[..eol]);
-        let Ok(size) = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
-        else {
-            return out;
-        };
-        if size == 0 || data.len() < eol + 2 + size {
-            return out;
-        }
-        out.extend_from_slice(&data[eol + 2..eol + 2 + size]);
-        data = &data[(eol + 4 + size).min(data.len())..];
+    let sent = gigapath_api::client::exchange(
+        addr,
+        method,
+        path,
+        &headers,
+        Some(payload.as_bytes()),
+        Duration::from_secs(60),
+    );
+    match sent {
+        Ok(r) => (
+            r.status,
+            serde_json::from_slice(&r.body).unwrap_or(Value::Null),
+        ),
+        Err(_) => (0, Value::Null),
     }
 }
 

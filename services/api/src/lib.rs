@@ -11,6 +11,7 @@
 //! `gigapath worker` processes can do it instead.
 
 pub mod auth;
+pub mod client;
 pub mod error;
 pub mod limits;
 pub mod metrics;

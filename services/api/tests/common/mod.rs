@@ -2,8 +2,7 @@
 //! TCP stream (one request per connection, chunked bodies decoded) and JSON shorthands.
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -93,7 +92,7 @@ impl Reply {
     }
 }
 
-/// A minimal HTTP/1.1 client: one request per connection.
+/// One request per connection, through the service's own client ([`gigapath_api::client`]).
 pub fn http(
     addr: SocketAddr,
     method: &str,
@@ -101,59 +100,14 @@ pub fn http(
     headers: &[(&str, &str)],
     body: Option<&[u8]>,
 ) -> Reply {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        req += &format!("{k}: {v}\r\n");
-    }
-    if let Some(b) = body {
-        req += &format!("Content-Length: {}\r\n", b.len());
-    }
-    req += "\r\n";
-    s.write_all(req.as_bytes()).unwrap();
-    if let Some(b) = body {
-        // The server may answer (413) and close before reading an oversized body.
-        let _ = s.write_all(b);
-    }
-    let mut raw = Vec::new();
-    let _ = s.read_to_end(&mut raw);
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("a header block");
-    let head = String::from_utf8_lossy(&raw[..split]).to_string();
-    let mut body = raw[split + 4..].to_vec();
-    let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let header = |name: &str| {
-        head.lines().find_map(|l| {
-            l.split_once(':')
-                .filter(|(k, _)| k.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v.trim().to_string())
-        })
-    };
-    if header("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
-        body = dechunk(&body);
-    }
+    let r =
+        gigapath_api::client::exchange(addr, method, path, headers, body, Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
     Reply {
-        status,
-        content_type: header("content-type").unwrap_or_default(),
-        head,
-        body,
-    }
-}
-
-fn dechunk(mut b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let line_end = b.windows(2).position(|w| w == b"\r\n").unwrap();
-        let n =
-            usize::from_str_radix(std::str::from_utf8(&b[..line_end]).unwrap().trim(), 16).unwrap();
-        if n == 0 {
-            return out;
-        }
-        out.extend_from_slice(&b[line_end + 2..line_end + 2 + n]);
-        b = &b[line_end + 4 + n..];
+        status: r.status,
+        content_type: r.header("content-type").unwrap_or_default(),
+        head: r.head,
+        body: r.body,
     }
 }
 

@@ -11,8 +11,7 @@
 //!
 //! Re-running with the same `--data-dir` resumes: finished steps are skipped.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -276,50 +275,18 @@ fn diagnosis_line(text: &str) -> String {
 /// POST a JSON body over HTTP/1.1 and parse the JSON reply; a non-2xx status is an error.
 fn post(addr: SocketAddr, path: &str, body: &Value) -> Result<Value> {
     let body = body.to_string();
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
-    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-    write!(
-        stream,
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, rest) = text
-        .split_once("\r\n\r\n")
-        .with_context(|| format!("{path}: no HTTP reply"))?;
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .with_context(|| format!("{path}: bad status line"))?;
-    let chunked = head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked");
-    let payload = if chunked {
-        dechunk(rest)
-    } else {
-        rest.to_string()
-    };
-    if !(200..300).contains(&status) {
-        bail!("{path}: HTTP {status}: {payload}");
+    let reply = gigapath_api::client::exchange(
+        addr,
+        "POST",
+        path,
+        &[("Content-Type", "application/json")],
+        Some(body.as_bytes()),
+        Duration::from_secs(60),
+    )
+    .with_context(|| format!("{path}: no HTTP reply"))?;
+    let payload = reply.text();
+    if !(200..300).contains(&reply.status) {
+        bail!("{path}: HTTP {}: {payload}", reply.status);
     }
     serde_json::from_str(&payload).with_context(|| format!("{path}: reply is not JSON"))
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = rest[n..].trim_start_matches("\r\n");
-    }
-    out
 }
