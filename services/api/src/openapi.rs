@@ -296,6 +296,13 @@ fn request_constraints(doc: &mut Value, cfg: &ServeConfig) {
     }
 
     constrain(doc, "ClassifyRequest", "slide_ids", slide_ids.clone());
+    constrain(doc, "AttentionRequest", "slide_id", slide_id.clone());
+    constrain(
+        doc,
+        "AttentionRequest",
+        "head",
+        json!({"minLength": 1, "maxLength": 64, "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]*$", "example": "rcc-abmil"}),
+    );
     constrain(
         doc,
         "ClassifyRequest",

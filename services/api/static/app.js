@@ -125,7 +125,7 @@ async function classify(id) {
     setBarWidths(out);
     if (h.kind === "abmil") {
       // Attention MIL: which tiles the prediction rests on, drawn like the prompt heatmap.
-      const map = await api("POST", `/v1/probes/${encodeURIComponent(h.name)}/heatmap`, {slide_id: id});
+      const map = await api("POST", "/v1/classify/heatmap", {head: h.name, slide_id: id});
       const [lo, hi] = drawHeat(map);
       $("#hmsg").textContent = `attention of ${h.name} ${lo.toFixed(3)} (blue) … ${hi.toFixed(3)} (red), ${map.tiles.length} tiles`;
     }

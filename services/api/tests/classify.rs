@@ -147,8 +147,8 @@ fn classify_with_trained_heads_and_refuse_bad_input() {
     // The same attention through the prompt heatmap's format (what the page draws).
     let r = post(
         addr,
-        "/v1/probes/rcc-abmil/heatmap",
-        &json!({"slide_id": "SYN-0001"}),
+        "/v1/classify/heatmap",
+        &json!({"head": "rcc-abmil", "slide_id": "SYN-0001"}),
         None,
     );
     assert_eq!(r.status, 200, "{}", text(&r));
@@ -160,8 +160,8 @@ fn classify_with_trained_heads_and_refuse_bad_input() {
     assert_eq!(map["approximate"], false);
     let r = post(
         addr,
-        "/v1/probes/rcc-proto/heatmap",
-        &json!({"slide_id": "SYN-0001"}),
+        "/v1/classify/heatmap",
+        &json!({"head": "rcc-proto", "slide_id": "SYN-0001"}),
         None,
     );
     assert_eq!(r.status, 400, "{}", text(&r));
@@ -172,8 +172,8 @@ fn classify_with_trained_heads_and_refuse_bad_input() {
     );
     let r = post(
         addr,
-        "/v1/probes/rcc-abmil/heatmap",
-        &json!({"slide_id": "SYN-9999"}),
+        "/v1/classify/heatmap",
+        &json!({"head": "rcc-abmil", "slide_id": "SYN-9999"}),
         None,
     );
     assert_eq!(r.status, 404, "{}", text(&r));

@@ -391,6 +391,9 @@ fn base_body(op: &str, field: &str) -> Option<Value> {
         ("POST /v1/zero-shot/subtype", "/slide_ids") => json!({"prompt_set": "nsclc"}),
         ("POST /v1/zero-shot/mutation", "/slide_ids") => json!({}),
         ("POST /v1/slides/{id}/heatmap", "") => json!({"query": "x"}),
+        ("POST /v1/classify" | "POST /v1/classify/heatmap", "/slide_ids" | "/slide_id") => {
+            json!({"head": "a-head"})
+        }
         _ => return None,
     })
 }
@@ -586,6 +589,8 @@ fn every_id_field_of_every_operation_is_refused_as_the_document_says() {
         "POST /v1/search/reports /filter/slide_id",
         "POST /v1/zero-shot/subtype /slide_ids",
         "POST /v1/zero-shot/mutation /slide_ids",
+        "POST /v1/classify /slide_ids",
+        "POST /v1/classify/heatmap /slide_id",
     ] {
         assert!(
             checked.iter().any(|c| c == must),

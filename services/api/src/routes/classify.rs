@@ -1,6 +1,6 @@
 //! Heads trained on labelled slides (`gigapath probe train`, crate `gigapath-probe`) applied to
 //! stored slides: `POST /v1/classify`, the heads in the data dir: `GET /v1/probes`, and an
-//! attention-MIL head's per-tile attention as a heatmap: `POST /v1/probes/{name}/heatmap` (the
+//! attention-MIL head's per-tile attention as a heatmap: `POST /v1/classify/heatmap` (the
 //! prompt heatmap's response, drawn by the same page code).
 //!
 //! A head reads the slide vectors (or, attention MIL, the tile features) its manifest names and
@@ -223,10 +223,12 @@ pub async fn classify(
     }))
 }
 
-/// The slide an attention map is asked for.
+/// The head and slide an attention map is asked for.
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AttentionRequest {
+    /// An attention-MIL (`abmil`) head of `/v1/probes`.
+    pub head: String,
     /// A stored slide.
     pub slide_id: String,
 }
@@ -234,7 +236,6 @@ pub struct AttentionRequest {
 /// An attention-MIL head's attention over a slide's tiles (weights sum to 1), in the prompt
 /// heatmap's format: `tiles` holds `[gx, gy, weight]`.
 #[utoipa::path(
-    params(("name" = String, Path, description = "An attention-MIL head of /v1/probes")),
     request_body = AttentionRequest,
     responses(
         (status = 200, body = crate::routes::slides::Heatmap),
@@ -243,17 +244,18 @@ pub struct AttentionRequest {
         (status = 409, body = crate::error::ErrorBody)
     )
 )]
-#[post("/v1/probes/{name}/heatmap")]
+#[post("/v1/classify/heatmap")]
 pub async fn attention(
     _r: ReadAccess,
     state: web::Data<AppState>,
-    name: web::Path<String>,
     req: super::Body<AttentionRequest>,
 ) -> ApiResult<web::Json<crate::routes::slides::Heatmap>> {
-    let name = name.into_inner();
-    artefact::check_name(&name).map_err(|e| ApiError::BadRequest(format!("head: {e}")))?;
-    let id = req.into_inner().slide_id;
+    let AttentionRequest {
+        head: name,
+        slide_id: id,
+    } = req.into_inner();
     super::ids::check(super::ids::IdKind::Slide, "slide_id", &id)?;
+    artefact::check_name(&name).map_err(|e| ApiError::BadRequest(format!("head: {e}")))?;
     let dir = gigapath_probe::probes_dir(&state.config.store.data_dir);
     let store = state.pipeline.store.clone();
     let grid_file = state.pipeline.tiles_dir(&id).join("tiles.safetensors");
