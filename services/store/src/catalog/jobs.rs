@@ -31,7 +31,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{duration_ms, now_ms, on_db, record_slide_embedded, sql, Catalog, EmbeddedSlide};
+use super::{
+    duration_ms, now_ms, on_db, record_slide_embedded, sql, Catalog, Dialect, EmbeddedSlide,
+};
 use crate::error::{Result, StoreError};
 
 /// Conventional job kinds (free-form strings; these are the ones the pipeline uses).
@@ -476,35 +478,24 @@ impl Catalog {
     /// Extends the lease of a job this worker holds.
     pub async fn renew_lease(&self, job_id: i64, worker: &str, lease: Duration) -> Result<()> {
         let lease_ms = duration_ms(lease);
-        let n = on_db!(self, |pool, d| {
-            sqlx::query(sql!(d,
+        self.update_held(job_id, worker, Some(Extra::Int(lease_ms)), |d| {
+            sql!(d,
                 "UPDATE jobs SET lease_expires_at = " NOW " + $3, updated_at = " NOW " \
                  WHERE id = $1 AND worker = $2 AND state = 'running'"
-            ))
-            .bind(job_id)
-            .bind(worker)
-            .bind(lease_ms)
-            .execute(pool)
-            .await?
-            .rows_affected()
-        });
-        self.held_or_why(n, job_id, worker).await
+            )
+        })
+        .await
     }
 
     /// Marks a held job done.
     pub async fn complete_job(&self, job_id: i64, worker: &str) -> Result<()> {
-        let n = on_db!(self, |pool, d| {
-            sqlx::query(sql!(d,
+        self.update_held(job_id, worker, None, |d| {
+            sql!(d,
                 "UPDATE jobs SET state = 'done', lease_expires_at = NULL, error = NULL, \
                  updated_at = " NOW " WHERE id = $1 AND worker = $2 AND state = 'running'"
-            ))
-            .bind(job_id)
-            .bind(worker)
-            .execute(pool)
-            .await?
-            .rows_affected()
-        });
-        self.held_or_why(n, job_id, worker).await
+            )
+        })
+        .await
     }
 
     /// In one transaction: marks the slide embedded, records its point's fingerprint and marks
@@ -538,58 +529,41 @@ impl Catalog {
 
     /// Marks a held job failed with `reason` (retried only on request).
     pub async fn fail_job(&self, job_id: i64, worker: &str, reason: &str) -> Result<()> {
-        let n = on_db!(self, |pool, d| {
-            sqlx::query(sql!(d,
+        self.update_held(job_id, worker, Some(Extra::Text(reason)), |d| {
+            sql!(d,
                 "UPDATE jobs SET state = 'failed', lease_expires_at = NULL, error = $3, \
                  updated_at = " NOW " WHERE id = $1 AND worker = $2 AND state = 'running'"
-            ))
-            .bind(job_id)
-            .bind(worker)
-            .bind(reason)
-            .execute(pool)
-            .await?
-            .rows_affected()
-        });
-        self.held_or_why(n, job_id, worker).await
+            )
+        })
+        .await
     }
 
     /// Gives a held job back to the queue untouched (a worker shutting down cleanly); the claim
     /// does not count as an attempt.
     pub async fn release_job(&self, job_id: i64, worker: &str) -> Result<()> {
-        let n = on_db!(self, |pool, d| {
-            sqlx::query(sql!(d,
+        self.update_held(job_id, worker, None, |d| {
+            sql!(d,
                 "UPDATE jobs SET state = 'queued', worker = NULL, lease_expires_at = NULL, \
                  attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END, \
                  updated_at = " NOW " WHERE id = $1 AND worker = $2 AND state = 'running'"
-            ))
-            .bind(job_id)
-            .bind(worker)
-            .execute(pool)
-            .await?
-            .rows_affected()
-        });
-        self.held_or_why(n, job_id, worker).await
+            )
+        })
+        .await
     }
 
     /// Gives a held job back to the queue after an infrastructure error (the vector store or
     /// the catalog unreachable): the claim is not counted as an attempt (`deferrals` counts it
     /// instead) and `reason` is kept as the job's last error. The slide is not to blame.
     pub async fn defer_job(&self, job_id: i64, worker: &str, reason: &str) -> Result<()> {
-        let n = on_db!(self, |pool, d| {
-            sqlx::query(sql!(d,
+        self.update_held(job_id, worker, Some(Extra::Text(reason)), |d| {
+            sql!(d,
                 "UPDATE jobs SET state = 'queued', worker = NULL, lease_expires_at = NULL, \
                  attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END, \
                  deferrals = deferrals + 1, error = $3, updated_at = " NOW " \
                  WHERE id = $1 AND worker = $2 AND state = 'running'"
-            ))
-            .bind(job_id)
-            .bind(worker)
-            .bind(reason)
-            .execute(pool)
-            .await?
-            .rows_affected()
-        });
-        self.held_or_why(n, job_id, worker).await
+            )
+        })
+        .await
     }
 
     /// Ends a held job's attempt without a result (the work panicked): the attempt counts; the
@@ -768,6 +742,28 @@ impl Catalog {
     }
 
     /// Turns "no row updated" into the reason: unknown job, or not held by this worker.
+    /// Runs one state change of a job this worker holds: `sql(dialect)` is an `UPDATE` whose
+    /// `$1` is the job id, `$2` the worker and `$3` (if any) `extra`; no row changed means the
+    /// job is unknown or its lease was lost, and the error says which.
+    async fn update_held(
+        &self,
+        job_id: i64,
+        worker: &str,
+        extra: Option<Extra<'_>>,
+        sql: impl Fn(Dialect) -> &'static str,
+    ) -> Result<()> {
+        let n = on_db!(self, |pool, d| {
+            let query = sqlx::query(sql(d)).bind(job_id).bind(worker);
+            let query = match extra {
+                Some(Extra::Text(t)) => query.bind(t),
+                Some(Extra::Int(i)) => query.bind(i),
+                None => query,
+            };
+            query.execute(pool).await?.rows_affected()
+        });
+        self.held_or_why(n, job_id, worker).await
+    }
+
     async fn held_or_why(&self, rows_updated: u64, job_id: i64, worker: &str) -> Result<()> {
         if rows_updated > 0 {
             return Ok(());
@@ -780,4 +776,13 @@ impl Catalog {
             }),
         }
     }
+}
+
+/// The third parameter of a held job's state change ([`Catalog::update_held`]).
+#[derive(Clone, Copy)]
+enum Extra<'a> {
+    /// A reason or error text.
+    Text(&'a str),
+    /// A duration in ms.
+    Int(i64),
 }
