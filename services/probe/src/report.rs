@@ -108,9 +108,9 @@ impl Comparison {
             let name = format!(
                 "few-shot {} k={}",
                 if p.kind == HeadKind::Knn {
-                    "kNN"
+                    "kNN".to_string()
                 } else {
-                    p.kind_str()
+                    p.kind.to_string()
                 },
                 p.k
             );
@@ -147,16 +147,5 @@ impl Comparison {
         }
         s.push_str(&format!("\n({:.1} s)\n", self.seconds));
         s
-    }
-}
-
-impl FewShotPoint {
-    fn kind_str(&self) -> &'static str {
-        match self.kind {
-            HeadKind::Linear => "linear",
-            HeadKind::Knn => "knn",
-            HeadKind::Prototype => "prototype",
-            HeadKind::Abmil => "abmil",
-        }
     }
 }

@@ -205,6 +205,15 @@ pub struct CompareArgs {
     /// Random draws per k.
     #[arg(long, default_value_t = 100)]
     pub draws: usize,
+    /// Heads fitted on each few-shot draw (`linear`: the probe at its default penalty, no
+    /// sweep, slower).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "prototype,knn"
+    )]
+    pub few_shot_heads: Vec<KindArg>,
     /// Also cross-validate attention MIL on the tile features (slower).
     #[arg(long)]
     pub abmil: bool,
@@ -479,6 +488,9 @@ fn compare(args: CompareArgs) -> Result<()> {
     if args.draws == 0 || args.shots.is_empty() || args.shots.contains(&0) {
         bail!("--draws must be at least 1 and --shots a list of k >= 1");
     }
+    if args.few_shot_heads.contains(&KindArg::Abmil) {
+        bail!("--few-shot-heads takes linear, knn or prototype (attention MIL: --abmil)");
+    }
     let pipeline = open(&a.data)?;
     let cv = a.cv()?;
     let (ds, info, _) =
@@ -499,9 +511,9 @@ fn compare(args: CompareArgs) -> Result<()> {
             shots: args.shots.clone(),
             draws: args.draws,
             folds: a.folds,
+            kinds: args.few_shot_heads.iter().map(|&k| k.into()).collect(),
             knn_k: a.knn_k,
             seed: a.seed,
-            ..FewShotConfig::default()
         },
     )?;
     bar.inc(1);
