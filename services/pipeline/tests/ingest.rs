@@ -175,17 +175,17 @@ fn bad_slides_and_bad_report_rows_are_recorded_and_the_rest_goes_on() {
     std::fs::create_dir_all(&extra).unwrap();
     std::fs::write(extra.join("notes.svs"), "not a slide").unwrap();
     let glass = extra.join("glass.svs");
-    gigapath_wsi::synth::write_slide(
+    gigapath_wsi::slide_writer::write_slide(
         &glass,
-        &gigapath_wsi::synth::SlideSpec {
+        &gigapath_wsi::slide_writer::SlideSpec {
             width: 1024,
             height: 1024,
             mpp: 0.5,
             downsamples: vec![1, 4],
-            metadata: gigapath_wsi::synth::Metadata::Aperio { app_mag: 20 },
+            metadata: gigapath_wsi::slide_writer::Metadata::Aperio { app_mag: 20 },
             jpeg_quality: 90,
         },
-        &gigapath_wsi::synth::Scene {
+        &gigapath_wsi::slide_writer::Scene {
             regions: vec![],
             background: [242, 241, 244],
         },

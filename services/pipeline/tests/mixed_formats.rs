@@ -7,7 +7,7 @@ use std::path::Path;
 use gigapath_models::init::{init_slide_encoder, init_tile_encoder, SlideSize, TileSize};
 use gigapath_pipeline::{Config, IngestRequest, Pipeline, Quiet};
 use gigapath_store::FeatureFile;
-use gigapath_wsi::synth::{self, Metadata, Scene, SlideSpec};
+use gigapath_wsi::slide_writer::{self, Metadata, Scene, SlideSpec};
 
 const TEXT_MODEL: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -26,7 +26,7 @@ fn write(path: &Path, metadata: Metadata) {
         metadata,
         jpeg_quality: 90,
     };
-    synth::write_slide(path, &spec, &Scene::blobs(SIDE_UM.0, SIDE_UM.1)).unwrap();
+    slide_writer::write_slide(path, &spec, &Scene::blobs(SIDE_UM.0, SIDE_UM.1)).unwrap();
 }
 
 /// The grid tiles the tiler keeps on the intact slide, as stored 256 px TIFF tiles (at 0.5
@@ -74,10 +74,10 @@ fn a_mixed_folder_ingests_in_one_run_and_unreadable_tiles_are_skipped_and_listed
     let n = kept.len();
     assert!(n >= 20, "{n} kept tiles");
     let bad = [kept[3], kept[n - 2]];
-    synth::corrupt_tiles(&damaged, 0, &bad).unwrap();
+    slide_writer::corrupt_tiles(&damaged, 0, &bad).unwrap();
     let ruined = slides.join("ruined.tiff");
     write(&ruined, Metadata::TiffResolution);
-    synth::corrupt_tiles(&ruined, 0, &kept[..n / 4]).unwrap();
+    slide_writer::corrupt_tiles(&ruined, 0, &kept[..n / 4]).unwrap();
 
     let mut cfg = Config::load(Some(&root.join("data")), None).unwrap();
     cfg.models.tile_encoder = Some(models.join("tile"));
@@ -198,7 +198,7 @@ fn artifact_rules_are_switched_in_the_config_and_recorded_with_the_tiles() {
         metadata: Metadata::Aperio { app_mag: 20 },
         jpeg_quality: 90,
     };
-    synth::write_slide(
+    slide_writer::write_slide(
         &slides.join("pen.svs"),
         &spec,
         &Scene::blobs_with_artifacts(w_um, h_um),

@@ -15,7 +15,7 @@ pub mod subtypes;
 
 use std::path::{Path, PathBuf};
 
-use gigapath_wsi::synth::{self, Metadata, SlideSpec};
+use gigapath_wsi::slide_writer::{self, Metadata, SlideSpec};
 use gigapath_wsi::WsiError;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -246,7 +246,7 @@ pub fn generate(
                 },
                 jpeg_quality: 85,
             };
-            synth::write_slide(&path, &slide_spec, &scene)?;
+            slide_writer::write_slide(&path, &slide_spec, &scene)?;
         }
         progress(
             done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1,

@@ -9,7 +9,7 @@
 //! Every slide draws its own fragments, positions and a colour jitter, so no two are alike and
 //! colour alone does not identify a subtype perfectly.
 
-use gigapath_wsi::synth::{Scene, Shape, TextureKind, TissueRegion};
+use gigapath_wsi::slide_writer::{Scene, Shape, TextureKind, TissueRegion};
 use serde::{Deserialize, Serialize};
 
 use crate::rng::Rng;

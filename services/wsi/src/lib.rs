@@ -8,9 +8,9 @@
 //! [`slide`] (open, describe, read RGB) -> [`mpp`] (resolution and its source) ->
 //! [`thumbnail`] (a downsampled view for segmentation) -> [`tissue`] (mask) ->
 //! [`grid`] (tile plan and kept tiles) -> [`gridfile`] / [`outputs`] (files on disk) ->
-//! [`tiles`] (parallel, bounded tile batches) -> [`transform`] (crop + normalise).
+//! [`stream`] (parallel, bounded tile batches) -> [`transform`] (crop + normalise).
 //! [`artifacts`] (pen, debris, out of focus) refines the mask and the kept tiles.
-//! [`render`] draws the mask and overlay pictures; [`synth`] writes test slides.
+//! [`render`] draws the mask and overlay pictures; [`slide_writer`] writes synthetic test slides.
 
 pub mod artifacts;
 pub mod error;
@@ -21,9 +21,9 @@ pub mod mpp;
 pub mod outputs;
 pub mod render;
 pub mod slide;
-pub mod synth;
+pub mod slide_writer;
+pub mod stream;
 pub mod thumbnail;
-pub mod tiles;
 pub mod tissue;
 pub mod transform;
 
@@ -31,5 +31,5 @@ pub use error::{Result, WsiError};
 pub use grid::{tile_slide, TilePlan, TileRef, Tiling, TilingOptions};
 pub use mpp::{Mpp, MppSource};
 pub use slide::{Slide, SlideInfo};
-pub use tiles::{BatchData, BatchFormat, SkippedTile, StreamConfig, TileBatch, TileStream};
+pub use stream::{BatchData, BatchFormat, SkippedTile, StreamConfig, TileBatch, TileStream};
 pub use tissue::TissueMethod;

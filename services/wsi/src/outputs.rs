@@ -16,7 +16,7 @@ use crate::gridfile::{self, GridFile};
 use crate::mpp::MppSource;
 use crate::render;
 use crate::slide::Slide;
-use crate::tiles::SkippedTile;
+use crate::stream::SkippedTile;
 
 /// The one-line JSON summary `gigapath tile` prints, also saved as `summary.json`.
 #[derive(Debug, Clone, Serialize)]

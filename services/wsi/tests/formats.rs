@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use gigapath_wsi::grid::TilePlan;
-use gigapath_wsi::synth::{self, Metadata, Scene, SlideSpec};
-use gigapath_wsi::tiles::read_tile_rgb;
+use gigapath_wsi::slide_writer::{self, Metadata, Scene, SlideSpec};
+use gigapath_wsi::stream::read_tile_rgb;
 use gigapath_wsi::transform::RGB_TILE_LEN;
 use gigapath_wsi::{
     tile_slide, BatchData, BatchFormat, MppSource, Slide, StreamConfig, TileStream, TilingOptions,
@@ -29,7 +29,7 @@ fn write(dir: &Path, name: &str, mpp: f64, downsamples: Vec<u32>, metadata: Meta
         metadata,
         jpeg_quality: 90,
     };
-    synth::write_slide(&path, &spec, &scene()).unwrap();
+    slide_writer::write_slide(&path, &spec, &scene()).unwrap();
     path
 }
 
@@ -160,7 +160,7 @@ fn unreadable_tiles_are_skipped_and_named_up_to_the_allowed_fraction() {
         .iter()
         .map(|&i| (tiling.tiles[i].gx, tiling.tiles[i].gy))
         .collect();
-    synth::corrupt_tiles(&path, 0, &stored).unwrap();
+    slide_writer::corrupt_tiles(&path, 0, &stored).unwrap();
     let slide = Slide::open(&path, None).unwrap();
     let tiling2 = tile_slide(&slide, &TilingOptions::default()).unwrap();
     assert_eq!(
@@ -193,7 +193,7 @@ fn unreadable_tiles_are_skipped_and_named_up_to_the_allowed_fraction() {
         other => panic!("expected too many bad tiles, got {:?}", other.map(|r| r.0)),
     }
     let more: Vec<(u32, u32)> = tiling.tiles[40..45].iter().map(|t| (t.gx, t.gy)).collect();
-    synth::corrupt_tiles(&path, 0, &more).unwrap();
+    slide_writer::corrupt_tiles(&path, 0, &more).unwrap();
     let err = stream_all(&path, &tiling, 0.05).unwrap_err().to_string();
     assert!(
         err.contains("bad.tiff") && err.contains("tiling.max_bad_tile_fraction"),
@@ -219,7 +219,7 @@ fn damaged_tiles_in_the_level_the_view_reads_show_as_background_not_a_failure() 
         .iter()
         .map(|&i| (intact.tiles[i].gx, intact.tiles[i].gy))
         .collect();
-    synth::corrupt_tiles(&path, 0, &damaged).unwrap();
+    slide_writer::corrupt_tiles(&path, 0, &damaged).unwrap();
     let slide = Slide::open(&path, None).unwrap();
     let tiling = tile_slide(&slide, &TilingOptions::default()).unwrap();
     let kept: Vec<(u32, u32)> = tiling.tiles.iter().map(|t| (t.gx, t.gy)).collect();

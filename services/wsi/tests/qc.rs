@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use gigapath_wsi::artifacts::ArtifactOptions;
 use gigapath_wsi::grid::TilePlan;
-use gigapath_wsi::synth::{self, Metadata, Scene, SlideSpec};
+use gigapath_wsi::slide_writer::{self, Metadata, Scene, SlideSpec};
 use gigapath_wsi::{outputs, tile_slide, Slide, TilingOptions, TissueMethod};
 
 const SCENE_UM: (f64, f64) = (2800.0, 2240.0);
@@ -24,7 +24,7 @@ fn write(dir: &Path, name: &str, mpp: f64, downsamples: Vec<u32>) -> PathBuf {
         metadata: Metadata::Aperio { app_mag: 20 },
         jpeg_quality: 90,
     };
-    synth::write_slide(&path, &spec, &scene()).unwrap();
+    slide_writer::write_slide(&path, &spec, &scene()).unwrap();
     path
 }
 

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use gigapath_wsi::grid::{TilePlan, TILE_PX};
 use gigapath_wsi::gridfile;
-use gigapath_wsi::synth::{self, Metadata, Scene, SlideSpec};
-use gigapath_wsi::tiles::read_tile_rgb;
+use gigapath_wsi::slide_writer::{self, Metadata, Scene, SlideSpec};
+use gigapath_wsi::stream::read_tile_rgb;
 use gigapath_wsi::transform::{crop_normalize, NORMALIZED_LEN, RGB_TILE_LEN};
 use gigapath_wsi::{
     outputs, tile_slide, BatchData, BatchFormat, MppSource, Slide, StreamConfig, TileStream,
@@ -31,7 +31,7 @@ fn write(dir: &Path, name: &str, mpp: f64, downsamples: Vec<u32>, metadata: Meta
         metadata,
         jpeg_quality: 90,
     };
-    synth::write_slide(&path, &spec, &scene()).unwrap();
+    slide_writer::write_slide(&path, &spec, &scene()).unwrap();
     path
 }
 
@@ -312,7 +312,7 @@ fn glass_only_slide_keeps_no_tiles() {
         regions: vec![],
         background: [242, 241, 244],
     };
-    synth::write_slide(&path, &spec, &glass).unwrap();
+    slide_writer::write_slide(&path, &spec, &glass).unwrap();
     let slide = Slide::open(&path, None).unwrap();
     for method in [TissueMethod::Otsu, TissueMethod::Saturation] {
         let tiling = tile_slide(
@@ -470,7 +470,7 @@ fn max_tiles_is_configurable() {
         metadata: Metadata::Aperio { app_mag: 20 },
         jpeg_quality: 90,
     };
-    synth::write_slide(&path, &spec, &Scene::blobs(1024.0, 768.0)).unwrap();
+    slide_writer::write_slide(&path, &spec, &Scene::blobs(1024.0, 768.0)).unwrap();
     let slide = Slide::open(&path, None).unwrap();
     let opts = |max_tiles| TilingOptions {
         max_tiles,
@@ -500,7 +500,7 @@ fn coarse_mpp_is_refused_by_the_minimum_tile_side() {
         metadata: Metadata::Aperio { app_mag: 1 },
         jpeg_quality: 90,
     };
-    synth::write_slide(&aperio, &spec, &scene()).unwrap();
+    slide_writer::write_slide(&aperio, &spec, &scene()).unwrap();
     let slide = Slide::open(&aperio, None).unwrap();
     assert_eq!(slide.mpp().unwrap().source, MppSource::Openslide);
     let msg = tile_slide(&slide, &TilingOptions::default())

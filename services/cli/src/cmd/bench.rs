@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use gigapath_wsi::synth::{self, Metadata, Scene, SlideSpec};
+use gigapath_wsi::slide_writer::{self, Metadata, Scene, SlideSpec};
 use gigapath_wsi::{
     outputs, tile_slide, BatchData, Slide, StreamConfig, TileStream, TilingOptions,
 };
@@ -157,7 +157,7 @@ fn generated_slide(dir: &Path, size: u64) -> Result<PathBuf> {
         jpeg_quality: 85,
     };
     let scene = Scene::blobs(size as f64 * mpp, size as f64 * mpp);
-    synth::write_slide(&path, &spec, &scene)?;
+    slide_writer::write_slide(&path, &spec, &scene)?;
     Ok(path)
 }
 

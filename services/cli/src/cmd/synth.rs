@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use gigapath_synth::{CohortSpec, Subtype};
-use gigapath_wsi::synth::{self, Metadata, Scene, SlideSpec};
+use gigapath_wsi::slide_writer::{self, Metadata, Scene, SlideSpec};
 
 #[derive(Subcommand)]
 pub enum SynthCommand {
@@ -178,9 +178,9 @@ fn slide(args: SynthArgs) -> Result<()> {
         SceneArg::Artifacts => Scene::blobs_with_artifacts(w_um, h_um),
     };
     let t = std::time::Instant::now();
-    synth::write_slide(&args.output, &spec, &scene)?;
+    slide_writer::write_slide(&args.output, &spec, &scene)?;
     if !args.corrupt_tiles.is_empty() {
-        if let Err(e) = synth::corrupt_tiles(&args.output, 0, &args.corrupt_tiles) {
+        if let Err(e) = slide_writer::corrupt_tiles(&args.output, 0, &args.corrupt_tiles) {
             let _ = std::fs::remove_file(&args.output);
             return Err(e.into());
         }
