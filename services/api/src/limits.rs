@@ -153,7 +153,7 @@ impl MessageBody for HoldPayload {
 }
 
 /// For a request that carries a body: the handler reads it through a shared handle, and the
-/// answer holds the payload until sent (see [`HoldPayload`]). A body read to its end changes
+/// answer holds the payload until sent (see `HoldPayload`). A body read to its end changes
 /// nothing (the connection is kept alive as usual).
 pub async fn hold_payload(
     req: ServiceRequest,

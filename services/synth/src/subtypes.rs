@@ -76,8 +76,8 @@ pub fn scene(subtype: Subtype, rng: &mut Rng, w_um: f64, h_um: f64) -> Scene {
 const COMMON_GAIN: [f32; 3] = [0.8, 1.0, 0.85];
 
 /// [`scene`] with subtypes `closeness` (0-1) alike: each stain gain is moved that far towards
-/// [`COMMON_GAIN`] and the slide-wide jitter grows from 8% to 20%. The same random draws in the
-/// same order, so `closeness` 0 is exactly [`scene`].
+/// a common stain balance (`COMMON_GAIN`) and the slide-wide jitter grows from 8% to 20%. The
+/// same random draws in the same order, so `closeness` 0 is exactly [`scene`].
 pub fn scene_with(subtype: Subtype, rng: &mut Rng, w_um: f64, h_um: f64, closeness: f64) -> Scene {
     let c = closeness.clamp(0.0, 1.0) as f32;
     // One slide-wide stain jitter (scanner and staining batch), applied to every gain.

@@ -17,13 +17,13 @@ use gigapath_models::{Precision, SlideEncoder, SlidePool, TextEncoder, TileEncod
 
 #[derive(Subcommand)]
 pub enum EncodeCommand {
-    /// Tile encoder (timm ViT): `tiles` u8 [B,256,256,3] or `pixel_values` f32 [B,3,224,224] in,
-    /// `embedding` f32 [B,D] out.
+    /// Tile encoder (timm ViT): `tiles` u8 `[B,256,256,3]` or `pixel_values` f32 `[B,3,224,224]` in,
+    /// `embedding` f32 `[B,D]` out.
     Tile(TileArgs),
-    /// Slide encoder (LongNet): `features` f32 [N,in_chans] and `coords` f32 [N,2] (level-0 pixels,
-    /// x then y, in sequence order) in, `embedding` f32 [D] (or [depth+1,D] with --all-layers) out.
+    /// Slide encoder (LongNet): `features` f32 `[N,in_chans]` and `coords` f32 `[N,2]` (level-0 pixels,
+    /// x then y, in sequence order) in, `embedding` f32 `[D]` (or `[depth+1,D]` with --all-layers) out.
     Slide(SlideArgs),
-    /// Text encoder (BERT family): texts in, `embedding` f32 [B,D] out.
+    /// Text encoder (BERT family): texts in, `embedding` f32 `[B,D]` out.
     Text(TextArgs),
 }
 
@@ -50,10 +50,10 @@ pub struct TileArgs {
     /// Model folder: timm `config.json` + `pytorch_model.bin` or `model.safetensors`.
     #[arg(long)]
     model: PathBuf,
-    /// safetensors with `tiles` (u8 [B,256,256,3], RGB) or `pixel_values` (f32 [B,3,224,224]).
+    /// safetensors with `tiles` (u8 `[B,256,256,3]`, RGB) or `pixel_values` (f32 `[B,3,224,224]`).
     #[arg(long)]
     input: PathBuf,
-    /// Output safetensors (`embedding` f32 [B,D]).
+    /// Output safetensors (`embedding` f32 `[B,D]`).
     #[arg(long)]
     output: PathBuf,
     /// Tiles per forward pass.
@@ -76,7 +76,7 @@ pub struct SlideArgs {
     /// Model folder: `slide_encoder.pth` (+ optional `config.json`; default the official config).
     #[arg(long)]
     model: PathBuf,
-    /// safetensors with `features` (f32 [N,in_chans]) and `coords` (f32 [N,2], level-0 px, x, y).
+    /// safetensors with `features` (f32 `[N,in_chans]`) and `coords` (f32 `[N,2]`, level-0 px, x, y).
     #[arg(long)]
     input: PathBuf,
     /// Output safetensors (`embedding`).
@@ -111,7 +111,7 @@ pub struct TextArgs {
     /// JSON file `{"texts": [...]}`.
     #[arg(long)]
     input: Option<PathBuf>,
-    /// Output safetensors (`embedding` f32 [B,D]).
+    /// Output safetensors (`embedding` f32 `[B,D]`).
     #[arg(long)]
     output: PathBuf,
     /// CLS token or attention-mask-aware mean (sentence-transformers models use mean).

@@ -23,7 +23,7 @@ use crate::cmd::ingest::DataArgs;
 #[derive(Subcommand)]
 pub enum ProbeCommand {
     /// Train a named head on labelled stored slides (cross-validated first unless --no-eval)
-    /// and save it as DATA_DIR/probes/<name>/ (head.safetensors + manifest.json).
+    /// and save it as DATA_DIR/probes/NAME/ (head.safetensors + manifest.json).
     Train(TrainArgs),
     /// Cross-validate heads for a label (stratified k-fold by patient; balanced accuracy,
     /// weighted F1, macro AUROC with bootstrap intervals), or score a saved head (--head) on
