@@ -295,7 +295,7 @@ impl AppState {
                         .iter()
                         .map(|t| t.chars().take(max_chars).collect())
                         .collect();
-                    joint_texts(p, &cut, "zero-shot").map_err(|e| e.to_string())
+                    joint_texts(p, &cut, "zero-shot")
                 };
                 set.class_embeddings(&mut embed).map_err(zeroshot_error)
             })
@@ -325,9 +325,7 @@ impl AppState {
         let set = self.prompts.mutation(name).map_err(zeroshot_error)?.clone();
         let genes = self
             .compute(move |p| {
-                let mut embed = |texts: &[String]| {
-                    joint_texts(p, texts, "zero-shot").map_err(|e| e.to_string())
-                };
+                let mut embed = |texts: &[String]| joint_texts(p, texts, "zero-shot");
                 set.gene_embeddings(None, &mut embed)
                     .map_err(zeroshot_error)
             })
@@ -379,13 +377,18 @@ pub fn joint_texts(p: &Pipeline, texts: &[String], what: &str) -> ApiResult<Vec<
         .map_err(|e| ApiError::Internal(format!("text encoder output: {e}")))
 }
 
-/// Zero-shot errors: unknown sets are 404, bad inline prompts 400.
+/// Zero-shot errors: unknown sets are 404, bad inline prompts 400, and an error of the
+/// service's own text embedding keeps the status it was raised with (409 without an alignment
+/// checkpoint), taken back by type.
 pub fn zeroshot_error(e: gigapath_zeroshot::ZeroShotError) -> ApiError {
     use gigapath_zeroshot::ZeroShotError as Z;
     match e {
         Z::UnknownSet { .. } => ApiError::NotFound(e.to_string()),
         Z::Input(_) | Z::Prompt { .. } => ApiError::BadRequest(e.to_string()),
-        Z::Embed(m) if m.contains("alignment checkpoint") => ApiError::Conflict(m),
+        Z::Embed(source) => match source.downcast::<ApiError>() {
+            Ok(api) => *api,
+            Err(other) => ApiError::Internal(format!("embedding prompts: {other}")),
+        },
         other => ApiError::Internal(other.to_string()),
     }
 }
@@ -402,5 +405,31 @@ pub async fn pin_heads(
     match heads {
         Some(h) => PINNED.scope(h, next.call(req)).await,
         None => next.call(req).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gigapath_zeroshot::ZeroShotError;
+
+    #[test]
+    fn an_embedder_error_keeps_its_status_through_the_zero_shot_crate() {
+        let conflict = ApiError::Conflict("zero-shot needs an alignment checkpoint".into());
+        match zeroshot_error(ZeroShotError::Embed(Box::new(conflict))) {
+            ApiError::Conflict(m) => assert_eq!(m, "zero-shot needs an alignment checkpoint"),
+            other => panic!("not a conflict: {other:?}"),
+        }
+        let bad = ApiError::BadRequest("text too long".into());
+        assert!(matches!(
+            zeroshot_error(ZeroShotError::Embed(Box::new(bad))),
+            ApiError::BadRequest(_)
+        ));
+        // Anything else the embedder says is the service's own failure, not the caller's.
+        let other = ZeroShotError::Embed("3 vectors for 4 texts".into());
+        match zeroshot_error(other) {
+            ApiError::Internal(m) => assert!(m.contains("3 vectors for 4 texts"), "{m}"),
+            e => panic!("not internal: {e:?}"),
+        }
     }
 }

@@ -14,22 +14,23 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Result, ZeroShotError};
+use crate::error::{EmbedError, Result, ZeroShotError};
 use crate::prompts::{prompts, GenePrompts, MutationSet, SubtypeSet};
 
 /// Texts in, one vector per text out (any norm: they are normalised here). Errors are reported
 /// as [`ZeroShotError::Embed`].
 pub trait Embed {
-    /// One vector per text of `texts`, in order; an `Err` is the embedder's message.
-    fn embed(&mut self, texts: &[String]) -> std::result::Result<Vec<Vec<f32>>, String>;
+    /// One vector per text of `texts`, in order; an `Err` is the embedder's own error.
+    fn embed(&mut self, texts: &[String]) -> std::result::Result<Vec<Vec<f32>>, EmbedError>;
 }
 
-impl<F> Embed for F
+impl<F, E> Embed for F
 where
-    F: FnMut(&[String]) -> std::result::Result<Vec<Vec<f32>>, String>,
+    F: FnMut(&[String]) -> std::result::Result<Vec<Vec<f32>>, E>,
+    E: Into<EmbedError>,
 {
-    fn embed(&mut self, texts: &[String]) -> std::result::Result<Vec<Vec<f32>>, String> {
-        self(texts)
+    fn embed(&mut self, texts: &[String]) -> std::result::Result<Vec<Vec<f32>>, EmbedError> {
+        self(texts).map_err(Into::into)
     }
 }
 
@@ -82,22 +83,18 @@ impl TextEmbeddings {
         for chunk in todo.chunks(EMBED_BATCH) {
             let vectors = embed.embed(chunk).map_err(ZeroShotError::Embed)?;
             if vectors.len() != chunk.len() {
-                return Err(ZeroShotError::Embed(format!(
-                    "{} vectors for {} texts",
-                    vectors.len(),
-                    chunk.len()
-                )));
+                return Err(ZeroShotError::Embed(
+                    format!("{} vectors for {} texts", vectors.len(), chunk.len()).into(),
+                ));
             }
             for (t, v) in chunk.iter().zip(vectors) {
                 if self.dim == 0 {
                     self.dim = v.len();
                 }
                 if v.len() != self.dim || v.is_empty() {
-                    return Err(ZeroShotError::Embed(format!(
-                        "vector of {} values, expected {}",
-                        v.len(),
-                        self.dim
-                    )));
+                    return Err(ZeroShotError::Embed(
+                        format!("vector of {} values, expected {}", v.len(), self.dim).into(),
+                    ));
                 }
                 self.vectors.insert(t.clone(), normalized(&v, t)?);
             }

@@ -34,10 +34,14 @@ pub enum ZeroShotError {
     /// Inputs that do not fit (empty, mismatched dims, non-finite values, ...).
     #[error("{0}")]
     Input(String),
-    /// The text-embedding function failed.
+    /// The text-embedding function failed; the source is the embedder's own error, which the
+    /// caller can take back by type (`downcast`), e.g. to answer with the status it meant.
     #[error("embedding prompts: {0}")]
-    Embed(String),
+    Embed(#[source] EmbedError),
 }
+
+/// An embedder's error, as its own type behind a box ([`ZeroShotError::Embed`]).
+pub type EmbedError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// Result with the crate's [`ZeroShotError`].
 pub type Result<T, E = ZeroShotError> = std::result::Result<T, E>;
