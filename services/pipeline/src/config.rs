@@ -39,14 +39,21 @@ const PATH_KEYS: [(&str, &str); 7] = [
 /// What `to_toml` shows in place of a secret; never a value that is saved or loaded.
 const REDACTED: &str = "<redacted>";
 
+/// The whole configuration: one table per concern, each key with a default (see the module
+/// docs for how the layers merge).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 #[derive(Default)]
 pub struct Config {
+    /// `[store]`: data dir, vector store and catalog.
     pub store: StoreConfig,
+    /// `[models]`: encoder and alignment folders, device, precision.
     pub models: ModelsConfig,
+    /// `[tiling]`: tissue segmentation, tile selection and QC rules.
     pub tiling: TilingConfig,
+    /// `[ingest]`: what ingest does besides tiling and embedding.
     pub ingest: IngestConfig,
+    /// `[serve]`: the HTTP service.
     pub serve: ServeConfig,
 }
 
@@ -226,8 +233,11 @@ pub struct TilingConfig {
     /// Leave out pen marks, debris and out-of-focus tiles (off: the reference's tiling); each
     /// rule below then runs when true (see the README's QC rules).
     pub artifacts: bool,
+    /// With `artifacts`: leave out marker ink.
     pub pen_marks: bool,
+    /// With `artifacts`: leave out small dark debris.
     pub debris: bool,
+    /// With `artifacts`: drop out-of-focus tiles.
     pub out_of_focus: bool,
     /// Variance of the Laplacian (grey levels^2 at 0.5 um/px) under which a tile is out of focus.
     pub blur_threshold: f64,

@@ -17,8 +17,11 @@ pub const MAX_REPORT_BYTES: usize = 1 << 20;
 pub struct ReportRow {
     /// 1-based line (JSONL) or record (CSV) number, for messages.
     pub line: usize,
+    /// The report id (unique).
     pub report_id: String,
+    /// The slide it describes.
     pub slide_id: String,
+    /// The report text, at most [`MAX_REPORT_BYTES`].
     pub text: String,
     /// Everything else the row says, e.g. `subtype`, `site`, `cohort`, `patient_id`.
     pub labels: BTreeMap<String, String>,
@@ -27,7 +30,9 @@ pub struct ReportRow {
 /// A row that was not ingested, and why.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RowError {
+    /// 1-based line (JSONL) or record (CSV) number.
     pub line: usize,
+    /// Why it was rejected.
     pub message: String,
 }
 

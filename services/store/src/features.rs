@@ -35,7 +35,9 @@ use crate::catalog::FeatureFileRecord;
 use crate::disk;
 use crate::error::{Result, StoreError};
 
+/// `format` in a feature file's metadata: files without it are not ours.
 pub const FORMAT: &str = "gigapath-features";
+/// `format_version` this version writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
 
 const FEATURES: &str = "features";
@@ -48,6 +50,7 @@ const MAX_HEADER_BYTES: u64 = 1 << 20;
 /// What a feature file says about itself.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct FeatureMetadata {
+    /// The slide the tiles were cut from.
     pub slide_id: String,
     /// Microns per pixel of the tiles the features were computed from (0.5 for Prov-GigaPath).
     pub mpp: f64,
@@ -128,10 +131,13 @@ impl FeatureMetadata {
 /// What [`FeatureFileWriter::finish`] wrote.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FeatureFileInfo {
+    /// Its final path.
     pub path: PathBuf,
+    /// File size in bytes.
     pub size_bytes: u64,
     /// Hex SHA-256 of the whole file.
     pub sha256: String,
+    /// Tiles (rows) written.
     pub tile_count: u64,
 }
 
@@ -266,6 +272,7 @@ impl FeatureFileWriter {
         self.write_rows(&bytes, n, grid_xy, origins_level0)
     }
 
+    /// Tile rows written so far.
     pub fn rows(&self) -> u64 {
         self.rows
     }
@@ -418,6 +425,7 @@ fn sync_parent(path: &Path) -> Result<()> {
 /// A feature file read into memory.
 #[derive(Clone, Debug, PartialEq)]
 pub struct FeatureFile {
+    /// What the file says about itself.
     pub metadata: FeatureMetadata,
     /// Feature width D.
     pub dim: usize,
@@ -637,6 +645,7 @@ impl FeatureFile {
         self.grid_xy.len()
     }
 
+    /// No tiles (never true of a file written here: [`FeatureFileWriter::finish`] needs one).
     pub fn is_empty(&self) -> bool {
         self.grid_xy.is_empty()
     }

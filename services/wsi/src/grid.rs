@@ -55,27 +55,33 @@ pub const MAX_STORED_TILE_PX: u64 = 8192 * 8192;
 /// How the tile grid of one slide is cut and read.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TilePlan {
-    /// Level-0 size in pixels.
+    /// Level-0 width in pixels.
     pub level0_width: u64,
+    /// Level-0 height in pixels.
     pub level0_height: u64,
-    /// True level-0 mpp (mean of x and y) and where it came from.
+    /// True level-0 mpp (mean of x and y).
     pub mpp: f64,
+    /// Where `mpp` came from.
     pub mpp_source: MppSource,
     /// The nominal level-0 mpp the true one was snapped to (equal to `mpp` when unsnapped).
     pub nominal_mpp: f64,
+    /// Whether `mpp` was within the tolerance of a nominal value and snapped to it.
     pub snapped: bool,
     /// Tile side at level 0, in level-0 pixels.
     pub level0_tile_px: u32,
     /// True microns per pixel of the 256 px tiles the encoder sees.
     pub tile_mpp: f64,
-    /// Pyramid level read, its downsample, and the tile side read there.
+    /// Pyramid level read (0 = full resolution).
     pub read_level: usize,
+    /// Level-0 pixels per pixel of the read level.
     pub read_level_downsample: f64,
+    /// Tile side read at that level, in its pixels.
     pub read_px: u32,
     /// Whether read tiles are resized to 256 px.
     pub resampled: bool,
-    /// Whole tiles across and down.
+    /// Whole tiles across.
     pub grid_width: u32,
+    /// Whole tiles down.
     pub grid_height: u32,
 }
 
@@ -193,11 +199,13 @@ pub fn plan_with_limit(slide: &Slide, max_tiles: u64) -> Result<TilePlan> {
 /// One kept tile.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct TileRef {
-    /// Grid index: level-0 origin / level-0 tile side.
+    /// Grid column: level-0 x origin / level-0 tile side.
     pub gx: u32,
+    /// Grid row: level-0 y origin / level-0 tile side.
     pub gy: u32,
-    /// Level-0 pixel origin (top-left).
+    /// Level-0 x of the tile's top-left pixel.
     pub x0: u64,
+    /// Level-0 y of the tile's top-left pixel.
     pub y0: u64,
     /// Fraction of the tile that the mask calls tissue.
     pub tissue: f32,
@@ -206,6 +214,7 @@ pub struct TileRef {
 /// What to segment with and what to keep.
 #[derive(Debug, Clone)]
 pub struct TilingOptions {
+    /// How tissue is told from glass.
     pub method: TissueMethod,
     /// Keep a tile when its tissue fraction is above this, in [0, 1).
     pub tissue_threshold: f64,
@@ -233,12 +242,17 @@ impl Default for TilingOptions {
 
 /// A segmented and tiled slide.
 pub struct Tiling {
+    /// How the grid is cut and read.
     pub plan: TilePlan,
+    /// The segmentation method that ran.
     pub method: TissueMethod,
+    /// The tissue fraction a tile had to exceed to be kept.
     pub tissue_threshold: f64,
     /// The downsampled view segmentation ran on; `mask_px_per_tile` of its pixels span a tile.
     pub view: RgbImage,
+    /// The tissue mask over `view`, artifacts removed (or the corrected one of `mask_geojson`).
     pub mask: TissueMask,
+    /// View (and mask) pixels per tile side.
     pub mask_px_per_tile: u32,
     /// Level-0 pixels per view pixel.
     pub view_downsample: f64,

@@ -24,10 +24,15 @@ pub const GRID_FORMAT: &str = "gigapath-tiles/1";
 /// A grid read back from `tiles.safetensors`.
 #[derive(Debug, Clone)]
 pub struct GridFile {
+    /// The slide's path, as written by `gigapath tile`.
     pub slide: String,
+    /// How the grid was cut and read.
     pub plan: TilePlan,
+    /// The segmentation method, as text (`otsu`, `saturation`).
     pub tissue_method: String,
+    /// The tissue fraction a tile had to exceed to be kept.
     pub tissue_threshold: f64,
+    /// The kept tiles, in sequence order (row-major, y then x).
     pub tiles: Vec<TileRef>,
 }
 

@@ -13,7 +13,9 @@ use crate::mpp::{self, Mpp};
 /// One level of the slide's pyramid.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct Level {
+    /// Width in this level's pixels.
     pub width: u64,
+    /// Height in this level's pixels.
     pub height: u64,
     /// Level-0 pixels per pixel of this level, as OpenSlide reports it (e.g. 4.0003).
     pub downsample: f64,
@@ -27,20 +29,28 @@ pub struct Level {
 /// An associated image (label, macro, thumbnail) stored beside the pyramid.
 #[derive(Debug, Clone, Serialize)]
 pub struct AssociatedImage {
+    /// OpenSlide's name for it (`label`, `macro`, `thumbnail`).
     pub name: String,
+    /// Width in pixels.
     pub width: u32,
+    /// Height in pixels.
     pub height: u32,
 }
 
 /// What `gigapath slide info` prints.
 #[derive(Debug, Clone, Serialize)]
 pub struct SlideInfo {
+    /// The slide file.
     pub path: PathBuf,
+    /// OpenSlide's format name (`aperio`, `hamamatsu`, ...); `unknown` when it gives none.
     pub vendor: String,
+    /// The pyramid, level 0 (full resolution) first.
     pub levels: Vec<Level>,
     /// Level-0 resolution, or `None` when neither the slide nor the user gives one.
     pub mpp: Option<Mpp>,
+    /// Scanning objective magnification (20, 40), when the slide records it.
     pub objective_power: Option<f64>,
+    /// Label, macro and similar images; empty when there are none.
     pub associated_images: Vec<AssociatedImage>,
     /// RGB the slide declares for areas outside the scanned region (white when unset).
     pub background_rgb: [u8; 3],
@@ -71,18 +81,22 @@ impl Slide {
         })
     }
 
+    /// The file it was opened from.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    /// What the slide says about itself.
     pub fn info(&self) -> &SlideInfo {
         &self.info
     }
 
+    /// The pyramid, level 0 first (never empty).
     pub fn levels(&self) -> &[Level] {
         &self.info.levels
     }
 
+    /// Width and height of level 0, in pixels.
     pub fn level0_size(&self) -> (u64, u64) {
         let l = self.info.levels[0];
         (l.width, l.height)

@@ -23,8 +23,10 @@ pub const TEMPLATES_FILE: &str = "templates.toml";
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TemplateGroup {
+    /// What the group is for; empty when not given.
     #[serde(default)]
     pub description: String,
+    /// The templates, each containing [`PLACEHOLDER`].
     pub templates: Vec<String>,
 }
 
@@ -41,7 +43,9 @@ pub struct ClassPrompts {
 /// A zero-shot classification task: classes, their names and the templates.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SubtypeSet {
+    /// The set's name (how users pick it).
     pub name: String,
+    /// What the set is for; empty when not given.
     pub description: String,
     /// The file it came from (empty for inline sets).
     pub file: PathBuf,
@@ -49,6 +53,7 @@ pub struct SubtypeSet {
     pub template_groups: Vec<String>,
     /// The templates, resolved from the groups, in order, without duplicates.
     pub templates: Vec<String>,
+    /// The classes, in file order.
     pub classes: Vec<ClassPrompts>,
 }
 
@@ -56,19 +61,28 @@ pub struct SubtypeSet {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GenePrompts {
+    /// The gene's name (`EGFR`, ...).
     pub gene: String,
+    /// Phrasings of the mutated state, each put into every template.
     pub mutated: Vec<String>,
+    /// Phrasings of the wild-type state, each put into every template.
     pub wild_type: Vec<String>,
 }
 
 /// Mutation prompts: for each gene, the mutated phrasing versus the wild-type one.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MutationSet {
+    /// The set's name (how users pick it).
     pub name: String,
+    /// What the set is for; empty when not given.
     pub description: String,
+    /// The file it came from.
     pub file: PathBuf,
+    /// Template groups named by the file.
     pub template_groups: Vec<String>,
+    /// The templates, resolved from the groups, in order, without duplicates.
     pub templates: Vec<String>,
+    /// The genes, in file order.
     pub genes: Vec<GenePrompts>,
 }
 
@@ -110,7 +124,9 @@ struct MutationFile {
 /// All prompt sets of a folder, validated.
 #[derive(Debug, Clone, Serialize)]
 pub struct PromptLibrary {
+    /// The folder it was loaded from.
     pub dir: PathBuf,
+    /// The groups of `templates.toml`, by name.
     pub template_groups: BTreeMap<String, TemplateGroup>,
     subtypes: BTreeMap<String, SubtypeSet>,
     mutations: BTreeMap<String, MutationSet>,

@@ -35,9 +35,12 @@ pub struct IngestRequest {
     pub labels: BTreeMap<String, BTreeMap<String, String>>,
 }
 
+/// What `POST /v1/ingest` queued (202): slides are embedded in the background.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct IngestResponse {
+    /// Slide ids queued for embedding.
     pub queued: Vec<String>,
+    /// Slide ids already embedded with the current weights: skipped.
     pub already_done: Vec<String>,
     /// `[slide id, reason]` of slides that failed before and were not retried.
     #[schema(value_type = Vec<Vec<String>>)]

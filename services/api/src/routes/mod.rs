@@ -32,6 +32,7 @@ use crate::error::{ApiError, ApiResult};
 pub struct Body<T>(pub T);
 
 impl<T> Body<T> {
+    /// The deserialized body.
     pub fn into_inner(self) -> T {
         self.0
     }
@@ -82,7 +83,9 @@ impl<T: DeserializeOwned + 'static> FromRequest for Body<T> {
 #[derive(Debug, Clone, Deserialize, Serialize, ToSchema)]
 #[serde(untagged)]
 pub enum OneOrMany {
+    /// A single value.
     One(String),
+    /// Several values, any of which matches.
     Many(Vec<String>),
 }
 
@@ -114,11 +117,14 @@ pub struct Filter {
 /// their payload, report points carry them among their labels (`labels.cohort`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FilterTarget {
+    /// The `slides` collection.
     Slides,
+    /// The `reports` collection.
     Reports,
 }
 
 impl Filter {
+    /// The store filter for `target`; 400 on an empty value, a bad slide id or a bad label name.
     pub fn to_payload_filter(&self, target: FilterTarget) -> ApiResult<PayloadFilter> {
         let mut f = PayloadFilter::none();
         let (cohort, site) = match target {
@@ -189,6 +195,7 @@ pub fn check_text(what: &str, text: &str, cfg: &ServeConfig) -> ApiResult<String
     Ok(t.to_string())
 }
 
+/// `k` when a request gives none: 10.
 pub fn default_k() -> usize {
     10
 }

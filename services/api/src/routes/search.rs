@@ -19,8 +19,10 @@ pub struct SlideSearch {
     pub query: Option<String>,
     /// Or: the slides nearest to this report's aligned embedding.
     pub report_id: Option<String>,
+    /// Results wanted, 1 to `serve.max_k` (default 10).
     #[serde(default = "default_k", deserialize_with = "super::whole_number")]
     pub k: usize,
+    /// Only slides matching this (default: all).
     #[serde(default)]
     pub filter: Filter,
 }
@@ -30,17 +32,22 @@ pub struct SlideSearch {
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReportSearch {
+    /// Free text, e.g. "clear cell renal cell carcinoma".
     pub query: Option<String>,
     /// Or: the reports nearest to this slide's aligned embedding.
     pub slide_id: Option<String>,
+    /// Results wanted, 1 to `serve.max_k` (default 10).
     #[serde(default = "default_k", deserialize_with = "super::whole_number")]
     pub k: usize,
+    /// Only reports matching this (default: all).
     #[serde(default)]
     pub filter: Filter,
 }
 
+/// The answer of a search: hits, best first.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct SearchResponse {
+    /// The hits, best first, at most `k`.
     pub results: Vec<Hit>,
     /// Which stored vector was searched (`joint` or `text`).
     pub vector: String,

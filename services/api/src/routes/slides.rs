@@ -15,16 +15,23 @@ use crate::state::AppState;
 /// A slide: catalog record, stored point, reports.
 #[derive(Serialize, ToSchema)]
 pub struct SlideDetail {
+    /// The slide id.
     pub id: String,
     /// File name of the slide (the full path stays on the server).
     pub file_name: String,
+    /// Its cohort, if known.
     pub cohort: Option<String>,
+    /// Its site, if known.
     pub site: Option<String>,
+    /// Its labels; empty when it has none.
     pub labels: BTreeMap<String, String>,
+    /// Level-0 micrometres per pixel, when known.
     pub mpp: Option<f64>,
+    /// Tiles in its embedding; `null` before the first.
     pub tile_count: Option<u64>,
     /// `registered`, `embedded` or `failed`.
     pub state: String,
+    /// Why the last attempt failed, if it did; `null` once the slide is embedded.
     pub error: Option<String>,
     /// Guard fingerprint of its stored point.
     pub fingerprint: Option<String>,
@@ -32,6 +39,7 @@ pub struct SlideDetail {
     pub fingerprints: BTreeMap<String, String>,
     /// Whether a point is stored, and which vectors it has (`slide`, `joint`).
     pub vectors: Vec<String>,
+    /// Ids of the reports describing it.
     pub report_ids: Vec<String>,
     /// Pictures of its tiling, when available (`thumbnail.png`, `overlay.png`, `mask.png`).
     pub pictures: Vec<String>,
@@ -49,6 +57,7 @@ pub fn check_id(id: &str) -> ApiResult<&str> {
     Ok(id)
 }
 
+/// The tiling pictures `GET /v1/slides/{id}/{picture}` serves, by file name.
 pub const PICTURES: [&str; 3] = ["thumbnail.png", "overlay.png", "mask.png"];
 
 /// Everything known about one slide.
@@ -143,8 +152,10 @@ pub async fn picture(
         .body(bytes))
 }
 
+/// What `DELETE /v1/slides/{id}` removed.
 #[derive(Serialize, ToSchema)]
 pub struct Deleted {
+    /// The slide.
     pub slide_id: String,
     /// Report points removed with it.
     pub reports: usize,
@@ -185,6 +196,7 @@ pub async fn delete_slide(
     }
 }
 
+/// The body of `POST /v1/slides/{id}/heatmap`.
 #[derive(Debug, serde::Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HeatmapRequest {
@@ -195,11 +207,14 @@ pub struct HeatmapRequest {
 /// Per-tile similarity of a prompt with the slide's contextualised tile embeddings.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Heatmap {
+    /// The slide.
     pub slide_id: String,
-    /// Level-0 size and tile side: tile (gx, gy) covers level-0 pixels
+    /// Level-0 width W0 in pixels. Tile (gx, gy) covers level-0 pixels
     /// [gx L, (gx+1) L) x [gy L, (gy+1) L) of a W0 x H0 slide.
     pub level0_width: u64,
+    /// Level-0 height H0 in pixels.
     pub level0_height: u64,
+    /// Tile side L in level-0 pixels.
     pub level0_tile_px: u32,
     /// `[gx, gy, cosine]` per kept tile.
     #[schema(value_type = Vec<Vec<f64>>)]

@@ -18,9 +18,11 @@ use crate::auth::ReadAccess;
 use crate::error::{ApiError, ApiResult};
 use crate::state::{zeroshot_error, AppState};
 
+/// The body of `POST /v1/zero-shot/subtype`: stored slides and the classes to choose from.
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SubtypeRequest {
+    /// Stored slides to classify, 1 to `serve.max_slide_ids`.
     pub slide_ids: Vec<String>,
     /// A prompt set of `/v1/prompt-sets`, e.g. `nsclc`, `rcc`.
     pub prompt_set: Option<String>,
@@ -35,11 +37,14 @@ pub struct SubtypeRequest {
     pub no_temperature: bool,
 }
 
+/// The answer for one slide.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct SubtypeResult {
+    /// The slide.
     pub slide_id: String,
     /// Probability per class label.
     pub probabilities: BTreeMap<String, f32>,
+    /// The most probable class label.
     pub predicted: String,
     /// Cosine similarity per class label.
     pub cosines: BTreeMap<String, f32>,
@@ -50,67 +55,98 @@ pub struct SubtypeResult {
 /// The prompt ensemble an answer used.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Ensemble {
+    /// The set's name (`inline` for inline classes).
     pub prompt_set: String,
+    /// Class labels, in the order of the set's classes.
     pub labels: Vec<String>,
+    /// Templates per class name.
     pub templates: usize,
+    /// Names in each class's pool, in `labels` order.
     pub names_per_class: Vec<usize>,
     /// The scale applied to cosines (1 with `no_temperature`).
     pub logit_scale: f32,
 }
 
+/// The answer of `POST /v1/zero-shot/subtype`.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct SubtypeResponse {
+    /// One per requested slide, in request order.
     pub results: Vec<SubtypeResult>,
+    /// The prompts used.
     pub ensemble: Ensemble,
 }
 
+/// The body of `POST /v1/zero-shot/mutation`: stored slides and the genes to score.
 #[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MutationRequest {
+    /// Stored slides to score, 1 to `serve.max_slide_ids`.
     pub slide_ids: Vec<String>,
     /// Genes, e.g. ["EGFR", "KRAS"]; default: every gene of the set.
     pub genes: Option<Vec<String>>,
     /// A mutation prompt set (default `luad-mutations`).
     pub prompt_set: Option<String>,
+    /// softmax over raw cosines (TITAN) instead of the alignment's logit scale.
     #[serde(default)]
     pub no_temperature: bool,
 }
 
+/// The answer for one slide.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct MutationResult {
+    /// The slide.
     pub slide_id: String,
     /// P(mutated phrasing) versus the wild-type phrasing, per gene.
     pub probability_mutated: BTreeMap<String, f32>,
 }
 
+/// The answer of `POST /v1/zero-shot/mutation`.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct MutationResponse {
+    /// One per requested slide, in request order.
     pub results: Vec<MutationResult>,
+    /// The mutation set used.
     pub prompt_set: String,
+    /// Templates per phrasing.
     pub templates: usize,
+    /// The scale applied to cosines (1 with `no_temperature`).
     pub logit_scale: f32,
 }
 
+/// A subtype prompt set, as `GET /v1/prompt-sets` lists it.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct SubtypeSetInfo {
+    /// The name requests give as `prompt_set`.
     pub name: String,
+    /// What it is for; empty when not given.
     pub description: String,
+    /// Its class labels.
     pub labels: Vec<String>,
+    /// Templates per class name.
     pub templates: usize,
+    /// Names in each class's pool, in `labels` order.
     pub names_per_class: Vec<usize>,
 }
 
+/// A mutation prompt set, as `GET /v1/prompt-sets` lists it.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct MutationSetInfo {
+    /// The name requests give as `prompt_set`.
     pub name: String,
+    /// What it is for; empty when not given.
     pub description: String,
+    /// Its genes.
     pub genes: Vec<String>,
+    /// Templates per phrasing.
     pub templates: usize,
 }
 
+/// The answer of `GET /v1/prompt-sets`: every set of the service's prompts folder.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct PromptSets {
+    /// Subtype sets, by name.
     pub subtype_sets: Vec<SubtypeSetInfo>,
+    /// Mutation sets, by name.
     pub mutation_sets: Vec<MutationSetInfo>,
 }
 
