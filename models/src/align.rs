@@ -779,4 +779,3 @@ fn fnv1a(bytes: &[u8]) -> u64 {
         (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
     })
 }
-

@@ -192,7 +192,8 @@ fn fill(varmap: &VarMap, seed: u64) -> Result<()> {
             } else {
                 0.02
             };
-            let mut rng = SplitMix64::new(seed ^ (k as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let mut rng =
+                SplitMix64::new(seed ^ (k as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
             (0..n).map(|_| (rng.normal() * std) as f32).collect()
         };
         var.set(&Tensor::from_vec(values, shape, &Device::Cpu)?)?;
