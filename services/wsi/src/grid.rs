@@ -18,12 +18,14 @@
 //! The true mpp, the nominal one and the rule are recorded in [`TilePlan`], which travels with
 //! every grid file and feature file.
 
+use std::path::Path;
+
 use serde::{Deserialize, Serialize};
 
 use crate::artifacts::{self, ArtifactMap, ArtifactOptions, ArtifactSummary};
 use crate::error::{Result, WsiError};
-use crate::mpp::MppSource;
-use crate::slide::Slide;
+use crate::mpp::{Mpp, MppSource};
+use crate::slide::{Level, Slide};
 use crate::thumbnail::{self, RgbImage};
 use crate::tissue::{self, SegmentParams, TissueMask, TissueMethod};
 
@@ -102,15 +104,36 @@ pub fn plan(slide: &Slide) -> Result<TilePlan> {
 /// [`MIN_LEVEL0_TILE_PX`], whose grid has more than `max_tiles` tiles, or whose tiles would be
 /// read more than [`MAX_READ_PX`] px a side.
 pub fn plan_with_limit(slide: &Slide, max_tiles: u64) -> Result<TilePlan> {
-    let mpp = slide.mpp()?;
+    plan_levels(slide.path(), slide.levels(), &slide.mpp()?, max_tiles)
+}
+
+/// [`plan_with_limit`] from what the slide says about itself: its pyramid `levels` (level 0
+/// first) and level-0 `mpp`; `path` only names the slide in errors. Pure (reads no pixels), so
+/// the fuzz targets call it with arbitrary levels; no level is an error, not a panic.
+pub fn plan_levels(path: &Path, levels: &[Level], mpp: &Mpp, max_tiles: u64) -> Result<TilePlan> {
     let true_mpp = mpp.mean();
     let snapped = snap_mpp(true_mpp);
     let nominal_mpp = snapped.unwrap_or(true_mpp);
     let absurd = |reason: String| WsiError::AbsurdPlan {
-        path: slide.path().to_path_buf(),
+        path: path.to_path_buf(),
         reason,
     };
-    for (i, level) in slide.levels().iter().enumerate() {
+    let Some(level0) = levels.first() else {
+        return Err(absurd("the slide has no pyramid levels".into()));
+    };
+    // Level 0 is the reference (downsample 1 as OpenSlide reports it); a level with a
+    // downsample that is not a number >= 1 (NaN, inf, 0, negative from a damaged header) is
+    // never read: it would make the read size NaN or 0 px (found with the `slide_metadata`
+    // fuzz target).
+    let level0_is_reference = (level0.downsample - 1.0).abs() < 0.01;
+    if !level0_is_reference {
+        return Err(absurd(format!(
+            "level 0 reports downsample {}, not 1",
+            level0.downsample
+        )));
+    }
+    let readable = |l: &Level| l.downsample.is_finite() && l.downsample >= 1.0;
+    for (i, level) in levels.iter().enumerate() {
         if let Some((tw, th)) = level.tile_size {
             if tw.saturating_mul(th) > MAX_STORED_TILE_PX {
                 return Err(absurd(format!(
@@ -132,11 +155,11 @@ pub fn plan_with_limit(slide: &Slide, max_tiles: u64) -> Result<TilePlan> {
     }
     // At most 2^31: a tile side beyond any slide fails the grid checks below.
     let level0_tile_px = level0_tile_f.min(i32::MAX as f64) as u32;
-    let (w0, h0) = slide.level0_size();
+    let (w0, h0) = (level0.width, level0.height);
     let (grid_width, grid_height) = (w0 / level0_tile_px as u64, h0 / level0_tile_px as u64);
     if grid_width == 0 || grid_height == 0 {
         return Err(WsiError::TooSmall {
-            path: slide.path().to_path_buf(),
+            path: path.to_path_buf(),
             width: w0,
             height: h0,
             tile_px: level0_tile_px,
@@ -150,13 +173,12 @@ pub fn plan_with_limit(slide: &Slide, max_tiles: u64) -> Result<TilePlan> {
         )));
     }
     let per_tile = |d: f64| level0_tile_px as f64 / d;
-    let (read_level, level) = slide
-        .levels()
+    let (read_level, level) = levels
         .iter()
         .enumerate()
-        .filter(|(_, l)| per_tile(l.downsample) >= TILE_PX as f64 * 0.99)
+        .filter(|(_, l)| readable(l) && per_tile(l.downsample) >= TILE_PX as f64 * 0.99)
         .max_by(|a, b| a.1.downsample.total_cmp(&b.1.downsample))
-        .unwrap_or((0, &slide.levels()[0]));
+        .unwrap_or((0, level0));
     let exact = (per_tile(level.downsample) - TILE_PX as f64).abs() < TILE_PX as f64 * 0.01;
     let read_px = if exact {
         TILE_PX
@@ -175,7 +197,7 @@ pub fn plan_with_limit(slide: &Slide, max_tiles: u64) -> Result<TilePlan> {
     if level0_tile_px < TILE_PX {
         tracing::warn!(
             "{}: level 0 is coarser than {TARGET_MPP} um/px ({true_mpp} um/px); tiles are upsampled",
-            slide.path().display()
+            path.display()
         );
     }
     Ok(TilePlan {
@@ -410,6 +432,49 @@ mod tests {
         assert_eq!(snap_mpp(0.39), None);
         assert_eq!(snap_mpp(0.32), None);
         assert_eq!(snap_mpp(0.35), None);
+    }
+
+    /// Found with the `slide_metadata` fuzz target (docs/FUZZING.md): a level-0 downsample of
+    /// NaN gave a plan reading 0 px tiles, and one that JSON (grid file metadata) cannot hold.
+    /// Every level's downsample now has to be a number >= 1 to be read, and level 0's 1.
+    #[test]
+    fn fuzz_levels_with_nan_or_absurd_downsamples_are_never_read() {
+        let level = |width: u64, downsample: f64| Level {
+            width,
+            height: width * 3 / 4,
+            downsample,
+            tile_size: None,
+        };
+        let mpp = Mpp {
+            x: 0.5,
+            y: 0.5,
+            source: MppSource::Openslide,
+        };
+        let path = Path::new("fuzz.svs");
+        for bad in [f64::NAN, f64::INFINITY, 0.0, -4.0, 0.5, 4.0] {
+            let err = plan_levels(path, &[level(8192, bad)], &mpp, DEFAULT_MAX_TILES).unwrap_err();
+            assert!(
+                matches!(err, WsiError::AbsurdPlan { .. }),
+                "level 0 downsample {bad}: {err}"
+            );
+        }
+        for bad in [f64::NAN, f64::INFINITY, 0.0, -4.0, 0.5] {
+            let plan = plan_levels(
+                path,
+                &[level(8192, 1.0), level(2048, bad)],
+                &mpp,
+                DEFAULT_MAX_TILES,
+            )
+            .unwrap();
+            assert_eq!(
+                (plan.read_level, plan.read_px),
+                (0, 256),
+                "level 1 downsample {bad}"
+            );
+            assert!(serde_json::to_string(&plan)
+                .unwrap()
+                .contains("\"read_level_downsample\":1.0"));
+        }
     }
 
     #[test]

@@ -1,9 +1,9 @@
 //! The grid files `gigapath tile` writes and the pipeline reads back.
 //!
 //! `tiles.safetensors` (the one the pipeline reads):
-//! - `grid` i32 [N, 2]: (gx, gy) grid index, the slide encoder's position units;
-//! - `origins_level0` i64 [N, 2]: (x, y) level-0 pixel origin of each tile;
-//! - `tissue_fraction` f32 [N];
+//! - `grid` i32 `[N, 2]`: (gx, gy) grid index, the slide encoder's position units;
+//! - `origins_level0` i64 `[N, 2]`: (x, y) level-0 pixel origin of each tile;
+//! - `tissue_fraction` f32 `[N]`;
 //! - metadata `format` = `gigapath-tiles/1`, `slide` (path), `plan` (the [`TilePlan`] as JSON),
 //!   `tissue_method`, `tissue_threshold`.
 //!
@@ -96,10 +96,16 @@ pub fn grid_csv(tiles: &[TileRef]) -> String {
 /// Reads a `tiles.safetensors` written by [`grid_safetensors`].
 pub fn read_grid(path: &Path) -> Result<GridFile> {
     let bytes = std::fs::read(path).map_err(|e| WsiError::io(path, e))?;
+    parse_grid(&bytes, path)
+}
+
+/// Parses the bytes of a `tiles.safetensors` ([`read_grid`] without the file read); `path` only
+/// names the file in errors.
+pub fn parse_grid(bytes: &[u8], path: &Path) -> Result<GridFile> {
     let bad = |msg: String| WsiError::format(path, msg);
-    let st = SafeTensors::deserialize(&bytes)
-        .map_err(|e| bad(format!("not a safetensors file: {e}")))?;
-    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+    let st =
+        SafeTensors::deserialize(bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
     let meta = meta.metadata().clone().unwrap_or_default();
     if meta.get("format").map(String::as_str) != Some(GRID_FORMAT) {
         return Err(bad(format!(

@@ -218,8 +218,36 @@ fn describe(path: &Path, osr: &OpenSlide, user_mpp: Option<f64>) -> Result<Slide
         msg: e.to_string(),
     };
     let prop = |name: &str| osr.property_value(name).ok();
-    let sizes = osr.all_level_dimensions();
-    let downsamples = osr.all_level_downsamples();
+    let sizes: Vec<(u64, u64)> = osr
+        .all_level_dimensions()
+        .iter()
+        .map(|s| (s.w as u64, s.h as u64))
+        .collect();
+    let mut info =
+        describe_properties(path, &prop, &sizes, &osr.all_level_downsamples(), user_mpp)?;
+    for name in osr.associated_image_names().map_err(unreadable)? {
+        let size = osr.associated_image_dimensions(&name).map_err(unreadable)?;
+        info.associated_images.push(AssociatedImage {
+            name,
+            width: size.w,
+            height: size.h,
+        });
+    }
+    Ok(info)
+}
+
+/// What a slide's properties (`prop` looks one up by name, as OpenSlide reports them) and its
+/// pyramid (level sizes and downsamples) say about it: levels with their stored tile sizes, mpp
+/// and its source, objective power, background colour. Associated images are left empty. Pure
+/// (no file access): [`Slide::open`] calls it with what OpenSlide read, the fuzz targets with
+/// arbitrary values. Errors when there is no level or level 0 is empty.
+pub fn describe_properties(
+    path: &Path,
+    prop: &dyn Fn(&str) -> Option<String>,
+    sizes: &[(u64, u64)],
+    downsamples: &[f64],
+    user_mpp: Option<f64>,
+) -> Result<SlideInfo> {
     if sizes.is_empty() {
         return Err(WsiError::Unreadable {
             path: path.to_path_buf(),
@@ -230,41 +258,32 @@ fn describe(path: &Path, osr: &OpenSlide, user_mpp: Option<f64>) -> Result<Slide
         .iter()
         .zip(downsamples)
         .enumerate()
-        .map(|(i, (s, &d))| {
+        .map(|(i, (&(w, h), &d))| {
             let side = |what: &str| {
                 prop(&format!("openslide.level[{i}].tile-{what}"))
                     .and_then(|v| v.trim().parse::<u64>().ok())
             };
             Level {
-                width: s.w as u64,
-                height: s.h as u64,
+                width: w,
+                height: h,
                 downsample: d,
                 tile_size: side("width").zip(side("height")),
             }
         })
         .collect::<Vec<_>>();
-    if levels[0].width == 0 || levels[0].height == 0 {
+    if levels.is_empty() || levels[0].width == 0 || levels[0].height == 0 {
         return Err(WsiError::Unreadable {
             path: path.to_path_buf(),
             msg: "level 0 is empty (0 px)".into(),
-        });
-    }
-    let mut associated_images = Vec::new();
-    for name in osr.associated_image_names().map_err(unreadable)? {
-        let size = osr.associated_image_dimensions(&name).map_err(unreadable)?;
-        associated_images.push(AssociatedImage {
-            name,
-            width: size.w,
-            height: size.h,
         });
     }
     Ok(SlideInfo {
         path: path.to_path_buf(),
         vendor: prop("openslide.vendor").unwrap_or_else(|| "unknown".into()),
         levels,
-        mpp: mpp::discover(path, &prop, user_mpp),
+        mpp: mpp::discover(path, prop, user_mpp),
         objective_power: prop("openslide.objective-power").and_then(|v| v.trim().parse().ok()),
-        associated_images,
+        associated_images: Vec::new(),
         background_rgb: prop("openslide.background-color")
             .and_then(|hex| parse_hex_rgb(&hex))
             .unwrap_or([255, 255, 255]),
