@@ -23,7 +23,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{BufReader, BufWriter, Cursor, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use half::f16;
@@ -450,7 +450,7 @@ struct Header {
     tensors: BTreeMap<String, TensorEntry>,
 }
 
-fn read_header(file: &mut File, path: &Path, file_len: u64) -> Result<Header> {
+fn read_header<R: Read>(file: &mut R, path: &Path, file_len: u64) -> Result<Header> {
     let bad = |reason: String| StoreError::feature_file(path, reason);
     if file_len < 8 {
         return Err(bad(format!(
@@ -502,7 +502,17 @@ impl FeatureFile {
             .metadata()
             .map_err(|e| StoreError::io("stat", path, e))?
             .len();
-        let header = read_header(&mut file, path, file_len)?;
+        Self::read_from(&mut file, file_len, path)
+    }
+
+    /// [`FeatureFile::read`] of a file already in memory (same checks); `path` only names it in
+    /// errors.
+    pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<FeatureFile> {
+        Self::read_from(&mut Cursor::new(bytes), bytes.len() as u64, path)
+    }
+
+    fn read_from<R: Read + Seek>(file: &mut R, file_len: u64, path: &Path) -> Result<FeatureFile> {
+        let header = read_header(file, path, file_len)?;
         let metadata = FeatureMetadata::from_strings(&header.metadata, path)?;
         let bad = |reason: String| StoreError::feature_file(path, reason);
 
@@ -546,7 +556,19 @@ impl FeatureFile {
             }
         }
         let data_len = file_len - header.data_start;
-        let sizes = [n * dim * 2, n * 16, n * 8];
+        // Checked: the shapes are the file's numbers, and a product that wraps would pass the
+        // offset checks with tiny sizes and then ask for a huge buffer (found with the `files`
+        // fuzz target).
+        let bytes = |cols: u64, width: u64| n.checked_mul(cols)?.checked_mul(width);
+        let (Some(feature_bytes), Some(origin_bytes), Some(grid_bytes)) =
+            (bytes(dim, 2), bytes(2, 8), bytes(2, 4))
+        else {
+            return Err(bad(format!(
+                "`features` has shape {:?}: more bytes than a file can hold",
+                features.shape
+            )));
+        };
+        let sizes = [feature_bytes, origin_bytes, grid_bytes];
         let mut spans = [(FEATURES, features), (ORIGINS, origins), (GRID, grid)];
         spans.sort_by_key(|(_, t)| t.data_offsets[0]);
         let mut expected_start = 0;
@@ -573,14 +595,14 @@ impl FeatureFile {
             )));
         }
 
-        let read_span = |file: &mut File, t: &TensorEntry| -> Result<Vec<u8>> {
+        let read_span = |file: &mut R, t: &TensorEntry| -> Result<Vec<u8>> {
             let mut buf = vec![0u8; (t.data_offsets[1] - t.data_offsets[0]) as usize];
             file.seek(SeekFrom::Start(header.data_start + t.data_offsets[0]))
                 .and_then(|_| file.read_exact(&mut buf))
                 .map_err(|e| StoreError::io("read", path, e))?;
             Ok(buf)
         };
-        let origin_bytes = read_span(&mut file, origins)?;
+        let origin_bytes = read_span(file, origins)?;
         let origins_level0 = origin_bytes
             .chunks_exact(16)
             .map(|c| {
@@ -590,7 +612,7 @@ impl FeatureFile {
                 ]
             })
             .collect();
-        let grid_bytes = read_span(&mut file, grid)?;
+        let grid_bytes = read_span(file, grid)?;
         let grid_xy = grid_bytes
             .chunks_exact(8)
             .map(|c| {
@@ -601,7 +623,7 @@ impl FeatureFile {
             })
             .collect();
         let feature_values = read_features(
-            &mut file,
+            file,
             path,
             header.data_start + features.data_offsets[0],
             n * dim,
@@ -630,7 +652,21 @@ impl FeatureFile {
             .metadata()
             .map_err(|e| StoreError::io("stat", path, e))?
             .len();
-        let header = read_header(&mut file, path, file_len)?;
+        Self::metadata_from(&mut file, file_len, path)
+    }
+
+    /// [`FeatureFile::read_metadata`] of a file already in memory; `path` only names it in
+    /// errors.
+    pub fn metadata_from_bytes(bytes: &[u8], path: &Path) -> Result<(FeatureMetadata, u64)> {
+        Self::metadata_from(&mut Cursor::new(bytes), bytes.len() as u64, path)
+    }
+
+    fn metadata_from<R: Read>(
+        file: &mut R,
+        file_len: u64,
+        path: &Path,
+    ) -> Result<(FeatureMetadata, u64)> {
+        let header = read_header(file, path, file_len)?;
         let metadata = FeatureMetadata::from_strings(&header.metadata, path)?;
         let rows = header
             .tensors
@@ -667,7 +703,12 @@ impl FeatureFile {
 }
 
 /// Reads `count` little-endian f16 values in chunks (no second full-size byte buffer).
-fn read_features(file: &mut File, path: &Path, offset: u64, count: u64) -> Result<Vec<f16>> {
+fn read_features<R: Read + Seek>(
+    file: &mut R,
+    path: &Path,
+    offset: u64,
+    count: u64,
+) -> Result<Vec<f16>> {
     file.seek(SeekFrom::Start(offset))
         .map_err(|e| StoreError::io("read", path, e))?;
     let mut reader = BufReader::with_capacity(1 << 20, file);
@@ -692,6 +733,64 @@ fn read_features(file: &mut File, path: &Path, offset: u64, count: u64) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The bytes of a feature file whose header is `tensors` (JSON) and whose data is `data`.
+    fn raw_file(tensors: &str, data: &[u8]) -> Vec<u8> {
+        let header = format!(
+            r#"{{"__metadata__":{{"format":"gigapath-features","format_version":"1","slide_id":"S1","mpp":"0.5","level0_tile_px":"256","fingerprints":"{{}}"}},{tensors}}}"#
+        );
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend_from_slice(data);
+        bytes
+    }
+
+    /// Found with the `files` fuzz target (docs/FUZZING.md; its overflow-checked build panicked
+    /// "attempt to multiply with overflow"): shapes whose byte sizes wrap around u64 passed the
+    /// offset checks in a release build (2^62 rows take "0 bytes") and then asked for a buffer
+    /// of 2^63 values. Now an error naming the shape, by path and from bytes.
+    #[test]
+    fn fuzz_shapes_whose_byte_size_overflows_are_refused() {
+        for (n, dim) in [
+            (1u64 << 62, 4u64),
+            ((1 << 62) + 1, 2),
+            (u64::MAX, 1),
+            (1, u64::MAX),
+        ] {
+            let bytes = raw_file(
+                &format!(
+                    r#""features":{{"dtype":"F16","shape":[{n},{dim}],"data_offsets":[0,0]}},"origins":{{"dtype":"I64","shape":[{n},2],"data_offsets":[0,0]}},"grid":{{"dtype":"I32","shape":[{n},2],"data_offsets":[0,0]}}"#
+                ),
+                &[],
+            );
+            let err = FeatureFile::from_bytes(&bytes, Path::new("f.safetensors")).unwrap_err();
+            assert!(
+                err.to_string().contains("more bytes than a file can hold"),
+                "{n} x {dim}: {err}"
+            );
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("f.safetensors");
+            std::fs::write(&path, &bytes).unwrap();
+            let err = FeatureFile::read(&path).unwrap_err();
+            assert!(
+                err.to_string().contains("more bytes than a file can hold"),
+                "{err}"
+            );
+        }
+        // The same layout with sizes that fit still reads.
+        let data: Vec<u8> = [0u8; 4]
+            .iter()
+            .chain(&[0u8; 16])
+            .chain(&[0u8; 8])
+            .copied()
+            .collect();
+        let ok = raw_file(
+            r#""features":{"dtype":"F16","shape":[1,2],"data_offsets":[0,4]},"origins":{"dtype":"I64","shape":[1,2],"data_offsets":[4,20]},"grid":{"dtype":"I32","shape":[1,2],"data_offsets":[20,28]}"#,
+            &data,
+        );
+        let f = FeatureFile::from_bytes(&ok, Path::new("f.safetensors")).unwrap();
+        assert_eq!((f.len(), f.dim), (1, 2));
+    }
 
     fn meta() -> FeatureMetadata {
         FeatureMetadata {
