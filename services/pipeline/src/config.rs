@@ -334,23 +334,35 @@ impl Config {
         if let Some(dir) = data_dir {
             let own = dir.join(DATA_DIR_CONFIG);
             if own.is_file() {
-                let mut table = read_table(&own)?;
-                drop_redacted_secrets(&mut table, &own);
-                resolve_paths_from(&mut table, dir);
-                merge(&mut merged, table);
+                merge(&mut merged, data_dir_table(read_table(&own)?, &own, dir));
             }
         }
         if let Some(f) = file {
             merge(&mut merged, read_table(f)?);
         }
-        let mut cfg: Config = toml::Value::Table(merged)
-            .try_into()
-            .map_err(|e| PipelineError::Config(format!("{e}")))?;
+        let mut cfg = from_table(merged)?;
         cfg.apply_env(|k| std::env::var(k).ok());
         if let Some(dir) = data_dir {
             cfg.store.data_dir = dir.to_path_buf();
         }
         cfg.absolutize();
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parses and validates the text of one config file as [`Config::load`] reads it: as the
+    /// data dir's own `gigapath.toml` when `data_dir` is given (redacted secrets dropped, relative
+    /// paths taken from the data dir), else as a `--config` file; without the environment and
+    /// without making model paths absolute. `path` only names the file in errors.
+    pub fn from_toml(text: &str, path: &Path, data_dir: Option<&Path>) -> Result<Config> {
+        let mut table = parse_table(text, path)?;
+        if let Some(dir) = data_dir {
+            table = data_dir_table(table, path, dir);
+        }
+        let mut cfg = from_table(table)?;
+        if let Some(dir) = data_dir {
+            cfg.store.data_dir = dir.to_path_buf();
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -823,8 +835,26 @@ pub fn set_data_dir_alignment(data_dir: &Path, alignment: &Path) -> Result<()> {
 
 fn read_table(path: &Path) -> Result<toml::Table> {
     let text = std::fs::read_to_string(path).map_err(|e| PipelineError::io(path, e))?;
+    parse_table(&text, path)
+}
+
+fn parse_table(text: &str, path: &Path) -> Result<toml::Table> {
     text.parse::<toml::Table>()
         .map_err(|e| PipelineError::Config(format!("{}: {e}", path.display())))
+}
+
+/// The data dir's own file, read from `path`: redacted secrets dropped, paths from `dir`.
+fn data_dir_table(mut table: toml::Table, path: &Path, dir: &Path) -> toml::Table {
+    drop_redacted_secrets(&mut table, path);
+    resolve_paths_from(&mut table, dir);
+    table
+}
+
+/// The merged layers as a [`Config`] (defaults for missing keys), not yet validated.
+fn from_table(merged: toml::Table) -> Result<Config> {
+    toml::Value::Table(merged)
+        .try_into()
+        .map_err(|e| PipelineError::Config(format!("{e}")))
 }
 
 /// Merges `over` into `base`: tables key by key, everything else replaced.

@@ -39,13 +39,23 @@ pub struct RowError {
 /// Parses `path` (format from the extension: `.csv`, else JSONL).
 pub fn read_reports(path: &Path) -> Result<(Vec<ReportRow>, Vec<RowError>)> {
     let text = std::fs::read_to_string(path).map_err(|e| PipelineError::io(path, e))?;
-    let records = if path
+    let csv = path
         .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("csv"))
-    {
-        csv_records(&text).map_err(|e| PipelineError::Input(format!("{}: {e}", path.display())))?
+        .is_some_and(|e| e.eq_ignore_ascii_case("csv"));
+    parse_reports(&text, csv, path)
+}
+
+/// Parses the text of a reports file ([`read_reports`] without the file read): CSV when `csv`,
+/// else JSONL; `path` only names the file in errors.
+pub fn parse_reports(
+    text: &str,
+    csv: bool,
+    path: &Path,
+) -> Result<(Vec<ReportRow>, Vec<RowError>)> {
+    let records = if csv {
+        csv_records(text).map_err(|e| PipelineError::Input(format!("{}: {e}", path.display())))?
     } else {
-        jsonl_records(&text)
+        jsonl_records(text)
     };
     let mut rows = Vec::new();
     let mut errors = Vec::new();

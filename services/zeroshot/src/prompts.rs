@@ -153,18 +153,43 @@ impl PromptLibrary {
     /// Loads and validates `dir/templates.toml` and every `subtype-*.toml` / `mutation-*.toml`.
     pub fn load(dir: &Path) -> Result<Self> {
         let templates_path = dir.join(TEMPLATES_FILE);
-        let template_groups = read_templates(&templates_path)?;
+        let template_groups = read_templates(&templates_path, &read_text(&templates_path)?)?;
+        let entries = std::fs::read_dir(dir).map_err(|e| io(dir, e))?;
+        let files: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect();
+        Self::build(dir, template_groups, files, read_text)
+    }
+
+    /// [`PromptLibrary::load`] of a folder held in memory: `templates` is the text of its
+    /// `templates.toml`, `files` the (file name, text) of its other `.toml` files. The same
+    /// checks, in the same order; `dir` only names the files in errors.
+    pub fn from_texts(dir: &Path, templates: &str, files: &[(String, String)]) -> Result<Self> {
+        let template_groups = read_templates(&dir.join(TEMPLATES_FILE), templates)?;
+        let texts: BTreeMap<PathBuf, &str> = files
+            .iter()
+            .filter(|(name, _)| name.ends_with(".toml") && !name.contains('/'))
+            .map(|(name, text)| (dir.join(name), text.as_str()))
+            .collect();
+        let paths = texts.keys().cloned().collect();
+        Self::build(dir, template_groups, paths, |p| {
+            Ok(texts.get(p).copied().unwrap_or_default().to_string())
+        })
+    }
+
+    fn build(
+        dir: &Path,
+        template_groups: BTreeMap<String, TemplateGroup>,
+        mut files: Vec<PathBuf>,
+        text: impl Fn(&Path) -> Result<String>,
+    ) -> Result<Self> {
         let mut lib = PromptLibrary {
             dir: dir.to_path_buf(),
             template_groups,
             subtypes: BTreeMap::new(),
             mutations: BTreeMap::new(),
         };
-        let entries = std::fs::read_dir(dir).map_err(|e| io(dir, e))?;
-        let mut files: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-            .collect();
         files.sort();
         let mut names: BTreeMap<String, PathBuf> = BTreeMap::new();
         for path in files {
@@ -173,12 +198,12 @@ impl PromptLibrary {
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_default();
             let set_name = if stem.starts_with("subtype-") {
-                let set = lib.read_subtype(&path)?;
+                let set = lib.read_subtype(&path, &text(&path)?)?;
                 let name = set.name.clone();
                 lib.subtypes.insert(name.clone(), set);
                 name
             } else if stem.starts_with("mutation-") {
-                let set = lib.read_mutation(&path)?;
+                let set = lib.read_mutation(&path, &text(&path)?)?;
                 let name = set.name.clone();
                 lib.mutations.insert(name.clone(), set);
                 name
@@ -274,8 +299,8 @@ impl PromptLibrary {
         Ok(out)
     }
 
-    fn read_subtype(&self, path: &Path) -> Result<SubtypeSet> {
-        let f: SubtypeFile = read_toml(path)?;
+    fn read_subtype(&self, path: &Path, text: &str) -> Result<SubtypeSet> {
+        let f: SubtypeFile = parse_toml(path, text)?;
         check_kind(path, &f.kind, "subtype")?;
         check_name(path, &f.name)?;
         let templates = self.resolve(path, &f.templates)?;
@@ -291,8 +316,8 @@ impl PromptLibrary {
         Ok(set)
     }
 
-    fn read_mutation(&self, path: &Path) -> Result<MutationSet> {
-        let f: MutationFile = read_toml(path)?;
+    fn read_mutation(&self, path: &Path, text: &str) -> Result<MutationSet> {
+        let f: MutationFile = parse_toml(path, text)?;
         check_kind(path, &f.kind, "mutation")?;
         check_name(path, &f.name)?;
         let templates = self.resolve(path, &f.templates)?;
@@ -405,16 +430,19 @@ fn io(path: &Path, e: impl std::fmt::Display) -> ZeroShotError {
     }
 }
 
-fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| io(path, e))?;
-    toml::from_str(&text).map_err(|e| {
+fn read_text(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| io(path, e))
+}
+
+fn parse_toml<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T> {
+    toml::from_str(text).map_err(|e| {
         // toml's message carries the line, column and the key it expected or did not know.
         ZeroShotError::prompt(path, "(parse)", e.to_string().trim().replace('\n', " "))
     })
 }
 
-fn read_templates(path: &Path) -> Result<BTreeMap<String, TemplateGroup>> {
-    let groups: BTreeMap<String, TemplateGroup> = read_toml(path)?;
+fn read_templates(path: &Path, text: &str) -> Result<BTreeMap<String, TemplateGroup>> {
+    let groups: BTreeMap<String, TemplateGroup> = parse_toml(path, text)?;
     if groups.is_empty() {
         return Err(ZeroShotError::prompt(path, "(file)", "no template groups"));
     }

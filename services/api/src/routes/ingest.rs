@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use actix_web::{get, post, web, HttpResponse};
+use gigapath_pipeline::config::ServeConfig;
 use gigapath_pipeline::discover::{find_slides_within, resolve_or_predict, DiscoverError, Limits};
 use gigapath_pipeline::identity::{bind_sources, conflicts, forget_slide, Forgotten, Known};
 use gigapath_pipeline::queue::{queue_slides, QueueSummary};
@@ -57,6 +58,29 @@ impl From<QueueSummary> for IngestResponse {
             previously_failed: q.previously_failed,
             replaced: Vec::new(),
         }
+    }
+}
+
+impl IngestRequest {
+    /// The checks `POST /v1/ingest` runs on the body before any path is resolved: 1 to
+    /// `serve.max_slide_ids` paths, a valid `mpp`, valid slide ids as the keys of `labels`.
+    /// (Each path is then checked by [`confine`].)
+    pub fn check(&self, cfg: &ServeConfig) -> ApiResult<()> {
+        if self.slides.is_empty() {
+            return Err(ApiError::BadRequest("`slides` is empty".into()));
+        }
+        if self.slides.len() > cfg.max_slide_ids {
+            return Err(ApiError::BadRequest(format!(
+                "{} paths; the limit is {}",
+                self.slides.len(),
+                cfg.max_slide_ids
+            )));
+        }
+        if let Some(mpp) = self.mpp {
+            gigapath_wsi::mpp::validate(mpp).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        }
+        // The keys of `labels` are slide ids: the one id rule, like every other id field.
+        super::ids::check_all(super::ids::IdKind::Slide, "labels", self.labels.keys())
     }
 }
 
@@ -116,21 +140,7 @@ pub async fn ingest(
     req: super::Body<IngestRequest>,
 ) -> ApiResult<HttpResponse> {
     let req = req.into_inner();
-    if req.slides.is_empty() {
-        return Err(ApiError::BadRequest("`slides` is empty".into()));
-    }
-    if req.slides.len() > state.config.serve.max_slide_ids {
-        return Err(ApiError::BadRequest(format!(
-            "{} paths; the limit is {}",
-            req.slides.len(),
-            state.config.serve.max_slide_ids
-        )));
-    }
-    if let Some(mpp) = req.mpp {
-        gigapath_wsi::mpp::validate(mpp).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    }
-    // The keys of `labels` are slide ids: the one id rule, like every other id field.
-    super::ids::check_all(super::ids::IdKind::Slide, "labels", req.labels.keys())?;
+    req.check(&state.config.serve)?;
     let roots = state.config.serve.slide_roots.clone();
     let paths = req.slides.clone();
     let replace = req.replace;

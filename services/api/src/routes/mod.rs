@@ -66,17 +66,21 @@ impl<T: DeserializeOwned + 'static> FromRequest for Body<T> {
                 None => json.await?,
             }
             .into_inner();
-            if !value.is_object() {
-                return Err(ApiError::BadRequest(
-                    "invalid JSON body: expected a JSON object".into(),
-                )
-                .into());
-            }
-            serde_json::from_value(value)
-                .map(Body)
-                .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")).into())
+            Ok(Body(body_from_value(value)?))
         })
     }
+}
+
+/// A parsed JSON body as [`Body`] takes it: a JSON object, deserialized into `T`; anything else
+/// is 400 "invalid JSON body". Pure, so the fuzz targets call it on arbitrary JSON.
+pub fn body_from_value<T: DeserializeOwned>(value: serde_json::Value) -> ApiResult<T> {
+    if !value.is_object() {
+        return Err(ApiError::BadRequest(
+            "invalid JSON body: expected a JSON object".into(),
+        ));
+    }
+    serde_json::from_value(value)
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
 }
 
 /// One value or several (any of them matches).

@@ -1,6 +1,7 @@
 //! `/v1/search/slides` and `/v1/search/reports`.
 
 use actix_web::{post, web};
+use gigapath_pipeline::config::ServeConfig;
 use gigapath_store::vector::{PayloadFilter, SearchRequest, JOINT, REPORTS, SLIDES, TEXT};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -53,6 +54,55 @@ pub struct SearchResponse {
     pub vector: String,
     /// Fingerprint of the weights behind the query and the results.
     pub fingerprint: String,
+}
+
+/// A search request that passed the checks its handler runs before any lookup.
+#[derive(Debug)]
+pub struct CheckedSearch {
+    /// The query text, trimmed, when the request gives one.
+    pub query: Option<String>,
+    /// Results wanted, within `serve.max_k`.
+    pub k: usize,
+    /// The request's filter as a store filter.
+    pub filter: PayloadFilter,
+}
+
+impl SlideSearch {
+    /// The checks `POST /v1/search/slides` runs before touching the store or an encoder, in
+    /// its order (400 on the first that fails).
+    pub fn check(&self, cfg: &ServeConfig) -> ApiResult<CheckedSearch> {
+        exactly_one(("query", &self.query), ("report_id", &self.report_id))?;
+        if let Some(id) = &self.report_id {
+            ids::check(IdKind::Report, "report_id", id)?;
+        }
+        let k = check_k(self.k, cfg)?;
+        let filter = self.filter.to_payload_filter(FilterTarget::Slides)?;
+        let query = self
+            .query
+            .as_deref()
+            .map(|q| check_text("query", q, cfg))
+            .transpose()?;
+        Ok(CheckedSearch { query, k, filter })
+    }
+}
+
+impl ReportSearch {
+    /// The checks `POST /v1/search/reports` runs before touching the store or an encoder, in
+    /// its order (400 on the first that fails).
+    pub fn check(&self, cfg: &ServeConfig) -> ApiResult<CheckedSearch> {
+        exactly_one(("query", &self.query), ("slide_id", &self.slide_id))?;
+        if let Some(id) = &self.slide_id {
+            ids::check(IdKind::Slide, "slide_id", id)?;
+        }
+        let k = check_k(self.k, cfg)?;
+        let filter = self.filter.to_payload_filter(FilterTarget::Reports)?;
+        let query = self
+            .query
+            .as_deref()
+            .map(|q| check_text("query", q, cfg))
+            .transpose()?;
+        Ok(CheckedSearch { query, k, filter })
+    }
 }
 
 fn exactly_one(a: (&str, &Option<String>), b: (&str, &Option<String>)) -> ApiResult<()> {
@@ -128,21 +178,12 @@ pub async fn search_slides(
     state: web::Data<AppState>,
     req: super::Body<SlideSearch>,
 ) -> ApiResult<web::Json<SearchResponse>> {
-    let cfg = &state.config.serve;
-    exactly_one(("query", &req.query), ("report_id", &req.report_id))?;
-    if let Some(id) = &req.report_id {
-        ids::check(IdKind::Report, "report_id", id)?;
-    }
-    let k = check_k(req.k, cfg)?;
-    let filter = req.filter.to_payload_filter(FilterTarget::Slides)?;
-    let query = match (&req.query, &req.report_id) {
-        (Some(q), _) => {
-            let q = check_text("query", q, cfg)?;
-            state
-                .joint_texts(vec![q], "text-to-slide search")
-                .await?
-                .remove(0)
-        }
+    let CheckedSearch { query, k, filter } = req.check(&state.config.serve)?;
+    let query = match (query, &req.report_id) {
+        (Some(q), _) => state
+            .joint_texts(vec![q], "text-to-slide search")
+            .await?
+            .remove(0),
         (None, Some(id)) => stored_joint(&state, REPORTS, id).await?,
         (None, None) => unreachable!("checked above"),
     };
@@ -162,17 +203,10 @@ pub async fn search_reports(
     state: web::Data<AppState>,
     req: super::Body<ReportSearch>,
 ) -> ApiResult<web::Json<SearchResponse>> {
-    let cfg = &state.config.serve;
-    exactly_one(("query", &req.query), ("slide_id", &req.slide_id))?;
-    if let Some(id) = &req.slide_id {
-        ids::check(IdKind::Slide, "slide_id", id)?;
-    }
-    let k = check_k(req.k, cfg)?;
-    let filter = req.filter.to_payload_filter(FilterTarget::Reports)?;
+    let CheckedSearch { query, k, filter } = req.check(&state.config.serve)?;
     let fingerprint = state.fingerprints().await?.reports;
-    match (&req.query, &req.slide_id) {
+    match (query, &req.slide_id) {
         (Some(q), _) => {
-            let q = check_text("query", q, cfg)?;
             let query = state.embed_texts(vec![q]).await?.remove(0);
             search(&state, REPORTS, TEXT, query, k, filter, fingerprint).await
         }

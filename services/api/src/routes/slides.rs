@@ -204,6 +204,14 @@ pub struct HeatmapRequest {
     pub query: String,
 }
 
+impl HeatmapRequest {
+    /// The check `POST /v1/slides/{id}/heatmap` runs on the body (after the path's id): the
+    /// prompt is not blank and within `serve.max_text_chars`; returns it trimmed.
+    pub fn check(&self, cfg: &gigapath_pipeline::config::ServeConfig) -> ApiResult<String> {
+        super::check_text("query", &self.query, cfg)
+    }
+}
+
 /// Per-tile similarity of a prompt with the slide's contextualised tile embeddings.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Heatmap {
@@ -240,7 +248,7 @@ pub async fn heatmap(
     req: super::Body<HeatmapRequest>,
 ) -> ApiResult<web::Json<Heatmap>> {
     let id = check_id(&id)?.to_string();
-    let query = super::check_text("query", &req.query, &state.config.serve)?;
+    let query = req.check(&state.config.serve)?;
     let fps = state.fingerprints().await?;
     let grid_file = state.pipeline.tiles_dir(&id).join("tiles.safetensors");
     let feature_file = state.pipeline.store.feature_path(&id, &fps.tile);

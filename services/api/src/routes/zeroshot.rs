@@ -9,8 +9,9 @@
 use std::collections::BTreeMap;
 
 use actix_web::{get, post, web};
+use gigapath_pipeline::config::ServeConfig;
 use gigapath_store::vector::{JOINT, SLIDES};
-use gigapath_zeroshot::{ClassPrompts, SubtypeSet};
+use gigapath_zeroshot::{ClassPrompts, PromptLibrary, SubtypeSet};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -150,6 +151,140 @@ pub struct PromptSets {
     pub mutation_sets: Vec<MutationSetInfo>,
 }
 
+/// A subtype request that passed the checks its handler runs before any lookup.
+#[derive(Debug)]
+pub struct CheckedSubtype {
+    /// The prompt set (from the library, or built from the inline classes).
+    pub set: SubtypeSet,
+    /// Whether the set's class embeddings may be cached (a library set).
+    pub cache: bool,
+    /// The request's own labels of inline classes, in the set's class order.
+    pub inline_labels: Option<Vec<String>>,
+}
+
+impl SubtypeRequest {
+    /// The checks `POST /v1/zero-shot/subtype` runs before touching the store or an encoder,
+    /// in its order: the prompt set or the inline classes (within the documented limits), then
+    /// the slide ids.
+    pub fn check(&self, prompts: &PromptLibrary, cfg: &ServeConfig) -> ApiResult<CheckedSubtype> {
+        let req = self;
+        // Inline labels are the request's keys, any two distinct strings (the prompt library's
+        // rule of case-insensitively unique labels is for files): the set gets positional ones.
+        let mut inline_labels = None;
+        let (set, cache) = match (&req.prompt_set, req.classes.clone()) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::BadRequest(
+                    "give `prompt_set` or `classes`, not both".into(),
+                ))
+            }
+            (None, None) => {
+                return Err(ApiError::BadRequest(
+                    "give `prompt_set` or `classes`".into(),
+                ))
+            }
+            (Some(_), None) if req.templates.is_some() => {
+                return Err(ApiError::BadRequest(
+                    "`templates` go with inline `classes`; a prompt set brings its own".into(),
+                ))
+            }
+            (Some(name), None) => (prompts.subtype(name).map_err(zeroshot_error)?.clone(), true),
+            (None, Some(classes)) => {
+                let templates = req.templates.clone().unwrap_or_else(|| {
+                    prompts
+                        .template_groups
+                        .get("mi-zero")
+                        .map(|g| g.templates.clone())
+                        .unwrap_or_default()
+                });
+                check_inline(&classes, &templates, cfg.max_text_chars)?;
+                inline_labels = Some(classes.keys().cloned().collect::<Vec<_>>());
+                let classes = classes
+                    .into_values()
+                    .enumerate()
+                    .map(|(i, names)| ClassPrompts {
+                        label: format!("class-{i}"),
+                        names,
+                    })
+                    .collect();
+                (
+                    SubtypeSet::inline("inline", classes, templates).map_err(zeroshot_error)?,
+                    false,
+                )
+            }
+        };
+        check_slide_ids(&req.slide_ids, cfg)?;
+        Ok(CheckedSubtype {
+            set,
+            cache,
+            inline_labels,
+        })
+    }
+}
+
+/// A mutation request that passed the checks its handler runs before any lookup.
+#[derive(Debug)]
+pub struct CheckedMutation {
+    /// The prompt set's name.
+    pub name: String,
+    /// The genes asked for (upper case), all of the set's by default.
+    pub genes: Vec<String>,
+    /// The set's template count.
+    pub templates: usize,
+}
+
+impl MutationRequest {
+    /// The checks `POST /v1/zero-shot/mutation` runs before touching the store or an encoder,
+    /// in its order: the prompt set, the genes, then the slide ids.
+    pub fn check(&self, prompts: &PromptLibrary, cfg: &ServeConfig) -> ApiResult<CheckedMutation> {
+        let req = self;
+        let name = req
+            .prompt_set
+            .clone()
+            .unwrap_or_else(|| "luad-mutations".into());
+        let set = prompts.mutation(&name).map_err(zeroshot_error)?;
+        let known: Vec<String> = set.genes.iter().map(|g| g.gene.clone()).collect();
+        let genes: Vec<String> = match &req.genes {
+            Some(g) if g.is_empty() => return Err(ApiError::BadRequest("`genes` is empty".into())),
+            Some(g) if g.len() > crate::openapi::MAX_GENES => {
+                return Err(ApiError::BadRequest(format!(
+                    "{} genes; the limit is {}",
+                    g.len(),
+                    crate::openapi::MAX_GENES
+                )))
+            }
+            Some(g) => g.iter().map(|x| x.trim().to_uppercase()).collect(),
+            None => known.clone(),
+        };
+        if let Some(bad) = genes.iter().find(|g| !known.contains(g)) {
+            return Err(ApiError::NotFound(format!(
+                "gene `{bad}` is not in prompt set `{name}` (known: {})",
+                known.join(", ")
+            )));
+        }
+        check_slide_ids(&req.slide_ids, cfg)?;
+        Ok(CheckedMutation {
+            name,
+            genes,
+            templates: set.templates.len(),
+        })
+    }
+}
+
+/// The `slide_ids` of a zero-shot request: 1 to `serve.max_slide_ids`, each a valid slide id.
+pub fn check_slide_ids(ids: &[String], cfg: &ServeConfig) -> ApiResult<()> {
+    if ids.is_empty() {
+        return Err(ApiError::BadRequest("`slide_ids` is empty".into()));
+    }
+    if ids.len() > cfg.max_slide_ids {
+        return Err(ApiError::BadRequest(format!(
+            "{} slide ids; the limit is {}",
+            ids.len(),
+            cfg.max_slide_ids
+        )));
+    }
+    super::ids::check_all(super::ids::IdKind::Slide, "slide_ids", ids)
+}
+
 /// The prompt sets loaded from the prompts folder.
 #[utoipa::path(responses((status = 200, body = PromptSets)))]
 #[get("/v1/prompt-sets")]
@@ -178,24 +313,13 @@ pub async fn prompt_sets(_r: ReadAccess, state: web::Data<AppState>) -> web::Jso
     })
 }
 
-/// The stored joint vectors (and known subtype labels) of `ids`, in order; unknown ids are 404
-/// and slides without an aligned embedding 409.
+/// The stored joint vectors (and known subtype labels) of `ids` (checked by
+/// [`check_slide_ids`]), in order; unknown ids are 404 and slides without an aligned embedding
+/// 409.
 async fn slide_joints(
     state: &AppState,
     ids: &[String],
 ) -> ApiResult<Vec<(Vec<f32>, Option<String>)>> {
-    let cfg = &state.config.serve;
-    if ids.is_empty() {
-        return Err(ApiError::BadRequest("`slide_ids` is empty".into()));
-    }
-    if ids.len() > cfg.max_slide_ids {
-        return Err(ApiError::BadRequest(format!(
-            "{} slide ids; the limit is {}",
-            ids.len(),
-            cfg.max_slide_ids
-        )));
-    }
-    super::ids::check_all(super::ids::IdKind::Slide, "slide_ids", ids)?;
     let fingerprints = state.fingerprints().await?;
     let store = state.pipeline.store.clone();
     let wanted = ids.to_vec();
@@ -289,54 +413,11 @@ pub async fn subtype(
     req: super::Body<SubtypeRequest>,
 ) -> ApiResult<web::Json<SubtypeResponse>> {
     let req = req.into_inner();
-    // Inline labels are the request's keys, any two distinct strings (the prompt library's
-    // rule of case-insensitively unique labels is for files): the set gets positional ones.
-    let mut inline_labels = None;
-    let (set, cache) = match (&req.prompt_set, req.classes) {
-        (Some(_), Some(_)) => {
-            return Err(ApiError::BadRequest(
-                "give `prompt_set` or `classes`, not both".into(),
-            ))
-        }
-        (None, None) => {
-            return Err(ApiError::BadRequest(
-                "give `prompt_set` or `classes`".into(),
-            ))
-        }
-        (Some(_), None) if req.templates.is_some() => {
-            return Err(ApiError::BadRequest(
-                "`templates` go with inline `classes`; a prompt set brings its own".into(),
-            ))
-        }
-        (Some(name), None) => (
-            state.prompts.subtype(name).map_err(zeroshot_error)?.clone(),
-            true,
-        ),
-        (None, Some(classes)) => {
-            let templates = req.templates.unwrap_or_else(|| {
-                state
-                    .prompts
-                    .template_groups
-                    .get("mi-zero")
-                    .map(|g| g.templates.clone())
-                    .unwrap_or_default()
-            });
-            check_inline(&classes, &templates, state.config.serve.max_text_chars)?;
-            inline_labels = Some(classes.keys().cloned().collect::<Vec<_>>());
-            let classes = classes
-                .into_values()
-                .enumerate()
-                .map(|(i, names)| ClassPrompts {
-                    label: format!("class-{i}"),
-                    names,
-                })
-                .collect();
-            (
-                SubtypeSet::inline("inline", classes, templates).map_err(zeroshot_error)?,
-                false,
-            )
-        }
-    };
+    let CheckedSubtype {
+        set,
+        cache,
+        inline_labels,
+    } = req.check(&state.prompts, &state.config.serve)?;
     let slides = slide_joints(&state, &req.slide_ids).await?;
     let temperature = state.temperature(req.no_temperature).await?;
     let labels = inline_labels.unwrap_or_else(|| set.labels());
@@ -392,31 +473,11 @@ pub async fn mutation(
     req: super::Body<MutationRequest>,
 ) -> ApiResult<web::Json<MutationResponse>> {
     let req = req.into_inner();
-    let name = req
-        .prompt_set
-        .clone()
-        .unwrap_or_else(|| "luad-mutations".into());
-    let set = state.prompts.mutation(&name).map_err(zeroshot_error)?;
-    let known: Vec<String> = set.genes.iter().map(|g| g.gene.clone()).collect();
-    let genes: Vec<String> = match &req.genes {
-        Some(g) if g.is_empty() => return Err(ApiError::BadRequest("`genes` is empty".into())),
-        Some(g) if g.len() > crate::openapi::MAX_GENES => {
-            return Err(ApiError::BadRequest(format!(
-                "{} genes; the limit is {}",
-                g.len(),
-                crate::openapi::MAX_GENES
-            )))
-        }
-        Some(g) => g.iter().map(|x| x.trim().to_uppercase()).collect(),
-        None => known.clone(),
-    };
-    if let Some(bad) = genes.iter().find(|g| !known.contains(g)) {
-        return Err(ApiError::NotFound(format!(
-            "gene `{bad}` is not in prompt set `{name}` (known: {})",
-            known.join(", ")
-        )));
-    }
-    let templates = set.templates.len();
+    let CheckedMutation {
+        name,
+        genes,
+        templates,
+    } = req.check(&state.prompts, &state.config.serve)?;
     let slides = slide_joints(&state, &req.slide_ids).await?;
     let temperature = state.temperature(req.no_temperature).await?;
     let embeddings = state.gene_embeddings(&name).await?;
