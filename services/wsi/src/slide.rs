@@ -223,8 +223,7 @@ fn describe(path: &Path, osr: &OpenSlide, user_mpp: Option<f64>) -> Result<Slide
         .iter()
         .map(|s| (s.w as u64, s.h as u64))
         .collect();
-    let mut info =
-        describe_properties(path, &prop, &sizes, &osr.all_level_downsamples(), user_mpp)?;
+    let mut info = describe_properties(path, &prop, &sizes, osr.all_level_downsamples(), user_mpp)?;
     for name in osr.associated_image_names().map_err(unreadable)? {
         let size = osr.associated_image_dimensions(&name).map_err(unreadable)?;
         info.associated_images.push(AssociatedImage {
