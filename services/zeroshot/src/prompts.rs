@@ -333,6 +333,7 @@ impl PromptLibrary {
                     "is empty",
                 ));
             }
+            check_no_outer_space(path, &format!("genes[{i}].gene"), &g.gene)?;
             if !seen.insert(g.gene.to_ascii_uppercase()) {
                 return Err(ZeroShotError::prompt(
                     path,
@@ -512,6 +513,19 @@ fn check_phrases(path: &Path, key: &str, phrases: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Labels and genes are looked up trimmed (`class_index`, `select`, the labels of reports): one
+/// with spaces at its ends would never be found (found with the `text_inputs` fuzz target).
+fn check_no_outer_space(path: &Path, key: &str, name: &str) -> Result<()> {
+    if name.trim() != name {
+        return Err(ZeroShotError::prompt(
+            path,
+            key,
+            format!("{name:?} has spaces at its start or end"),
+        ));
+    }
+    Ok(())
+}
+
 fn validate_classes(path: &Path, classes: &[ClassPrompts]) -> Result<()> {
     if classes.len() < 2 {
         return Err(ZeroShotError::prompt(
@@ -532,6 +546,7 @@ fn validate_classes(path: &Path, classes: &[ClassPrompts]) -> Result<()> {
                 "is empty",
             ));
         }
+        check_no_outer_space(path, &format!("classes[{i}].label"), &c.label)?;
         if !seen.insert(c.label.to_ascii_uppercase()) {
             return Err(ZeroShotError::prompt(
                 path,
@@ -547,6 +562,38 @@ fn validate_classes(path: &Path, classes: &[ClassPrompts]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found with the `text_inputs` fuzz target (docs/FUZZING.md): a label (or gene) with
+    /// spaces at its ends loaded, and then `class_index` (which trims what it looks up, as the
+    /// evaluation's report labels are) could not find the set's own label.
+    #[test]
+    fn fuzz_labels_and_genes_with_outer_spaces_are_refused() {
+        let templates = "[t]\ntemplates = [\"an image of CLASSNAME\"]\n";
+        let subtype = |label: &str| {
+            format!(
+                "name = \"s\"\nkind = \"subtype\"\ntemplates = [\"t\"]\n[[classes]]\nlabel = \"{label}\"\nnames = [\"a\"]\n[[classes]]\nlabel = \"ILC\"\nnames = [\"b\"]\n"
+            )
+        };
+        let dir = Path::new("prompts");
+        for label in [" IDC", "IDC ", "\\tIDC"] {
+            let files = [("subtype-s.toml".to_string(), subtype(label))];
+            let err = PromptLibrary::from_texts(dir, templates, &files).unwrap_err();
+            assert!(
+                err.to_string().contains("classes[0].label"),
+                "{label:?}: {err}"
+            );
+        }
+        let files = [("subtype-s.toml".to_string(), subtype("IDC"))];
+        let lib = PromptLibrary::from_texts(dir, templates, &files).unwrap();
+        let set = lib.subtype("s").unwrap();
+        for label in set.labels() {
+            assert!(set.class_index(&label).is_some(), "{label}");
+        }
+        let mutation = "name = \"m\"\nkind = \"mutation\"\ntemplates = [\"t\"]\n[[genes]]\ngene = \" EGFR\"\nmutated = [\"x\"]\nwild_type = [\"y\"]\n";
+        let files = [("mutation-m.toml".to_string(), mutation.to_string())];
+        let err = PromptLibrary::from_texts(dir, templates, &files).unwrap_err();
+        assert!(err.to_string().contains("genes[0].gene"), "{err}");
+    }
 
     fn repo_prompts() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../prompts")
