@@ -497,7 +497,7 @@ impl Pipeline {
         let n = tiling.tiles.len();
         let metadata = FeatureMetadata {
             slide_id: job.slide_id.clone(),
-            mpp: tiling.plan.tile_mpp,
+            tile_mpp: tiling.plan.tile_mpp,
             level0_tile_px: tiling.plan.level0_tile_px,
             fingerprints: BTreeMap::from([(
                 "tile".to_string(),

@@ -52,8 +52,10 @@ const MAX_HEADER_BYTES: u64 = 1 << 20;
 pub struct FeatureMetadata {
     /// The slide the tiles were cut from.
     pub slide_id: String,
-    /// Microns per pixel of the tiles the features were computed from (0.5 for Prov-GigaPath).
-    pub mpp: f64,
+    /// Microns per pixel of the tiles the features were computed from (0.5 for Prov-GigaPath);
+    /// not the slide's level-0 mpp. Stored under the metadata key `mpp`.
+    #[serde(rename = "mpp")]
+    pub tile_mpp: f64,
     /// Tile side in level-0 pixels (tile px x tile mpp / level-0 mpp).
     pub level0_tile_px: u32,
     /// Weights that produced the features, by role (at least `tile`).
@@ -66,7 +68,7 @@ impl FeatureMetadata {
         if self.slide_id.is_empty() {
             return bad("metadata slide_id is empty");
         }
-        if !(self.mpp.is_finite() && self.mpp > 0.0) {
+        if !(self.tile_mpp.is_finite() && self.tile_mpp > 0.0) {
             return bad("metadata mpp must be a positive number");
         }
         if self.level0_tile_px == 0 {
@@ -80,7 +82,7 @@ impl FeatureMetadata {
             ("format".to_string(), FORMAT.to_string()),
             ("format_version".into(), FORMAT_VERSION.to_string()),
             ("slide_id".into(), self.slide_id.clone()),
-            ("mpp".into(), self.mpp.to_string()),
+            ("mpp".into(), self.tile_mpp.to_string()),
             ("level0_tile_px".into(), self.level0_tile_px.to_string()),
             (
                 "fingerprints".into(),
@@ -116,7 +118,7 @@ impl FeatureMetadata {
         let fingerprints = get("fingerprints")?;
         let meta = FeatureMetadata {
             slide_id: get("slide_id")?.clone(),
-            mpp: mpp.parse().map_err(|_| parse_err("mpp", mpp))?,
+            tile_mpp: mpp.parse().map_err(|_| parse_err("mpp", mpp))?,
             level0_tile_px: tile_px
                 .parse()
                 .map_err(|_| parse_err("level0_tile_px", tile_px))?,
@@ -795,7 +797,7 @@ mod tests {
     fn meta() -> FeatureMetadata {
         FeatureMetadata {
             slide_id: "TCGA-AB-1234".into(),
-            mpp: 0.5,
+            tile_mpp: 0.5,
             level0_tile_px: 512,
             fingerprints: BTreeMap::from([("tile".into(), "sha256:abc".into())]),
         }
@@ -995,7 +997,7 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("no tiles"), "{err}");
         let mut m = meta();
-        m.mpp = 0.0;
+        m.tile_mpp = 0.0;
         assert!(FeatureFileWriter::create(&path, 4, m).is_err());
         assert!(!path.exists());
     }

@@ -195,7 +195,7 @@ pub(crate) fn read_features(path: &str, device: &Device) -> Result<(Tensor, Vec<
         })
         .collect::<Result<Vec<_>>>()?;
     let x = Tensor::from_vec(f.features_f32(), (f.len(), f.dim), device)?;
-    Ok((x, cells, f.metadata.mpp))
+    Ok((x, cells, f.metadata.tile_mpp))
 }
 
 fn build_caches(
