@@ -452,70 +452,20 @@ struct Header {
     tensors: BTreeMap<String, TensorEntry>,
 }
 
-fn read_header<R: Read>(file: &mut R, path: &Path, file_len: u64) -> Result<Header> {
-    let bad = |reason: String| StoreError::feature_file(path, reason);
-    if file_len < 8 {
-        return Err(bad(format!(
-            "{file_len} bytes: too short to be safetensors"
-        )));
-    }
-    let mut len_bytes = [0u8; 8];
-    file.read_exact(&mut len_bytes)
-        .map_err(|e| StoreError::io("read", path, e))?;
-    let header_len = u64::from_le_bytes(len_bytes);
-    if header_len > MAX_HEADER_BYTES || 8 + header_len > file_len {
-        return Err(bad(format!(
-            "header length {header_len} does not fit the file ({file_len} bytes): not a \
-             safetensors file, or truncated"
-        )));
-    }
-    let mut header = vec![0u8; header_len as usize];
-    file.read_exact(&mut header)
-        .map_err(|e| StoreError::io("read", path, e))?;
-    let mut object: serde_json::Map<String, Value> = serde_json::from_slice(&header)
-        .map_err(|e| bad(format!("header is not a JSON object: {e}")))?;
-    let metadata = match object.remove("__metadata__") {
-        Some(v) => serde_json::from_value(v)
-            .map_err(|e| bad(format!("__metadata__ is not a map of strings: {e}")))?,
-        None => return Err(bad("no __metadata__ (not a gigapath feature file)".into())),
-    };
-    let tensors = object
-        .into_iter()
-        .map(|(name, v)| {
-            serde_json::from_value::<TensorEntry>(v)
-                .map(|t| (name.clone(), t))
-                .map_err(|e| bad(format!("tensor `{name}` entry: {e}")))
-        })
-        .collect::<Result<_>>()?;
-    Ok(Header {
-        data_start: 8 + header_len,
-        metadata,
-        tensors,
-    })
+/// The three tensors of a feature file, checked against each other and against the data
+/// section: dtypes, 2-D shapes of `n` rows, contiguous data offsets that add up to the file.
+struct Layout<'h> {
+    /// Tiles (rows).
+    n: u64,
+    /// Feature width.
+    dim: u64,
+    features: &'h TensorEntry,
+    origins: &'h TensorEntry,
+    grid: &'h TensorEntry,
 }
 
-impl FeatureFile {
-    /// Reads and checks a feature file: format and version, dtypes, shapes (`[N, D]`, `[N, 2]`,
-    /// `[N, 2]` with one N), offsets covering the data exactly, finite features.
-    pub fn read(path: impl AsRef<Path>) -> Result<FeatureFile> {
-        let path = path.as_ref();
-        let mut file = File::open(path).map_err(|e| StoreError::io("open", path, e))?;
-        let file_len = file
-            .metadata()
-            .map_err(|e| StoreError::io("stat", path, e))?
-            .len();
-        Self::read_from(&mut file, file_len, path)
-    }
-
-    /// [`FeatureFile::read`] of a file already in memory (same checks); `path` only names it in
-    /// errors.
-    pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<FeatureFile> {
-        Self::read_from(&mut Cursor::new(bytes), bytes.len() as u64, path)
-    }
-
-    fn read_from<R: Read + Seek>(file: &mut R, file_len: u64, path: &Path) -> Result<FeatureFile> {
-        let header = read_header(file, path, file_len)?;
-        let metadata = FeatureMetadata::from_strings(&header.metadata, path)?;
+impl<'h> Layout<'h> {
+    fn check(header: &'h Header, file_len: u64, path: &Path) -> Result<Layout<'h>> {
         let bad = |reason: String| StoreError::feature_file(path, reason);
 
         let tensor = |name: &str, dtype: &str| -> Result<&TensorEntry> {
@@ -584,7 +534,7 @@ impl FeatureFile {
             if start != expected_start || end < start || end - start != size {
                 return Err(bad(format!(
                     "`{name}` data_offsets {:?} do not match its shape (expected {size} bytes \
-                     from {expected_start})",
+                         from {expected_start})",
                     t.data_offsets
                 )));
             }
@@ -592,11 +542,103 @@ impl FeatureFile {
         }
         if expected_start != data_len {
             return Err(bad(format!(
-                "data section is {data_len} bytes but the tensors take {expected_start}: truncated \
-                 or trailing bytes"
-            )));
+                    "data section is {data_len} bytes but the tensors take {expected_start}: truncated \
+                     or trailing bytes"
+                )));
         }
+        Ok(Layout {
+            n,
+            dim,
+            features,
+            origins,
+            grid,
+        })
+    }
+}
 
+/// Little-endian `[T; 2]` pairs from raw bytes (`T` of `N` bytes).
+fn pairs<T, const N: usize>(bytes: &[u8], from_le: fn([u8; N]) -> T) -> Vec<[T; 2]> {
+    bytes
+        .chunks_exact(2 * N)
+        .map(|c| {
+            let half = |h: &[u8]| from_le(h.try_into().unwrap_or([0; N]));
+            [half(&c[..N]), half(&c[N..])]
+        })
+        .collect()
+}
+
+fn read_header<R: Read>(file: &mut R, path: &Path, file_len: u64) -> Result<Header> {
+    let bad = |reason: String| StoreError::feature_file(path, reason);
+    if file_len < 8 {
+        return Err(bad(format!(
+            "{file_len} bytes: too short to be safetensors"
+        )));
+    }
+    let mut len_bytes = [0u8; 8];
+    file.read_exact(&mut len_bytes)
+        .map_err(|e| StoreError::io("read", path, e))?;
+    let header_len = u64::from_le_bytes(len_bytes);
+    if header_len > MAX_HEADER_BYTES || 8 + header_len > file_len {
+        return Err(bad(format!(
+            "header length {header_len} does not fit the file ({file_len} bytes): not a \
+             safetensors file, or truncated"
+        )));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact(&mut header)
+        .map_err(|e| StoreError::io("read", path, e))?;
+    let mut object: serde_json::Map<String, Value> = serde_json::from_slice(&header)
+        .map_err(|e| bad(format!("header is not a JSON object: {e}")))?;
+    let metadata = match object.remove("__metadata__") {
+        Some(v) => serde_json::from_value(v)
+            .map_err(|e| bad(format!("__metadata__ is not a map of strings: {e}")))?,
+        None => return Err(bad("no __metadata__ (not a gigapath feature file)".into())),
+    };
+    let tensors = object
+        .into_iter()
+        .map(|(name, v)| {
+            serde_json::from_value::<TensorEntry>(v)
+                .map(|t| (name.clone(), t))
+                .map_err(|e| bad(format!("tensor `{name}` entry: {e}")))
+        })
+        .collect::<Result<_>>()?;
+    Ok(Header {
+        data_start: 8 + header_len,
+        metadata,
+        tensors,
+    })
+}
+
+impl FeatureFile {
+    /// Reads and checks a feature file: format and version, dtypes, shapes (`[N, D]`, `[N, 2]`,
+    /// `[N, 2]` with one N), offsets covering the data exactly, finite features.
+    pub fn read(path: impl AsRef<Path>) -> Result<FeatureFile> {
+        let path = path.as_ref();
+        let mut file = File::open(path).map_err(|e| StoreError::io("open", path, e))?;
+        let file_len = file
+            .metadata()
+            .map_err(|e| StoreError::io("stat", path, e))?
+            .len();
+        Self::read_from(&mut file, file_len, path)
+    }
+
+    /// [`FeatureFile::read`] of a file already in memory (same checks); `path` only names it in
+    /// errors.
+    pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<FeatureFile> {
+        Self::read_from(&mut Cursor::new(bytes), bytes.len() as u64, path)
+    }
+
+    fn read_from<R: Read + Seek>(file: &mut R, file_len: u64, path: &Path) -> Result<FeatureFile> {
+        let header = read_header(file, path, file_len)?;
+        let metadata = FeatureMetadata::from_strings(&header.metadata, path)?;
+        let Layout {
+            n,
+            dim,
+            features,
+            origins,
+            grid,
+        } = Layout::check(&header, file_len, path)?;
+        let bad = |reason: String| StoreError::feature_file(path, reason);
         let read_span = |file: &mut R, t: &TensorEntry| -> Result<Vec<u8>> {
             let mut buf = vec![0u8; (t.data_offsets[1] - t.data_offsets[0]) as usize];
             file.seek(SeekFrom::Start(header.data_start + t.data_offsets[0]))
@@ -604,26 +646,8 @@ impl FeatureFile {
                 .map_err(|e| StoreError::io("read", path, e))?;
             Ok(buf)
         };
-        let origin_bytes = read_span(file, origins)?;
-        let origins_level0 = origin_bytes
-            .chunks_exact(16)
-            .map(|c| {
-                [
-                    i64::from_le_bytes(c[..8].try_into().unwrap_or_default()),
-                    i64::from_le_bytes(c[8..].try_into().unwrap_or_default()),
-                ]
-            })
-            .collect();
-        let grid_bytes = read_span(file, grid)?;
-        let grid_xy = grid_bytes
-            .chunks_exact(8)
-            .map(|c| {
-                [
-                    i32::from_le_bytes(c[..4].try_into().unwrap_or_default()),
-                    i32::from_le_bytes(c[4..].try_into().unwrap_or_default()),
-                ]
-            })
-            .collect();
+        let origins_level0 = pairs(&read_span(file, origins)?, i64::from_le_bytes);
+        let grid_xy = pairs(&read_span(file, grid)?, i32::from_le_bytes);
         let feature_values = read_features(
             file,
             path,
