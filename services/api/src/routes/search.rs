@@ -71,18 +71,15 @@ impl SlideSearch {
     /// The checks `POST /v1/search/slides` runs before touching the store or an encoder, in
     /// its order (400 on the first that fails).
     pub fn check(&self, cfg: &ServeConfig) -> ApiResult<CheckedSearch> {
-        exactly_one(("query", &self.query), ("report_id", &self.report_id))?;
-        if let Some(id) = &self.report_id {
-            ids::check(IdKind::Report, "report_id", id)?;
-        }
-        let k = check_k(self.k, cfg)?;
-        let filter = self.filter.to_payload_filter(FilterTarget::Slides)?;
-        let query = self
-            .query
-            .as_deref()
-            .map(|q| check_text("query", q, cfg))
-            .transpose()?;
-        Ok(CheckedSearch { query, k, filter })
+        let by_id = ("report_id", self.report_id.as_deref(), IdKind::Report);
+        check_search(
+            self.query.as_deref(),
+            by_id,
+            self.k,
+            &self.filter,
+            FilterTarget::Slides,
+            cfg,
+        )
     }
 }
 
@@ -90,22 +87,39 @@ impl ReportSearch {
     /// The checks `POST /v1/search/reports` runs before touching the store or an encoder, in
     /// its order (400 on the first that fails).
     pub fn check(&self, cfg: &ServeConfig) -> ApiResult<CheckedSearch> {
-        exactly_one(("query", &self.query), ("slide_id", &self.slide_id))?;
-        if let Some(id) = &self.slide_id {
-            ids::check(IdKind::Slide, "slide_id", id)?;
-        }
-        let k = check_k(self.k, cfg)?;
-        let filter = self.filter.to_payload_filter(FilterTarget::Reports)?;
-        let query = self
-            .query
-            .as_deref()
-            .map(|q| check_text("query", q, cfg))
-            .transpose()?;
-        Ok(CheckedSearch { query, k, filter })
+        let by_id = ("slide_id", self.slide_id.as_deref(), IdKind::Slide);
+        check_search(
+            self.query.as_deref(),
+            by_id,
+            self.k,
+            &self.filter,
+            FilterTarget::Reports,
+            cfg,
+        )
     }
 }
 
-fn exactly_one(a: (&str, &Option<String>), b: (&str, &Option<String>)) -> ApiResult<()> {
+/// The one check of both searches: exactly one of a text `query` and an id (`field`, of
+/// `kind`), then `k`, the filter for `target` and the query's length.
+fn check_search(
+    query: Option<&str>,
+    (field, id, kind): (&str, Option<&str>, IdKind),
+    k: usize,
+    filter: &Filter,
+    target: FilterTarget,
+    cfg: &ServeConfig,
+) -> ApiResult<CheckedSearch> {
+    exactly_one(("query", &query), (field, &id))?;
+    if let Some(id) = id {
+        ids::check(kind, field, id)?;
+    }
+    let k = check_k(k, cfg)?;
+    let filter = filter.to_payload_filter(target)?;
+    let query = query.map(|q| check_text("query", q, cfg)).transpose()?;
+    Ok(CheckedSearch { query, k, filter })
+}
+
+fn exactly_one(a: (&str, &Option<&str>), b: (&str, &Option<&str>)) -> ApiResult<()> {
     match (a.1, b.1) {
         (Some(_), Some(_)) => Err(ApiError::BadRequest(format!(
             "give `{}` or `{}`, not both",
